@@ -1,0 +1,21 @@
+"""Pre-training objectives: mc-BEiT multi-choice soft targets and BEiT hard visual tokens."""
+from __future__ import annotations
+
+from torch import nn
+
+from .hard_tokens import HardTokenLoss
+from .multichoice import MultiChoiceLoss
+
+__all__ = ["HardTokenLoss", "MultiChoiceLoss", "build_objective"]
+
+
+def build_objective(
+    hard_targets: bool,
+    omega: float = 0.2,
+    detach_similarity: bool = False,
+    sim_temp: float = 1.0,
+) -> nn.Module:
+    """BEiT's :class:`HardTokenLoss` when ``hard_targets``, else mc-BEiT's :class:`MultiChoiceLoss`."""
+    if hard_targets:
+        return HardTokenLoss()
+    return MultiChoiceLoss(omega=omega, sim_temp=sim_temp, detach_similarity=detach_similarity)

@@ -1,0 +1,185 @@
+"""Optimizer parameter groups exactly as the original BEiT ``optim_factory``, built through timm.
+
+Weight decay: a parameter gets none iff it is 1-D, a ``.bias``, in ``skip_list`` (the model's
+``no_weight_decay()``: ``pos_embed`` and ``cls_token``) or its name contains one of
+``extra_no_decay_keywords``. So ``mask_token``, ``lm_head.weight`` and the relative position
+tables DO get decay, unlike timm's defaults.
+
+Layer-wise lr decay (fine-tuning): layer 0 for ``cls_token``, ``mask_token``, ``pos_embed`` and
+``patch_embed.*``; ``i + 1`` for ``blocks.i.*``; ``num_layers + 1`` for everything else,
+including a shared ``rel_pos_bias`` (timm's ``group_matcher`` puts it with the stem at 0, which is
+not what the original does). Each group carries ``lr_scale = layer_decay ** (num_layers + 1 - layer)``
+(1.0 without layer decay), applied per step by :func:`mcbeit.engine.schedules.apply_schedules`.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from timm.optim import create_optimizer_v2, list_optimizers
+
+logger = logging.getLogger(__name__)
+
+_LAYER0_NAMES = ("cls_token", "mask_token", "pos_embed")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose parameter names are the checkpoint's (strips DDP's ``module`` and torch.compile's ``_orig_mod``)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def num_layers_of(model: nn.Module) -> int:
+    """Number of transformer blocks (``get_num_layers()`` when the model has it)."""
+    model = unwrap_model(model)
+    if hasattr(model, "get_num_layers"):
+        return int(model.get_num_layers())
+    if hasattr(model, "blocks"):
+        return len(model.blocks)
+    raise ValueError(f"cannot tell the number of layers of {type(model).__name__}: pass num_layers")
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Layer of a parameter for layer-wise lr decay, as the original ``get_num_layer_for_vit``."""
+    if name in _LAYER0_NAMES or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers + 1  # final norm, heads, shared rel_pos_bias
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    skip_list: Iterable[str] = (),
+    layer_decay: float | None = None,
+    num_layers: int | None = None,
+    extra_no_decay_keywords: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """Parameter groups ``{'params', 'weight_decay', 'lr_scale'}``, keyed by (layer, decay / no decay).
+
+    Frozen parameters (``requires_grad=False``) are left out.
+    """
+    model = unwrap_model(model)
+    skip = set(skip_list)
+    if layer_decay is not None and num_layers is None:
+        num_layers = num_layers_of(model)
+
+    groups: dict[str, dict[str, Any]] = {}
+    names: dict[str, list[str]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = (
+            param.ndim == 1
+            or name.endswith(".bias")
+            or name in skip
+            or any(keyword in name for keyword in extra_no_decay_keywords)
+        )
+        key = "no_decay" if no_decay else "decay"
+        scale = 1.0
+        if layer_decay is not None:
+            layer = layer_id(name, num_layers)
+            key = f"layer_{layer}_{key}"
+            scale = float(layer_decay ** (num_layers + 1 - layer))
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else float(weight_decay), "lr_scale": scale}
+            names[key] = []
+        groups[key]["params"].append(param)
+        names[key].append(name)
+
+    if logger.isEnabledFor(logging.DEBUG):
+        for key, group in groups.items():
+            logger.debug("param group %s: weight_decay=%g lr_scale=%g %s",
+                         key, group["weight_decay"], group["lr_scale"], names[key])
+    return list(groups.values())
+
+
+def _original_skip_list(model: nn.Module) -> set[str]:
+    """``model.no_weight_decay()`` without relative position tables.
+
+    timm's ``Beit.no_weight_decay()`` also lists the relative position tables; the original BEiT
+    decays them (fine-tuning's ``--disable_weight_decay_on_rel_pos_bias`` is how to exempt them).
+    """
+    names = getattr(model, "no_weight_decay", lambda: set())()
+    return {n for n in names if "relative_position_bias_table" not in n}
+
+
+def _check_optimizer_name(opt: str) -> None:
+    name = opt.lower().split("_")[-1]  # timm's parsing: 'lookahead_adamw' -> 'adamw'
+    known = list_optimizers()
+    if name not in known:
+        raise ValueError(
+            f"unknown optimizer {opt!r} (timm: Optimizer {name} not found in registry). "
+            f"Use one of timm's: {', '.join(known)} (optionally prefixed 'lookahead_')."
+        )
+
+
+def build_optimizer(
+    model: nn.Module,
+    opt: str = "adamw",
+    *,
+    lr: float,
+    weight_decay: float,
+    opt_eps: float | None = 1e-8,
+    opt_betas: Sequence[float] | None = (0.9, 0.98),
+    momentum: float = 0.9,
+    layer_decay: float | None = None,
+    extra_no_decay_keywords: Sequence[str] = (),
+    num_layers: int | None = None,
+) -> torch.optim.Optimizer:
+    """Any optimizer timm knows, over :func:`param_groups` (every group keeps its ``lr_scale``).
+
+    ``opt_eps`` / ``opt_betas`` set to None leave the optimizer's own defaults. AdamW uses the
+    fused kernel when every parameter is on CUDA, the multi-tensor (foreach) one otherwise.
+    """
+    _check_optimizer_name(opt)
+    model = unwrap_model(model)
+    groups = param_groups(
+        model,
+        weight_decay,
+        skip_list=_original_skip_list(model),
+        layer_decay=layer_decay,
+        num_layers=num_layers,
+        extra_no_decay_keywords=extra_no_decay_keywords,
+    )
+    kwargs: dict[str, Any] = {}
+    if opt_eps is not None:
+        kwargs["eps"] = opt_eps
+    if opt_betas is not None:
+        kwargs["betas"] = tuple(opt_betas)
+    if opt.lower() == "adamw":
+        on_cuda = all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"])
+        kwargs["fused" if on_cuda else "foreach"] = True
+    # weight_decay=0 at the top level: every group carries its own.
+    return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=0.0, momentum=momentum, **kwargs)
+
+
+def optimizer_from_args(args: Any, model: nn.Module) -> torch.optim.Optimizer:
+    """:func:`build_optimizer` from the original scripts' flags (``--opt``, ``--lr``, ``--weight_decay``,
+    ``--opt_eps``, ``--opt_betas``, ``--momentum``, ``--layer_decay``, ``--disable_weight_decay_on_rel_pos_bias``).
+
+    Missing flags take the original argparse defaults; a missing ``--opt_betas`` (None) leaves the
+    optimizer's default betas, as the original does.
+    """
+    layer_decay = getattr(args, "layer_decay", None)
+    extra = ("relative_position_bias_table",) if getattr(args, "disable_weight_decay_on_rel_pos_bias", False) else ()
+    return build_optimizer(
+        model,
+        getattr(args, "opt", "adamw"),
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        opt_eps=getattr(args, "opt_eps", 1e-8),
+        opt_betas=getattr(args, "opt_betas", None),
+        momentum=getattr(args, "momentum", 0.9),
+        layer_decay=None if layer_decay is None or layer_decay >= 1.0 else layer_decay,
+        extra_no_decay_keywords=extra,
+    )

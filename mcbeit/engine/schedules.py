@@ -1,0 +1,67 @@
+"""Learning-rate / weight-decay schedules per step and the mc-BEiT temperature schedule per epoch."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def cosine_scheduler(
+    base_value: float,
+    final_value: float,
+    epochs: int,
+    niter_per_ep: int,
+    warmup_epochs: int = 0,
+    start_warmup_value: float = 0.0,
+    warmup_steps: int = -1,
+) -> np.ndarray:
+    """Per-step values: linear warm-up to ``base_value``, then a cosine down towards ``final_value``.
+
+    Same values as the original BEiT ``utils.cosine_scheduler``: ``warmup_steps > 0`` overrides
+    ``warmup_epochs * niter_per_ep``; step ``i`` of the ``n`` cosine steps is
+    ``final + 0.5 * (base - final) * (1 + cos(pi * i / n))`` (so the last step is just above
+    ``final_value``). Unlike the original, ``warmup_steps`` is honoured when ``warmup_epochs == 0``
+    (the original then built a schedule of the wrong length).
+    """
+    total = epochs * niter_per_ep
+    warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep
+    if total < 0 or warmup_iters < 0:
+        raise ValueError(f"epochs, niter_per_ep and warm-up must be non-negative "
+                         f"(epochs={epochs}, niter_per_ep={niter_per_ep}, warm-up steps={warmup_iters})")
+    if warmup_iters > total:
+        raise ValueError(f"warm-up of {warmup_iters} steps is longer than the run "
+                         f"({epochs} epochs x {niter_per_ep} steps = {total}): shorten --warmup_epochs / --warmup_steps")
+
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    n_cos = total - warmup_iters
+    steps = np.arange(n_cos)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(n_cos, 1)))
+    return np.concatenate((warmup, cosine)).astype(np.float64)
+
+
+def temperature_schedule(temp_warmup: float, temp: float, epochs: int, warmup_epochs: int = 30) -> np.ndarray:
+    """Tokenizer-softmax temperature per ABSOLUTE epoch: ``linspace(temp_warmup, temp, warmup_epochs)``
+    over the first ``warmup_epochs`` epochs, then ``temp``.
+
+    Index it with the absolute epoch, so a resumed run continues the warm-up where it stopped (the
+    original rebuilt and restarted it on resume). Runs shorter than the warm-up get its first
+    ``epochs`` values (the original crashed for ``epochs < 30``).
+    """
+    if epochs < 0 or warmup_epochs < 0:
+        raise ValueError(f"epochs and warmup_epochs must be non-negative, got {epochs} and {warmup_epochs}")
+    schedule = np.full(epochs, float(temp), dtype=np.float64)
+    ramp = np.linspace(temp_warmup, temp, warmup_epochs)
+    n = min(epochs, warmup_epochs)
+    schedule[:n] = ramp[:n]
+    return schedule
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, lr: float | None, wd: float | None) -> None:
+    """Set this step's values: ``lr * lr_scale`` in every group; ``wd`` in groups whose decay is > 0.
+
+    The weight-decay rule is the original's, so a decay group set to 0 once stays at 0.
+    """
+    for group in optimizer.param_groups:
+        if lr is not None:
+            group["lr"] = float(lr) * group.get("lr_scale", 1.0)
+        if wd is not None and group["weight_decay"] > 0:
+            group["weight_decay"] = float(wd)

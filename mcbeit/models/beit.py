@@ -1,0 +1,308 @@
+"""BEiT / mc-BEiT pre-training backbone: a small subclass of timm's ``Beit``.
+
+timm's ``Beit`` already is the BEiT ViT with the released checkpoints' parameter names. The
+pre-training model only adds what masked image modelling needs:
+
+* ``mask_token`` (1, 1, D): replaces the embeddings of masked patches before the blocks,
+  ``x = x * (1 - w) + mask_token * w`` exactly as the original;
+* ``lm_head = Linear(D, vocab_size)``, applied to the masked rows only;
+* the original initialisation (truncated normal cut at +-1 std, rescaled residual projections);
+* ``no_weight_decay() == {'pos_embed', 'cls_token'}`` (timm's also lists the relative tables).
+
+It is built with ``num_classes=0, global_pool=''`` so that ``norm`` is the final LayerNorm and the
+state dict has no ``head``/``fc_norm``: the keys are those of the released pre-training
+checkpoints, minus the ``relative_position_index`` buffers (non-persistent in timm).
+
+timm lacks a hook between the patch embedding and the CLS concatenation, so
+``forward_features`` is re-stated here (a dozen lines) with the mask replacement in it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, Optional, Set, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.beit import Beit, checkpoint_filter_fn
+
+try:  # timm >= 1.0.2x exports its use_reentrant=False wrapper
+    from timm.models import checkpoint as _checkpoint
+except ImportError:  # pragma: no cover - older timm
+    import torch.utils.checkpoint
+
+    def _checkpoint(function, *args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+__all__ = ['BeitForMaskedImageModeling']
+
+_logger = logging.getLogger(__name__)
+
+
+class BeitForMaskedImageModeling(Beit):
+    """BEiT ViT with a mask token and a visual-token prediction head (``lm_head``).
+
+    Constructor arguments follow the original ``VisionTransformerForMaskedImageModeling``
+    (``vocab_size``, ``drop_rate``, ``drop_path_rate``, ``init_values``, ``use_abs_pos_emb``,
+    ``use_rel_pos_bias``, ``use_shared_rel_pos_bias``, ``init_std``); ``num_classes`` and
+    ``drop_block_rate`` (passed by the original scripts / timm's factory) are accepted and ignored.
+    Any further keyword goes to timm's ``Beit`` unchanged.
+    """
+
+    def __init__(
+            self,
+            img_size=224,
+            patch_size=16,
+            in_chans: int = 3,
+            vocab_size: int = 8192,
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: Optional[type] = None,
+            init_values: Optional[float] = None,
+            attn_head_dim: Optional[int] = None,
+            use_abs_pos_emb: bool = True,
+            use_rel_pos_bias: bool = False,
+            use_shared_rel_pos_bias: bool = False,
+            init_std: float = 0.02,
+            num_classes: Optional[int] = None,  # tolerated, dropped (the original pops it)
+            global_pool: Optional[str] = None,
+            drop_block_rate: Optional[float] = None,  # tolerated, dropped (timm 0.3 factory arg)
+            device=None,
+            dtype=None,
+            **kwargs: Any,
+    ):
+        if qk_scale is not None:
+            raise ValueError('qk_scale is not supported: timm scales attention by head_dim ** -0.5')
+        if attn_head_dim is not None:
+            raise ValueError('attn_head_dim is not supported by timm.models.beit.Beit')
+        if global_pool not in (None, ''):
+            raise ValueError(
+                f"global_pool={global_pool!r}: the pre-training model has no pooling/head; "
+                "build a classification Beit (e.g. beit_base_patch16_224) for that")
+        if drop_block_rate:
+            _logger.debug('drop_block_rate=%s ignored (not used by BEiT)', drop_block_rate)
+        if norm_layer is not None:
+            kwargs['norm_layer'] = norm_layer  # default: timm LayerNorm, eps 1e-6 as the original
+        if device is not None or dtype is not None:  # only newer timm takes these
+            kwargs.update(device=device, dtype=dtype)
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=0,
+            global_pool='',
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            mlp_ratio=mlp_ratio,
+            drop_rate=0.,
+            pos_drop_rate=drop_rate,  # the original's drop_rate: after pos embed and in the blocks
+            proj_drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            init_values=init_values,
+            use_abs_pos_emb=use_abs_pos_emb,
+            use_rel_pos_bias=use_rel_pos_bias,
+            use_shared_rel_pos_bias=use_shared_rel_pos_bias,
+            use_fc_norm=False,
+            **kwargs,
+        )
+        dd = {'device': device, 'dtype': dtype}
+        self.vocab_size = vocab_size
+        self.init_std = init_std
+        self.mask_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))  # (1,1,D)
+        self.lm_head = nn.Linear(embed_dim, vocab_size, **dd)  # D -> V
+        self.init_weights(needs_reset=False)
+
+    # ------------------------------------------------------------------ initialisation
+    def init_weights(self, needs_reset: bool = True) -> None:
+        """The original pre-training initialisation (replaces timm's).
+
+        ``trunc_normal_(std, a=-std, b=std)`` for pos_embed, cls_token, mask_token, every Linear
+        weight (lm_head included) and the patch-embedding conv; biases 0; LayerNorm 1/0; then
+        ``fix_init_weight`` divides blocks[i].attn.proj / mlp.fc2 weights by sqrt(2 (i+1)).
+        Relative position tables, q_bias/v_bias start at 0 and layer scales at ``init_values``
+        (set by timm's modules; re-done here when ``needs_reset``).
+        """
+        if not hasattr(self, 'lm_head'):
+            return  # called from Beit.__init__ before our parameters exist: done once at the end
+        std = self.init_std
+
+        def init_module(m: nn.Module) -> None:
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                trunc_normal_(m.weight, std=std, a=-std, b=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif needs_reset and hasattr(m, 'reset_parameters'):
+                m.reset_parameters()  # Attention (q/v bias, tables), Block (gammas), RelativePositionBias
+
+        self.apply(init_module)
+        for p in (self.pos_embed, self.cls_token, self.mask_token):
+            if p is not None:
+                trunc_normal_(p, std=std, a=-std, b=std)
+        self.fix_init_weight()
+
+    # ------------------------------------------------------------------ optimiser helpers
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """As the original: only these two (mask_token, lm_head and the tables DO get decay)."""
+        return {'pos_embed', 'cls_token'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^cls_token|^mask_token|^pos_embed|^patch_embed|^rel_pos_bias',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,)), (r'^lm_head', (99999,))],
+        )
+
+    def get_num_layers(self) -> int:
+        return len(self.blocks)
+
+    # ------------------------------------------------------------------ forward
+    def forward_features(self, x: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B,3,H,W), bool_masked_pos (B,N) bool or None -> tokens (B,1+N,D) after the final norm."""
+        x = self.patch_embed(x)  # (B,N,D)
+        B, N, _ = x.shape
+        if bool_masked_pos is not None:
+            w = bool_masked_pos.reshape(B, N, 1).type_as(self.mask_token)  # (B,N,1) 1 = masked
+            x = x * (1 - w) + self.mask_token.expand(B, N, -1) * w  # (B,N,D)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B,1+N,D)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x = self.pos_drop(x)
+
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (heads,1+N,1+N)
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = _checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        return self.norm(x)  # (B,1+N,D)
+
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (B,3,H,W); bool_masked_pos (B,N) (or (B,h,w)) bool.
+
+        Returns features (B,N,D) after the final norm without CLS, and masked_logits (M,V) =
+        lm_head(features[bool_masked_pos]), rows in the order of ``bool_masked_pos.nonzero()``.
+        """
+        B = x.shape[0]
+        mask = bool_masked_pos.reshape(B, -1)  # (B,N)
+        if mask.dtype != torch.bool:
+            mask = mask.bool()
+        if mask.shape[1] != self.patch_embed.num_patches:
+            raise ValueError(
+                f'bool_masked_pos has {mask.shape[1]} positions per image, the model has '
+                f'{self.patch_embed.num_patches} patches')
+        features = self.forward_features(x, mask)[:, self.num_prefix_tokens:]  # (B,N,D)
+        masked_logits = self.lm_head(features[mask])  # (M,D) -> (M,V)
+        return features, masked_logits
+
+
+# ---------------------------------------------------------------------- registry
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',  # nothing is downloaded: weights come from files (mcbeit.models.checkpoint)
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
+        'first_conv': 'patch_embed.proj', 'classifier': 'head',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'beit_tiny_patch16_224_8k_vocab': _cfg(num_classes=0, classifier='lm_head'),
+    'beit_small_patch16_224_8k_vocab': _cfg(num_classes=0, classifier='lm_head'),
+    'beit_base_patch16_224_8k_vocab': _cfg(num_classes=0, classifier='lm_head'),
+    'beit_large_patch16_224_8k_vocab': _cfg(num_classes=0, classifier='lm_head'),
+    'beit_tiny_patch16_224': _cfg(),
+    'beit_small_patch16_224': _cfg(),
+})
+
+_NO_DOWNLOAD = ('mcbeit never downloads weights: create the model with pretrained=False and load '
+                'a file with mcbeit.models.checkpoint (load_checkpoint_file, '
+                'filter_pretraining_state_dict, load_into)')
+
+
+def _create_mim(variant: str, pretrained: bool = False, **kwargs) -> BeitForMaskedImageModeling:
+    if pretrained:
+        raise ValueError(_NO_DOWNLOAD)
+    return build_model_with_cfg(BeitForMaskedImageModeling, variant, pretrained=False, **kwargs)
+
+
+_MIM_DEFAULTS = dict(
+    patch_size=16, mlp_ratio=4, qkv_bias=True, vocab_size=8192,
+    use_abs_pos_emb=False, use_shared_rel_pos_bias=True, use_rel_pos_bias=False, init_values=0.1)
+
+
+@register_model
+def beit_tiny_patch16_224_8k_vocab(pretrained: bool = False, **kwargs) -> BeitForMaskedImageModeling:
+    args = dict(_MIM_DEFAULTS, embed_dim=192, depth=12, num_heads=3)
+    return _create_mim('beit_tiny_patch16_224_8k_vocab', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def beit_small_patch16_224_8k_vocab(pretrained: bool = False, **kwargs) -> BeitForMaskedImageModeling:
+    args = dict(_MIM_DEFAULTS, embed_dim=384, depth=12, num_heads=6)
+    return _create_mim('beit_small_patch16_224_8k_vocab', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def beit_base_patch16_224_8k_vocab(pretrained: bool = False, **kwargs) -> BeitForMaskedImageModeling:
+    args = dict(_MIM_DEFAULTS, embed_dim=768, depth=12, num_heads=12)
+    return _create_mim('beit_base_patch16_224_8k_vocab', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def beit_large_patch16_224_8k_vocab(pretrained: bool = False, **kwargs) -> BeitForMaskedImageModeling:
+    args = dict(_MIM_DEFAULTS, embed_dim=1024, depth=24, num_heads=16)
+    return _create_mim('beit_large_patch16_224_8k_vocab', pretrained, **dict(args, **kwargs))
+
+
+def _create_classifier(variant: str, pretrained: bool = False, **kwargs) -> Beit:
+    """Plain timm ``Beit`` (same builder arguments as timm's own BEiT entrypoints)."""
+    if pretrained:
+        raise ValueError(_NO_DOWNLOAD)
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        Beit, variant, pretrained=False,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+_CLS_DEFAULTS = dict(patch_size=16, mlp_ratio=4, use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1)
+
+
+def beit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> Beit:
+    """BEiT tiny (D192, 12 blocks, 3 heads) classification model, timm's plain ``Beit``."""
+    args = dict(_CLS_DEFAULTS, embed_dim=192, depth=12, num_heads=3)
+    return _create_classifier('beit_tiny_patch16_224', pretrained, **dict(args, **kwargs))
+
+
+def beit_small_patch16_224(pretrained: bool = False, **kwargs) -> Beit:
+    """BEiT small (D384, 12 blocks, 6 heads) classification model, timm's plain ``Beit``."""
+    args = dict(_CLS_DEFAULTS, embed_dim=384, depth=12, num_heads=6)
+    return _create_classifier('beit_small_patch16_224', pretrained, **dict(args, **kwargs))
+
+
+# Register the classification sizes only where timm lacks them: never shadow one of timm's names.
+for _fn in (beit_tiny_patch16_224, beit_small_patch16_224):
+    if not timm.list_models(_fn.__name__):
+        register_model(_fn)
+del _fn

@@ -1,0 +1,220 @@
+"""Reading model checkpoints safely and loading them with a report by name.
+
+Released BEiT / mc-BEiT checkpoints are ``torch.save`` pickles of a dict such as
+``{'model': state_dict, 'args': argparse.Namespace, 'epoch': ..., 'optimizer': ...}``. They are read
+with ``torch.load(weights_only=True)`` and ``argparse.Namespace`` as the only extra allowed class:
+a file that needs any other Python object is refused (never unpickled in full), so a hostile file
+cannot run code.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    'CheckpointError', 'CheckpointNotFoundError', 'UnsafeCheckpointError', 'StateDictMismatchError',
+    'LoadReport', 'load_checkpoint_file', 'extract_state_dict', 'filter_pretraining_state_dict',
+    'load_into',
+]
+
+_logger = logging.getLogger(__name__)
+
+#: classes a checkpoint may hold beside tensors and plain containers
+SAFE_GLOBALS = [argparse.Namespace]
+#: prefixes wrappers add to parameter names: DistributedDataParallel / DeepSpeed, torch.compile
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or does not fit the model."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist or is not a file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file needs Python objects outside the allow-list; it was not unpickled."""
+
+
+class StateDictMismatchError(CheckpointError):
+    """Keys or shapes of a state dict do not match the model (see ``report``)."""
+
+    def __init__(self, message: str, report: 'LoadReport'):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class LoadReport:
+    """What did not match when loading a state dict into a model."""
+    missing: List[str] = field(default_factory=list)  # in the model, not in the state dict
+    unexpected: List[str] = field(default_factory=list)  # in the state dict, not in the model
+    mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)  # key, ckpt, model
+
+    def __bool__(self) -> bool:  # True when something did not match
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+    def describe(self) -> str:
+        lines = []
+        for k in self.missing:
+            lines.append(f'  missing (in the model, not in the checkpoint): {k}')
+        for k in self.unexpected:
+            lines.append(f'  unexpected (in the checkpoint, not in the model): {k}')
+        for k, ck, md in self.mismatched:
+            lines.append(f'  shape mismatch: {k}: checkpoint {tuple(ck)} vs model {tuple(md)}')
+        return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------- reading files
+def load_checkpoint_file(path: str | os.PathLike) -> dict:
+    """Read a checkpoint with ``torch.load(map_location='cpu', weights_only=True)``.
+
+    Only tensors, plain containers/scalars and ``argparse.Namespace`` are accepted.
+    Raises ``CheckpointNotFoundError`` (a FileNotFoundError) for a missing path,
+    ``UnsafeCheckpointError`` when the file needs other Python objects, and ``CheckpointError``
+    for a file that is not a PyTorch checkpoint or does not hold a dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        what = 'is a directory' if os.path.isdir(path) else 'does not exist'
+        raise CheckpointNotFoundError(
+            f'checkpoint {path!r} {what}: pass the path of a .pth/.pt file saved with torch.save')
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if 'Weights only load failed' not in msg:
+            raise CheckpointError(f'{path!r} is not a readable PyTorch checkpoint ({msg})') from None
+        names = sorted(set(re.findall(r'GLOBAL ([\w.]+)', msg)))
+        needs = ', '.join(names) if names else 'Python objects other than tensors and argparse.Namespace'
+        raise UnsafeCheckpointError(
+            f'refusing to unpickle {path!r}: it needs {needs}, which is not on the allow-list '
+            f'(tensors, plain containers, argparse.Namespace), and unpickling it could run code. '
+            f'If you trust the file, convert it once in a separate session: load it there with '
+            f'torch.load(..., weights_only=False), keep only its tensors, e.g. '
+            f"torch.save({{'model': ckpt['model']}}, 'clean.pth'), and pass the new file."
+        ) from None
+    except Exception as e:  # not a torch file: zip errors, invalid load keys, EOF, ...
+        raise CheckpointError(
+            f'{path!r} is not a PyTorch checkpoint ({type(e).__name__}: {e}); expected a file written '
+            f'by torch.save, e.g. a released BEiT/mc-BEiT .pth') from None
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(
+            f'{path!r} holds a {type(ckpt).__name__}, not a dict: expected a state dict or '
+            f"a checkpoint such as {{'model': state_dict, ...}}")
+    return ckpt
+
+
+# ---------------------------------------------------------------------- state dicts
+def _is_state_dict(d: Mapping) -> bool:
+    return len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def extract_state_dict(ckpt: Mapping, keys: Sequence[str] = ('model', 'module', 'state_dict')) -> Dict[str, torch.Tensor]:
+    """Unwrap a checkpoint to its state dict and strip wrapper prefixes from the names.
+
+    The first of ``keys`` present (holding a dict) is taken, as the original's ``--model_key``
+    does, repeatedly while the result is not yet a flat name -> tensor dict. A leading
+    ``module.`` (DDP / DeepSpeed) or ``_orig_mod.`` (torch.compile) is removed from every key.
+    """
+    sd = ckpt
+    for _ in range(4):  # nested wrappers, e.g. {'model': {'module': ...}}
+        if _is_state_dict(sd):
+            break
+        inner = next((sd[k] for k in keys if isinstance(sd.get(k), Mapping)), None)
+        if inner is None:
+            break
+        sd = inner
+    if not _is_state_dict(sd):
+        top = sorted(map(str, ckpt.keys()))[:20]
+        raise CheckpointError(
+            f'no state dict found: looked under {list(keys)}; the checkpoint has keys {top}')
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        out[_strip_prefixes(k)] = v
+    return out
+
+
+def _regenerated_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Non-persistent buffers: the model computes them, a checkpoint's copy is not loaded."""
+    persistent = set(model.state_dict().keys())
+    return {n: b for n, b in model.named_buffers() if n not in persistent}
+
+
+def filter_pretraining_state_dict(sd: Mapping, model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Make a released (or our own) checkpoint's state dict loadable into ``model``.
+
+    Accepts a whole checkpoint (unwrapped with ``extract_state_dict``) or a state dict. Drops
+    the entries the model regenerates: every ``relative_position_index`` (timm keeps them
+    non-persistent) and any other key naming one of the model's non-persistent buffers (e.g. a
+    zero ``k_bias``). A dropped index that differs from the model's own is logged as a warning.
+    Nothing else is changed: keys the model lacks stay, so ``load_into`` reports them.
+    """
+    sd = extract_state_dict(sd)
+    regenerated = _regenerated_buffers(model)
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k.endswith('relative_position_index') or k in regenerated:
+            own = regenerated.get(k)
+            if own is not None and own.shape == v.shape and not torch.equal(own.to(v.device, v.dtype), v):
+                _logger.warning('checkpoint %s differs from the index the model computes; using the '
+                                "model's", k)
+            continue
+        if k.endswith('.k_bias') and not torch.count_nonzero(v):
+            continue  # original BEiT has no key bias; a zero one is what timm uses anyway
+        out[k] = v
+    return out
+
+
+def compare_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> LoadReport:
+    """Missing / unexpected keys and shape mismatches of ``sd`` against ``model.state_dict()``."""
+    own = model.state_dict()
+    report = LoadReport()
+    report.missing = [k for k in own if k not in sd]
+    report.unexpected = [k for k in sd if k not in own]
+    report.mismatched = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    return report
+
+
+def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = True) -> LoadReport:
+    """Load ``sd`` into ``model`` and report what did not match, by name.
+
+    strict=True: any missing key, unexpected key or shape mismatch raises
+    ``StateDictMismatchError`` naming each one (key, checkpoint shape, model shape), and the model
+    is left unchanged. strict=False: the matching entries are loaded, the rest are logged
+    (warning) and returned in the ``LoadReport``.
+    """
+    report = compare_state_dict(model, sd)
+    if strict and report:
+        raise StateDictMismatchError(
+            f'checkpoint does not match {type(model).__name__}: {len(report.missing)} missing, '
+            f'{len(report.unexpected)} unexpected, {len(report.mismatched)} shape mismatches\n'
+            + report.describe(), report)
+    if report:
+        _logger.warning('loading a partial state dict into %s:\n%s', type(model).__name__, report.describe())
+    bad = {k for k, _, _ in report.mismatched}
+    model.load_state_dict({k: v for k, v in sd.items() if k not in bad}, strict=strict)
+    return report

@@ -1,0 +1,160 @@
+"""Parameter groups as the original BEiT optim_factory: decay membership, layer-wise lr scales."""
+import pytest
+import torch
+from torch import nn
+from timm.models.beit import Beit
+
+from mcbeit.engine.optim import build_optimizer, layer_id, optimizer_from_args, param_groups
+from mcbeit.engine.schedules import apply_schedules
+
+DEPTH = 3
+
+try:
+    from mcbeit.models.beit import BeitForMaskedImageModeling
+except ImportError:  # the model helper's module is not there yet: an equivalent stand-in
+    class BeitForMaskedImageModeling(Beit):
+        def __init__(self, vocab_size=20, **kwargs):
+            super().__init__(num_classes=0, global_pool="", use_fc_norm=False, **kwargs)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+            self.lm_head = nn.Linear(self.embed_dim, vocab_size)
+
+        def no_weight_decay(self):
+            return {"pos_embed", "cls_token"}
+
+
+def tiny_mim_model():
+    return BeitForMaskedImageModeling(
+        img_size=32, patch_size=16, embed_dim=16, depth=DEPTH, num_heads=2, vocab_size=20,
+        use_abs_pos_emb=True, use_shared_rel_pos_bias=True, init_values=0.1)
+
+
+def tiny_classifier(**kwargs):
+    return Beit(img_size=32, patch_size=16, embed_dim=16, depth=DEPTH, num_heads=2, num_classes=5,
+                use_abs_pos_emb=False, init_values=0.1, **kwargs)
+
+
+def names_by_group(model, groups):
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [{name_of[id(p)] for p in g["params"]} for g in groups]
+
+
+def decay_membership(model, groups):
+    decay, no_decay = set(), set()
+    for group, names in zip(groups, names_by_group(model, groups)):
+        (decay if group["weight_decay"] > 0 else no_decay).update(names)
+    return decay, no_decay
+
+
+def test_decay_membership_exactly_as_the_original():
+    model = tiny_mim_model()
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    groups = param_groups(model, 0.05, skip_list=model.no_weight_decay())
+    decay, no_decay = decay_membership(model, groups)
+
+    expected_no_decay = {n for n, p in model.named_parameters()
+                         if p.ndim == 1 or n.endswith(".bias") or n in ("pos_embed", "cls_token")}
+    assert no_decay == expected_no_decay
+    assert decay == {n for n, _ in model.named_parameters()} - expected_no_decay
+    for name in ("mask_token", "lm_head.weight", "rel_pos_bias.relative_position_bias_table",
+                 "blocks.0.attn.qkv.weight", "patch_embed.proj.weight"):
+        assert name in decay, name
+    for name in ("pos_embed", "cls_token", "lm_head.bias", "norm.weight", "blocks.1.attn.q_bias",
+                 "blocks.2.gamma_1", "patch_embed.proj.bias"):
+        assert name in no_decay, name
+    assert all(g["lr_scale"] == 1.0 for g in groups) and len(groups) == 2
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
+
+
+def test_frozen_parameters_are_left_out():
+    model = tiny_mim_model()
+    model.patch_embed.requires_grad_(False)
+    names = set().union(*names_by_group(model, param_groups(model, 0.05)))
+    assert not any(n.startswith("patch_embed") for n in names)
+    assert "lm_head.weight" in names
+
+
+def test_layer_decay_scales():
+    model = tiny_mim_model()
+    decay = 0.65
+    groups = param_groups(model, 0.05, skip_list=model.no_weight_decay(), layer_decay=decay)
+    scale = {}
+    for group, names in zip(groups, names_by_group(model, groups)):
+        for n in names:
+            scale[n] = group["lr_scale"]
+    top = DEPTH + 1
+    for name in ("patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "mask_token", "pos_embed"):
+        assert scale[name] == pytest.approx(decay ** top), name
+    for i in range(DEPTH):
+        assert scale[f"blocks.{i}.attn.qkv.weight"] == pytest.approx(decay ** (top - (i + 1)))
+        assert scale[f"blocks.{i}.norm1.weight"] == pytest.approx(decay ** (top - (i + 1)))
+    for name in ("rel_pos_bias.relative_position_bias_table", "norm.weight", "lm_head.weight", "lm_head.bias"):
+        assert scale[name] == 1.0, name  # layer num_layers + 1, the shared bias included
+    # one group per (layer, decay / no decay) present
+    keys = [(round(g["lr_scale"], 12), g["weight_decay"] > 0) for g in groups]
+    assert len(keys) == len(set(keys))
+
+
+def test_layer_id_rules():
+    assert layer_id("cls_token", 12) == layer_id("mask_token", 12) == layer_id("pos_embed", 12) == 0
+    assert layer_id("patch_embed.proj.weight", 12) == 0
+    assert layer_id("blocks.0.mlp.fc1.weight", 12) == 1
+    assert layer_id("blocks.11.gamma_2", 12) == 12
+    for name in ("rel_pos_bias.relative_position_bias_table", "norm.bias", "fc_norm.weight", "head.weight"):
+        assert layer_id(name, 12) == 13
+
+
+def test_build_optimizer_keeps_timm_beit_tables_decayed_unless_disabled():
+    model = tiny_classifier(use_rel_pos_bias=True)
+    assert any("relative_position_bias_table" in n for n in model.no_weight_decay())  # timm's differ
+    table = "blocks.0.attn.relative_position_bias_table"
+
+    opt = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    decay, no_decay = decay_membership(model, opt.param_groups)
+    assert table in decay and "head.weight" in decay
+    assert {"cls_token", "head.bias"} <= no_decay
+
+    opt = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75,
+                          extra_no_decay_keywords=("relative_position_bias_table",))
+    decay, no_decay = decay_membership(model, opt.param_groups)
+    assert table in no_decay and "blocks.0.attn.qkv.weight" in decay
+
+
+def test_build_optimizer_adamw_settings():
+    model = tiny_mim_model()
+    opt = build_optimizer(model, lr=2e-3, weight_decay=0.05)
+    assert isinstance(opt, torch.optim.AdamW)
+    for g in opt.param_groups:
+        assert g["betas"] == (0.9, 0.98) and g["eps"] == 1e-8 and g["lr"] == 2e-3 and g["lr_scale"] == 1.0
+        assert g["foreach"] is True  # CPU
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.05]
+
+
+@pytest.mark.parametrize("name", ["sgd", "lamb", "lookahead_adamw", "adam"])
+def test_any_timm_optimizer_keeps_lr_scale(name):
+    model = tiny_mim_model()
+    opt = build_optimizer(model, name, lr=0.1, weight_decay=0.05, layer_decay=0.5)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert scales == pytest.approx([0.5 ** k for k in range(DEPTH + 1, -1, -1)])
+    apply_schedules(opt, 0.2, 0.01)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(0.2 * g["lr_scale"])
+        assert g["weight_decay"] in (0.0, 0.01)
+    model(torch.randn(2, 3, 32, 32), torch.ones(2, 4, dtype=torch.bool))[1].sum().backward()
+    opt.step()
+
+
+def test_unknown_optimizer_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown optimizer 'adamz'.*not found in registry.*adamw"):
+        build_optimizer(tiny_mim_model(), "adamz", lr=1e-3, weight_decay=0.05)
+
+
+def test_optimizer_from_args_and_compiled_model_names():
+    from argparse import Namespace
+    model = tiny_classifier(use_rel_pos_bias=True)
+    args = Namespace(opt="adamw", lr=1e-3, weight_decay=0.05, opt_eps=1e-8, opt_betas=None, momentum=0.9,
+                     layer_decay=0.75, disable_weight_decay_on_rel_pos_bias=True)
+    opt = optimizer_from_args(args, torch.compile(model))  # names without the _orig_mod. prefix
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)  # --opt_betas unset: the optimizer's default
+    decay, no_decay = decay_membership(model, opt.param_groups)
+    assert "blocks.2.attn.relative_position_bias_table" in no_decay
+    assert len({g["lr_scale"] for g in opt.param_groups}) == DEPTH + 2

@@ -1,0 +1,90 @@
+"""Per-step cosine schedule (the original's values), temperature schedule, applying them."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mcbeit.engine.schedules import apply_schedules, cosine_scheduler, temperature_schedule
+
+
+def original_cosine(base, final, epochs, niter, warmup_epochs=0, start_warmup=0.0, warmup_steps=-1):
+    """The original BEiT utils.cosine_scheduler (for the cases where it is right)."""
+    warmup_schedule = np.array([])
+    warmup_iters = warmup_epochs * niter
+    if warmup_steps > 0:
+        warmup_iters = warmup_steps
+    if warmup_epochs > 0:
+        warmup_schedule = np.linspace(start_warmup, base, warmup_iters)
+    iters = np.arange(epochs * niter - warmup_iters)
+    schedule = np.array([final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / (len(iters)))) for i in iters])
+    return np.concatenate((warmup_schedule, schedule))
+
+
+def test_length_warmup_endpoints_and_cosine_end():
+    s = cosine_scheduler(1.5e-3, 1e-5, epochs=10, niter_per_ep=7, warmup_epochs=2, start_warmup_value=1e-6)
+    assert s.shape == (70,)
+    assert s[0] == pytest.approx(1e-6)
+    assert s[13] == pytest.approx(1.5e-3)  # last warm-up step is the base value
+    assert s[14] == pytest.approx(1.5e-3)  # first cosine step too
+    n = 70 - 14
+    assert s[-1] == pytest.approx(1e-5 + 0.5 * (1.5e-3 - 1e-5) * (1 + math.cos(math.pi * (n - 1) / n)), abs=1e-6)
+    assert abs(s[-1] - 1e-5) < 1e-5
+    assert np.all(np.diff(s[14:]) <= 0)
+    np.testing.assert_allclose(s, original_cosine(1.5e-3, 1e-5, 10, 7, 2, 1e-6), rtol=0, atol=1e-12)
+
+
+def test_matches_original_without_warmup_and_with_warmup_steps():
+    np.testing.assert_allclose(cosine_scheduler(0.05, 0.05, 3, 5), np.full(15, 0.05), atol=1e-15)
+    np.testing.assert_allclose(cosine_scheduler(0.05, 0.2, 3, 5), original_cosine(0.05, 0.2, 3, 5), atol=1e-12)
+    np.testing.assert_allclose(cosine_scheduler(1.0, 0.0, 4, 5, warmup_epochs=1, warmup_steps=3),
+                               original_cosine(1.0, 0.0, 4, 5, 1, 0.0, 3), atol=1e-12)
+
+
+def test_warmup_steps_without_warmup_epochs():
+    s = cosine_scheduler(1.0, 0.1, epochs=2, niter_per_ep=10, warmup_epochs=0, warmup_steps=4)
+    assert s.shape == (20,)  # the original returned 16 values here
+    np.testing.assert_allclose(s[:4], np.linspace(0.0, 1.0, 4))
+    assert s[4] == pytest.approx(1.0)
+    assert s[-1] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 15 / 16)))
+
+
+def test_warmup_longer_than_the_run_is_an_error():
+    with pytest.raises(ValueError, match="longer than the run"):
+        cosine_scheduler(1.0, 0.0, epochs=2, niter_per_ep=5, warmup_epochs=3)
+    with pytest.raises(ValueError, match="longer than the run"):
+        cosine_scheduler(1.0, 0.0, epochs=2, niter_per_ep=5, warmup_steps=11)
+    assert cosine_scheduler(1.0, 0.0, epochs=2, niter_per_ep=5, warmup_steps=10)[-1] == 1.0  # all warm-up
+
+
+def test_temperature_schedule_full_and_short_runs():
+    full = temperature_schedule(8.0, 4.0, epochs=100)
+    assert full.shape == (100,)
+    np.testing.assert_allclose(full[:30], np.linspace(8.0, 4.0, 30))
+    assert np.all(full[29:] == 4.0)
+
+    short = temperature_schedule(8.0, 4.0, epochs=10)  # the original crashed here
+    assert short.shape == (10,)
+    np.testing.assert_allclose(short, np.linspace(8.0, 4.0, 30)[:10])
+
+    assert np.all(temperature_schedule(4.0, 4.0, epochs=5) == 4.0)  # the defaults: no warm-up
+
+
+def test_temperature_schedule_resume_continues_the_warmup():
+    epochs, start_epoch = 50, 12
+    schedule = temperature_schedule(8.0, 4.0, epochs)
+    resumed = [schedule[e] for e in range(start_epoch, epochs)]  # indexed by the absolute epoch
+    assert resumed[0] == pytest.approx(np.linspace(8.0, 4.0, 30)[12])
+    assert resumed[0] != 8.0
+
+
+def test_apply_schedules_uses_lr_scale_and_only_touches_decayed_groups():
+    a, b = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([
+        {"params": [a], "weight_decay": 0.05, "lr_scale": 0.5},
+        {"params": [b], "weight_decay": 0.0, "lr_scale": 1.0},
+    ], lr=1.0)
+    apply_schedules(opt, np.float64(1e-3), 0.02)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4) and opt.param_groups[0]["weight_decay"] == 0.02
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-3) and opt.param_groups[1]["weight_decay"] == 0.0
+    assert type(opt.param_groups[0]["lr"]) is float
