@@ -1,0 +1,381 @@
+"""mc-BEiT / BEiT pre-training: the command line of the original `run_mcbeit_pretraining.py`, and its main.
+
+Every flag of the original keeps its meaning. Where the original's default cannot run (a cluster
+`--data_path`, `--device cuda` on a CPU machine, `--model deit_base_patch16_224`), the default is
+the embedded tiny run: `mcbeit-pretrain` with no flags pre-trains a tiny model on the embedded
+images on whatever device is present.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import timm
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+
+import mcbeit.models  # noqa: F401  (registers the model names with timm)
+from mcbeit.data.datasets import build_pretraining_dataset
+from mcbeit.data.masking import build_mask_generator
+from mcbeit.data.samplers import EpochTaggedSampler
+from mcbeit.data.transforms import TwoViewTransform
+from mcbeit.engine import checkpoint as ckpt_io
+from mcbeit.engine.distributed import DistInfo, cleanup, init_distributed
+from mcbeit.engine.logging import RunWriter, setup_logging
+from mcbeit.engine.loop import PretrainState, train_one_epoch
+from mcbeit.engine.optim import build_optimizer
+from mcbeit.engine.schedules import cosine_scheduler, temperature_schedule
+from mcbeit.models.beit import BeitForMaskedImageModeling
+from mcbeit.models.checkpoint import filter_pretraining_state_dict, load_into
+from mcbeit.objectives import build_objective
+from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
+
+log = logging.getLogger("mcbeit.pretrain")
+
+CHECKPOINT_FORMAT = "mcbeit-pretrain-v1"
+DEFAULT_OUTPUT_DIR = "./output/mcbeit_pretrained"
+
+# Defaults of the no-argument run on the embedded images (used only when --data_path is absent
+# and the flag is not given); with --data_path the original's defaults apply.
+EMBEDDED_DEFAULTS = {"epochs": 4, "warmup_epochs": 1, "save_ckpt_freq": 2, "batch_size": 32}
+ORIGINAL_DEFAULTS = {"epochs": 300, "warmup_epochs": 5, "save_ckpt_freq": 20, "batch_size": 64}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        "mcbeit-pretrain",
+        description="mc-BEiT (default) or BEiT (--hard_targets) masked image modeling pre-training. "
+                    "With no flags: a tiny model on the embedded images, on CPU or GPU, in minutes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    emb = " ({} on the embedded data when --data_path is not given)"
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="per-process batch size; default 64" + emb.format(EMBEDDED_DEFAULTS["batch_size"]))
+    p.add_argument("--epochs", type=int, default=None, help="default 300" + emb.format(EMBEDDED_DEFAULTS["epochs"]))
+    p.add_argument("--save_ckpt_freq", type=int, default=None,
+                   help="save every N epochs (and at the end); default 20" + emb.format(EMBEDDED_DEFAULTS["save_ckpt_freq"]))
+    p.add_argument("--discrete_vae_weight_path", type=str, default=None,
+                   help="tokenizer weights: a VQGAN folder (model.yaml + last.ckpt), a DALL-E folder "
+                        "(encoder.pkl), or a customized tokenizer file; absent = RANDOM tokenizer weights")
+    p.add_argument("--discrete_vae_type", type=str, default=None,
+                   help=f"one of {', '.join(TOKENIZER_KINDS)}; default 'vqgan' (the original's) when "
+                        "--discrete_vae_weight_path is given, else 'customized' (a small random tokenizer "
+                        "that keeps the no-argument run fast)")
+    # model
+    p.add_argument("--model", default="beit_tiny_patch16_224_8k_vocab", type=str,
+                   help="beit_{tiny,small,base,large}_patch16_224_8k_vocab (the original's default "
+                        "deit_base_patch16_224 has no masked-image-modeling head)")
+    p.add_argument("--rel_pos_bias", action="store_true", help="shared relative position bias (default on)")
+    p.add_argument("--disable_rel_pos_bias", action="store_false", dest="rel_pos_bias")
+    p.set_defaults(rel_pos_bias=True)
+    p.add_argument("--abs_pos_emb", action="store_true", default=False)
+    p.add_argument("--layer_scale_init_value", default=0.1, type=float,
+                   help="0.1 for base, 1e-5 for large; 0 disables layer scale")
+    # masking
+    p.add_argument("--num_mask_patches", default=75, type=int, help="patches masked per image (block masking)")
+    p.add_argument("--max_mask_patches_per_block", type=int, default=None)
+    p.add_argument("--min_mask_patches_per_block", type=int, default=16)
+    p.add_argument("--mask_ratio", default=0.75, type=float, help="fraction masked (random masking)")
+    p.add_argument("--mask_type", type=str, default="block", choices=["block", "random"])
+    p.add_argument("--input_size", default=224, type=int, help="image size for the ViT")
+    p.add_argument("--second_input_size", default=112, type=int, help="image size for the tokenizer")
+    p.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
+    # optimisation
+    p.add_argument("--opt", default="adamw", type=str, help="any optimizer timm knows")
+    p.add_argument("--opt_eps", default=1e-8, type=float)
+    p.add_argument("--opt_betas", default=[0.9, 0.98], type=float, nargs="+")
+    p.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (default: no clipping)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--weight_decay_end", type=float, default=None,
+                   help="final weight decay of the cosine schedule (default: = --weight_decay)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup_lr", type=float, default=1e-6,
+                   help="accepted for compatibility: the original's warm-up starts at 0 and never reads it")
+    p.add_argument("--min_lr", type=float, default=1e-5)
+    p.add_argument("--warmup_epochs", type=int, default=None,
+                   help="LR warm-up epochs; default 5" + emb.format(EMBEDDED_DEFAULTS["warmup_epochs"]))
+    p.add_argument("--warmup_steps", type=int, default=-1, help="LR warm-up in steps; overrides --warmup_epochs if > 0")
+    p.add_argument("--no_loss_masked", action="store_true",
+                   help="accepted for compatibility; the original never reads it")
+    # objective
+    p.add_argument("--omega", type=float, default=0.2, help="weight of the inter-patch refined target")
+    p.add_argument("--temp", type=float, default=4.0, help="tokenizer softmax temperature")
+    p.add_argument("--temp_warmup", type=float, default=4.0, help="temperature at epoch 0, warmed linearly to --temp")
+    p.add_argument("--temp_warmup_epochs", type=int, default=30, help="length of the temperature warm-up")
+    p.add_argument("--hard_targets", action="store_true", help="BEiT: cross-entropy on the hard token ids")
+    p.add_argument("--detach_similarity", action="store_true",
+                   help="stop the gradient through the inter-patch similarity (the reference lets it flow)")
+    # augmentation
+    p.add_argument("--train_interpolation", type=str, default="bicubic")
+    p.add_argument("--second_interpolation", type=str, default="lanczos")
+    # data and output
+    p.add_argument("--data_path", default=None, type=str,
+                   help="dataset folder (ImageFolder tree, or train/ + train_map.txt); default: the embedded images")
+    p.add_argument("--imagenet_default_mean_and_std", default=False, action="store_true")
+    p.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
+                   help="where checkpoints and log.txt go; '' writes nothing")
+    p.add_argument("--data_set", default=None, choices=["CIFAR", "IMNET", "image_folder"],
+                   help="dataset layout; default: detected from the folder (and said in the log)")
+    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <output_dir>/tensorboard)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--resume", default="", help="resume from this checkpoint")
+    p.add_argument("--auto_resume", action="store_true", help="resume from the newest checkpoint in --output_dir (default)")
+    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
+    p.set_defaults(auto_resume=True)
+    p.add_argument("--debug", action="store_true", help="debug logging")
+    p.add_argument("--start_epoch", default=0, type=int)
+    p.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    p.add_argument("--pin_mem", action="store_true", help="pin host memory (default on; used with CUDA only)")
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    p.set_defaults(pin_mem=True)
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+                   help="mixed precision; default bf16 on CUDA (fp16 where bf16 is unsupported), off on CPU")
+    p.add_argument("--print_freq", default=20, type=int, help="steps between progress/TensorBoard updates")
+    # distributed
+    p.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
+    p.add_argument("--local_rank", "--local-rank", default=-1, type=int, dest="local_rank",
+                   help="set by torch.distributed.launch; torchrun uses LOCAL_RANK")
+    p.add_argument("--dist_on_itp", action="store_true")
+    p.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    p.set_defaults(default_vae_type="vqgan")
+    return p
+
+
+def get_beit_args_parser() -> argparse.ArgumentParser:
+    """BEiT's `run_beit_pretraining.py`: hard-token targets and the DALL-E tokenizer by default."""
+    p = get_args_parser()
+    p.prog = "mcbeit-pretrain-beit"
+    p.description = "BEiT pre-training (hard visual-token targets); the flags of mcbeit-pretrain."
+    p.set_defaults(hard_targets=True, default_vae_type="dall-e")
+    return p
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags whose default depends on whether the run uses the embedded data."""
+    table = EMBEDDED_DEFAULTS if args.data_path is None else ORIGINAL_DEFAULTS
+    for key, value in table.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.discrete_vae_type is None:
+        args.discrete_vae_type = args.default_vae_type if args.discrete_vae_weight_path else "customized"
+    if args.weight_decay_end is None:
+        args.weight_decay_end = args.weight_decay
+    if args.log_dir is None and args.output_dir:
+        args.log_dir = os.path.join(args.output_dir, "tensorboard")
+    if len(args.opt_betas) != 2:
+        raise SystemExit(f"--opt_betas takes two numbers, got {args.opt_betas}")
+    for name in ("batch_size", "epochs", "save_ckpt_freq"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def amp_settings(amp: str | None, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    if amp is None:
+        if device.type != "cuda":
+            return None, None
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "off":
+        return None, None
+    if amp == "bf16":
+        return torch.bfloat16, None
+    if device.type != "cuda":
+        raise SystemExit("--amp fp16 needs a CUDA device (fp16 needs a gradient scaler and is slow on CPU); "
+                         "use --amp bf16 or --amp off on CPU")
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def build_model(args: argparse.Namespace, vocab_size: int) -> BeitForMaskedImageModeling:
+    try:
+        model = timm.create_model(
+            args.model, pretrained=False, drop_path_rate=args.drop_path,
+            use_shared_rel_pos_bias=args.rel_pos_bias, use_abs_pos_emb=args.abs_pos_emb,
+            init_values=args.layer_scale_init_value, vocab_size=vocab_size, img_size=args.input_size)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            names = timm.list_models("beit_*_8k_vocab")
+            raise SystemExit(f"--model {args.model} is not a pre-training model; choose one of {names}") from e
+        raise
+    if not isinstance(model, BeitForMaskedImageModeling):
+        names = timm.list_models("beit_*_8k_vocab")
+        raise SystemExit(f"--model {args.model} has no masked-image-modeling head; choose one of {names}")
+    return model
+
+
+def check_geometry(args: argparse.Namespace, model: BeitForMaskedImageModeling, tokenizer_down: int) -> tuple[int, int]:
+    patch = model.patch_embed.patch_size
+    if args.input_size % patch[0]:
+        raise SystemExit(f"--input_size {args.input_size} is not divisible by the patch size {patch[0]}")
+    window = (args.input_size // patch[0], args.input_size // patch[1])
+    if args.second_input_size % tokenizer_down or args.second_input_size // tokenizer_down != window[0]:
+        raise SystemExit(
+            f"--second_input_size {args.second_input_size} gives the tokenizer a "
+            f"{args.second_input_size // tokenizer_down}x{args.second_input_size // tokenizer_down} grid but the ViT "
+            f"has {window[0]}x{window[1]} patches; use --second_input_size {window[0] * tokenizer_down}")
+    return window
+
+
+def build_data(args: argparse.Namespace, window: tuple[int, int], tokenizer, info: DistInfo):
+    mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
+                 else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
+    masks = build_mask_generator(args.mask_type, window, args.num_mask_patches, args.mask_ratio,
+                                 args.min_mask_patches_per_block, args.max_mask_patches_per_block)
+    transform = TwoViewTransform(args.input_size, args.second_input_size, args.train_interpolation,
+                                 args.second_interpolation, mean, std, tokenizer.input_transform, masks)
+    dataset = build_pretraining_dataset(args.data_path, args.data_set, transform, args.seed)
+    per_step = args.batch_size * info.world_size
+    steps = len(dataset) // per_step
+    if steps == 0:
+        raise SystemExit(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size} "
+                         f"per process x {info.world_size} processes; lower --batch_size or add images")
+    sampler = EpochTaggedSampler(DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                                    shuffle=True, seed=args.seed, drop_last=True))
+    workers = max(0, args.num_workers)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=workers,
+                        pin_memory=args.pin_mem and info.device.type == "cuda", drop_last=True,
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    log.info("data: %d images, %s; %s", len(dataset), masks, transform)
+    return loader, sampler, steps
+
+
+def restore(args, model: BeitForMaskedImageModeling, optimizer, scaler) -> tuple[int, str | None]:
+    """Load --resume (or the newest checkpoint with --auto_resume); return (start_epoch, path)."""
+    path = args.resume
+    if not path and args.auto_resume and args.output_dir:
+        latest = ckpt_io.latest_checkpoint(args.output_dir)
+        path = str(latest) if latest else ""
+    if not path:
+        return args.start_epoch, None
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume {path}: no such file")
+    ckpt = ckpt_io.load_training_checkpoint(path)
+    state = filter_pretraining_state_dict(ckpt["model"], model)
+    load_into(model, state, strict=True)
+    ours = ckpt.get("format") == CHECKPOINT_FORMAT
+    if ours and "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+    elif "optimizer" in ckpt:
+        log.warning("%s was not written by mcbeit: its weights are loaded, its optimizer state is not "
+                    "(parameter order differs between implementations)", path)
+    start = int(ckpt["epoch"]) + 1 if "epoch" in ckpt else args.start_epoch
+    log.info("resumed from %s: continuing at epoch %d", path, start)
+    return start, path
+
+
+def save(args, epoch: int, model, optimizer, scaler, global_step: int) -> Path:
+    state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+             "global_step": global_step, "args": ckpt_io.plain_args(args)}
+    return ckpt_io.save_atomic(state, ckpt_io.checkpoint_path(args.output_dir, epoch))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Pre-train as `args` say; return the last epoch's statistics."""
+    info = init_distributed(args.device, args.dist_on_itp, args.local_rank, args.dist_url)
+    args.world_size, args.rank = info.world_size, info.rank
+    setup_logging(info.rank, args.debug)
+    resolve_defaults(args)
+    if args.output_dir and info.is_main:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    log.info("args: %s", json.dumps(ckpt_io.plain_args(args), sort_keys=True))
+    if args.data_path is None:
+        log.info("no --data_path: pre-training on the embedded images (a quick demonstration run)")
+
+    seed_everything(args.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    tokenizer = build_tokenizer(args.discrete_vae_type, args.discrete_vae_weight_path, args.second_input_size)
+    tokenizer = tokenizer.to(info.device)
+    model = build_model(args, tokenizer.vocab_size)
+    window = check_geometry(args, model, tokenizer.downsample)
+    args.window_size = list(window)
+    model.to(info.device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("model %s: %.2fM parameters; tokenizer %s (vocabulary %d)", args.model, n_parameters / 1e6,
+             args.discrete_vae_type, tokenizer.vocab_size)
+    seed_everything(args.seed + info.rank)
+
+    loader, sampler, steps_per_epoch = build_data(args, window, tokenizer, info)
+    amp_dtype, scaler = amp_settings(args.amp, info.device)
+    optimizer = build_optimizer(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                opt_eps=args.opt_eps, opt_betas=tuple(args.opt_betas), momentum=args.momentum)
+    lr_schedule = cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch,
+                                   warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps)
+    wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
+    temps = temperature_schedule(args.temp_warmup, args.temp, args.epochs, args.temp_warmup_epochs)
+    start_epoch, resumed_from = restore(args, model, optimizer, scaler)
+
+    ddp_model = DistributedDataParallel(model) if info.world_size > 1 else model
+    writer = RunWriter(args.output_dir, args.log_dir, enabled=info.is_main and bool(args.output_dir))
+    objective = build_objective(args.hard_targets, args.omega, args.detach_similarity)
+    state = PretrainState(model=ddp_model, model_without_ddp=model, tokenizer=tokenizer, objective=objective,
+                          optimizer=optimizer, scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
+                          dist=info, amp_dtype=amp_dtype, clip_grad=args.clip_grad, print_freq=args.print_freq,
+                          writer=writer, params=[p for p in model.parameters() if p.requires_grad])
+    log.info("%d steps per epoch, %d images per step (%d processes); amp %s; epochs %d..%d; output %s",
+             steps_per_epoch, args.batch_size * info.world_size, info.world_size,
+             amp_dtype or "off", start_epoch, args.epochs - 1, os.path.abspath(args.output_dir) if args.output_dir else "(none)")
+    if start_epoch >= args.epochs:
+        log.warning("nothing to do: %s already finished epoch %d of %d; pass --epochs N, --no_auto_resume "
+                    "or another --output_dir to train again", resumed_from, start_epoch - 1, args.epochs)
+
+    stats: dict = {}
+    last_ckpt = resumed_from
+    started = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(state, loader, epoch, epoch * steps_per_epoch, float(temps[epoch]),
+                                    steps_per_epoch, last_good_checkpoint=last_ckpt)
+            if args.output_dir and info.is_main and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
+                last_ckpt = str(save(args, epoch, model, optimizer, scaler, (epoch + 1) * steps_per_epoch))
+                log.info("saved %s", last_ckpt)
+            stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                     "temp": float(temps[epoch]), "n_parameters": n_parameters}
+            writer.epoch(stats)
+            log.info("epoch %d: loss %.4f, mlm_acc %.4f, lr %.2e, %d skipped images", epoch, stats["train_loss"],
+                     stats["train_mlm_acc"], stats["train_lr"], stats["train_skipped_images"])
+    finally:
+        writer.close()
+    if stats:
+        log.info("done in %.1f s; checkpoints and log.txt in %s", time.perf_counter() - started,
+                 os.path.abspath(args.output_dir) if args.output_dir else "(nowhere: --output_dir '')")
+    return stats
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _main(get_args_parser(), argv)
+
+
+def main_beit(argv: Sequence[str] | None = None) -> int:
+    return _main(get_beit_args_parser(), argv)
+
+
+def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

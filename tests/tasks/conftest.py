@@ -1,0 +1,78 @@
+"""Small real image folders for the end-to-end pre-training tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _draw(rng: np.random.Generator, cls: int, size: int) -> Image.Image:
+    """A textured background with one class-specific shape: enough structure for MIM to learn."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = rng.uniform(0, 255, 3)
+    tilt = rng.uniform(-80, 80, 3)
+    bg = base[None, None] + tilt[None, None] * (xx[..., None] * rng.uniform(-1, 1) + yy[..., None] * rng.uniform(-1, 1))
+    bg += rng.normal(0, 8, bg.shape)
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    c = tuple(int(v) for v in rng.uniform(0, 255, 3))
+    r = int(size * rng.uniform(0.2, 0.4))
+    cx, cy = (int(v) for v in rng.uniform(r, size - r, 2))
+    box = [cx - r, cy - r, cx + r, cy + r]
+    [d.ellipse, d.rectangle, lambda b, fill: d.polygon([(b[0], b[3]), (b[2], b[3]), ((b[0] + b[2]) // 2, b[1])], fill=fill),
+     lambda b, fill: [d.rectangle([b[0], y, b[2], y + 3], fill=fill) for y in range(b[1], b[3], 8)]][cls](box, fill=c)
+    return img
+
+
+def make_image_folder(root: Path, n_per_class: int, size: int = 96, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for cls in range(4):
+        folder = root / f"class_{cls}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            _draw(rng, cls, size).save(folder / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("imgs"), n_per_class=16)
+
+
+@pytest.fixture(scope="session")
+def list_layout(tmp_path_factory) -> Path:
+    """The seeds' layout: <root>/train/<relative path> plus <root>/train_map.txt."""
+    root = tmp_path_factory.mktemp("imnet")
+    make_image_folder(root / "train", n_per_class=8, seed=1)
+    lines = [f"{p.relative_to(root / 'train').as_posix()} {int(p.parent.name[-1])}"
+             for p in sorted((root / "train").rglob("*.jpg"))]
+    (root / "train_map.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MCBEIT_CACHE=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(cmd: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+PYTHON = sys.executable
+# Small and fast geometry for tests: 64 px for the ViT (4x4 patches), 32 px for the tokenizer.
+FAST = ["--model", "beit_tiny_patch16_224_8k_vocab", "--input_size", "64", "--second_input_size", "32",
+        "--mask_type", "block", "--num_mask_patches", "6", "--min_mask_patches_per_block", "2",
+        "--num_workers", "0", "--print_freq", "2", "--seed", "0"]

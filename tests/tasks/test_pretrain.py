@@ -1,0 +1,141 @@
+import json
+import shlex
+
+import pytest
+import torch
+
+from mcbeit.tasks import pretrain
+from tests.tasks.conftest import FAST
+
+SEED_README_FLAGS = """
+        --data_path DATA --output_dir OUT \\
+        --model beit_base_patch16_224_8k_vocab --discrete_vae_weight_path TOK \\
+        --batch_size 128 --lr 1.5e-3 --warmup_epochs 10 --epochs 800 \\
+        --clip_grad 3.0 --drop_path 0.1 --layer_scale_init_value 0.1 \\
+        --mask_type 'random' \\
+        --imagenet_default_mean_and_std \\
+        --omega 0.2 \\
+        --temp 4.0 \\
+        --temp_warmup 4.0 \\
+"""
+
+
+def parse(argv):
+    return pretrain.resolve_defaults(pretrain.get_args_parser().parse_args(argv))
+
+
+def test_seed_readme_flags_parse_to_their_meaning():
+    args = parse(shlex.split(SEED_README_FLAGS.replace("\\\n", " ")))
+    assert (args.data_path, args.output_dir, args.discrete_vae_weight_path) == ("DATA", "OUT", "TOK")
+    assert args.discrete_vae_type == "vqgan"  # the original's default tokenizer
+    assert (args.batch_size, args.lr, args.warmup_epochs, args.epochs) == (128, 1.5e-3, 10, 800)
+    assert (args.clip_grad, args.drop_path, args.layer_scale_init_value) == (3.0, 0.1, 0.1)
+    assert args.mask_type == "random" and args.mask_ratio == 0.75
+    assert args.imagenet_default_mean_and_std and args.omega == 0.2 and args.temp == args.temp_warmup == 4.0
+    assert args.auto_resume and args.rel_pos_bias and not args.abs_pos_emb
+    assert args.save_ckpt_freq == 20 and args.weight_decay == args.weight_decay_end == 0.05
+    assert args.opt == "adamw" and args.opt_betas == [0.9, 0.98] and args.opt_eps == 1e-8
+
+
+def test_every_original_flag_is_accepted():
+    argv = ("--batch_size 2 --epochs 3 --save_ckpt_freq 1 --discrete_vae_weight_path W --discrete_vae_type dall-e "
+            "--model beit_small_patch16_224_8k_vocab --rel_pos_bias --disable_rel_pos_bias --abs_pos_emb "
+            "--layer_scale_init_value 0 --num_mask_patches 50 --max_mask_patches_per_block 30 "
+            "--min_mask_patches_per_block 8 --mask_ratio 0.4 --mask_type block --input_size 192 "
+            "--second_input_size 96 --drop_path 0.2 --opt sgd --opt_eps 1e-6 --opt_betas 0.8 0.9 --clip_grad 1 "
+            "--momentum 0.8 --weight_decay 0.1 --weight_decay_end 0.2 --lr 1e-3 --warmup_lr 1e-7 --min_lr 1e-6 "
+            "--warmup_epochs 1 --warmup_steps 5 --no_loss_masked --omega 0.5 --temp 2 --temp_warmup 6 "
+            "--train_interpolation bilinear --second_interpolation bicubic --data_path D "
+            "--imagenet_default_mean_and_std --output_dir O --data_set image_folder --log_dir L --device cpu "
+            "--seed 7 --resume R --auto_resume --no_auto_resume --debug --start_epoch 1 --num_workers 0 "
+            "--pin_mem --no_pin_mem --world_size 1 --local_rank 0 --dist_on_itp --dist_url tcp://x:1")
+    args = parse(argv.split())
+    assert args.rel_pos_bias is False and args.auto_resume is False and args.pin_mem is False
+    assert args.opt_betas == [0.8, 0.9] and args.max_mask_patches_per_block == 30 and args.log_dir == "L"
+    assert parse(["--local-rank", "3"]).local_rank == 3  # torch.distributed.launch's spelling
+
+
+def test_defaults_are_the_embedded_run_and_the_original_otherwise():
+    emb = parse([])
+    assert emb.data_path is None and emb.model == "beit_tiny_patch16_224_8k_vocab"
+    assert emb.discrete_vae_type == "customized"
+    assert emb.epochs == pretrain.EMBEDDED_DEFAULTS["epochs"]
+    orig = parse(["--data_path", "x"])
+    assert (orig.epochs, orig.batch_size, orig.warmup_epochs, orig.save_ckpt_freq) == (300, 64, 5, 20)
+    assert (orig.lr, orig.omega, orig.temp, orig.min_mask_patches_per_block) == (5e-4, 0.2, 4.0, 16)
+    beit = pretrain.resolve_defaults(pretrain.get_beit_args_parser().parse_args(["--discrete_vae_weight_path", "w"]))
+    assert beit.hard_targets and beit.discrete_vae_type == "dall-e"
+
+
+def run_args(image_folder, out, *extra):
+    argv = ["--data_path", str(image_folder), "--output_dir", str(out), "--device", "cpu", *FAST, *extra]
+    return pretrain.get_args_parser().parse_args(argv)
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def test_pretraining_end_to_end_loss_falls(image_folder, tmp_path):
+    out = tmp_path / "run"
+    # 64 images / batch 8 = 8 steps per epoch, 5 epochs = 40 steps through the real pipeline.
+    args = run_args(image_folder, out, "--batch_size", "8", "--epochs", "5", "--warmup_epochs", "1",
+                    "--lr", "2e-3", "--save_ckpt_freq", "2")
+    pretrain.run(args)
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3, 4]
+    assert all(r["train_steps"] == 8 for r in log)
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.5, [r["train_loss"] for r in log]
+    assert {"train_mlm_acc", "train_lr", "train_min_lr", "train_weight_decay", "train_grad_norm",
+            "train_loss_scale", "train_skipped_images"} <= set(log[0])
+    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-1.pth", "checkpoint-3.pth",
+                                                                    "checkpoint-4.pth"]
+    ckpt = torch.load(out / "checkpoint-4.pth", weights_only=True)
+    assert ckpt["epoch"] == 4 and ckpt["global_step"] == 40 and ckpt["args"]["batch_size"] == 8
+    assert "lm_head.weight" in ckpt["model"] and ckpt["optimizer"]["state"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_continues_epochs_and_temperature_warmup(image_folder, tmp_path):
+    out = tmp_path / "run"
+    common = ["--batch_size", "16", "--temp_warmup", "1.0", "--temp", "4.0", "--save_ckpt_freq", "1",
+              "--warmup_epochs", "0"]
+    pretrain.run(run_args(image_folder, out, "--epochs", "2", *common))
+    first = read_log(out)
+    pretrain.run(run_args(image_folder, out, "--epochs", "4", *common))  # --auto_resume is the default
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3]
+    assert log[:2] == first
+    expected = [1.0 + 3.0 * e / 29 for e in range(4)]  # the 30-epoch line, not restarted at epoch 2
+    assert [r["temp"] for r in log] == pytest.approx(expected)
+    ckpt = torch.load(out / "checkpoint-3.pth", weights_only=True)
+    assert ckpt["global_step"] == 16
+
+
+def test_hard_targets_beit_loss_runs(image_folder, tmp_path):
+    out = tmp_path / "run"
+    pretrain.run(run_args(image_folder, out, "--batch_size", "16", "--epochs", "1", "--hard_targets",
+                          "--mask_type", "random", "--mask_ratio", "0.5", "--amp", "bf16"))
+    (rec,) = read_log(out)
+    assert 0 < rec["train_loss"] < 20 and 0 <= rec["train_mlm_acc"] <= 1
+
+
+def test_list_layout_is_detected(list_layout, tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        pretrain.run(run_args(list_layout, out, "--batch_size", "16", "--epochs", "1"))
+    assert "train_map.txt" in caplog.text
+    assert read_log(out)[0]["train_steps"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--second_input_size", "48"], "--second_input_size 32"),
+    (["--model", "beit_base_patch16_224"], "no masked-image-modeling head"),
+    (["--model", "no_such_model"], "not a pre-training model"),
+    (["--input_size", "60"], "not divisible"),
+    (["--batch_size", "1000"], "fewer than one batch"),
+    (["--amp", "fp16"], "--amp bf16"),
+])
+def test_bad_flags_say_what_to_do(image_folder, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message.replace("-", r"\-")):
+        pretrain.run(run_args(image_folder, tmp_path / "run", "--batch_size", "8", "--epochs", "1", *extra))
