@@ -197,20 +197,14 @@ def amp_settings(amp: str | None, device: torch.device) -> tuple[torch.dtype | N
 
 
 def build_model(args: argparse.Namespace, vocab_size: int) -> BeitForMaskedImageModeling:
-    try:
-        model = timm.create_model(
-            args.model, pretrained=False, drop_path_rate=args.drop_path,
-            use_shared_rel_pos_bias=args.rel_pos_bias, use_abs_pos_emb=args.abs_pos_emb,
-            init_values=args.layer_scale_init_value, vocab_size=vocab_size, img_size=args.input_size)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            names = timm.list_models("beit_*_8k_vocab")
-            raise SystemExit(f"--model {args.model} is not a pre-training model; choose one of {names}") from e
-        raise
-    if not isinstance(model, BeitForMaskedImageModeling):
-        names = timm.list_models("beit_*_8k_vocab")
-        raise SystemExit(f"--model {args.model} has no masked-image-modeling head; choose one of {names}")
-    return model
+    names = timm.list_models("beit_*_8k_vocab")
+    if args.model not in names:
+        what = "has no masked-image-modeling head" if timm.is_model(args.model) else "is not a pre-training model"
+        raise SystemExit(f"--model {args.model} {what}; choose one of {names}")
+    return timm.create_model(
+        args.model, pretrained=False, drop_path_rate=args.drop_path,
+        use_shared_rel_pos_bias=args.rel_pos_bias, use_abs_pos_emb=args.abs_pos_emb,
+        init_values=args.layer_scale_init_value, vocab_size=vocab_size, img_size=args.input_size)
 
 
 def check_geometry(args: argparse.Namespace, model: BeitForMaskedImageModeling, tokenizer_down: int) -> tuple[int, int]:
@@ -282,6 +276,17 @@ def save(args, epoch: int, model, optimizer, scaler, global_step: int) -> Path:
     return ckpt_io.save_atomic(state, ckpt_io.checkpoint_path(args.output_dir, epoch))
 
 
+def warmup_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
+    """LR warm-up length in steps, shortened (with a warning) to the run when it is longer."""
+    steps = args.warmup_steps if args.warmup_steps > 0 else args.warmup_epochs * steps_per_epoch
+    total = args.epochs * steps_per_epoch
+    if steps > total:
+        log.warning("LR warm-up of %d steps is longer than the whole run (%d steps): warming up over the whole "
+                    "run instead; set --warmup_epochs / --warmup_steps to choose", steps, total)
+        steps = total
+    return steps
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -317,7 +322,7 @@ def run(args: argparse.Namespace) -> dict:
     optimizer = build_optimizer(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                 opt_eps=args.opt_eps, opt_betas=tuple(args.opt_betas), momentum=args.momentum)
     lr_schedule = cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch,
-                                   warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps)
+                                   warmup_epochs=args.warmup_epochs, warmup_steps=warmup_steps(args, steps_per_epoch))
     wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
     temps = temperature_schedule(args.temp_warmup, args.temp, args.epochs, args.temp_warmup_epochs)
     start_epoch, resumed_from = restore(args, model, optimizer, scaler)

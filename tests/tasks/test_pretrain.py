@@ -120,11 +120,11 @@ def test_hard_targets_beit_loss_runs(image_folder, tmp_path):
     assert 0 < rec["train_loss"] < 20 and 0 <= rec["train_mlm_acc"] <= 1
 
 
-def test_list_layout_is_detected(list_layout, tmp_path, caplog):
+def test_list_layout_is_detected_and_said(list_layout, tmp_path, capfd):
     out = tmp_path / "run"
-    with caplog.at_level("INFO"):
-        pretrain.run(run_args(list_layout, out, "--batch_size", "16", "--epochs", "1"))
-    assert "train_map.txt" in caplog.text
+    pretrain.run(run_args(list_layout, out, "--batch_size", "16", "--epochs", "1"))
+    said = capfd.readouterr().err
+    assert "train_map.txt" in said and "RANDOM" in said  # the layout, and the random-tokenizer warning
     assert read_log(out)[0]["train_steps"] == 2
 
 
