@@ -62,3 +62,64 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, mask):
     # The step moved the weights by lr x grad (so the comparison is not vacuous).
     fresh_log = [json.loads(line) for line in (tmp_path / "one" / "log.txt").read_text().splitlines()]
     assert fresh_log[0]["train_grad_norm"] > 0
+
+
+SEED_README_COMMAND = """
+python -m torch.distributed.launch --nproc_per_node=16 run_mcbeit_pretraining.py \\
+        --data_path ${DATA_PATH} --output_dir ${OUTPUT_DIR} \\
+        --model beit_base_patch16_224_8k_vocab --discrete_vae_weight_path ${TOKENIZER_PATH} \\
+        --batch_size 128 --lr 1.5e-3 --warmup_epochs 10 --epochs 800 \\
+        --clip_grad 3.0 --drop_path 0.1 --layer_scale_init_value 0.1 \\
+        --mask_type 'random' \\
+        --imagenet_default_mean_and_std \\
+        --omega 0.2 \\
+        --temp 4.0 \\
+        --temp_warmup 4.0 \\
+"""
+
+
+def _small_vqgan_folder(folder):
+    """A taming-style GumbelVQ log folder (model.yaml + Lightning last.ckpt) of a small f8 VQGAN."""
+    import yaml
+
+    from mcbeit.tokenizers.vqgan import GumbelVQGANTokenizer
+
+    ddconfig = dict(double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
+    torch.manual_seed(0)
+    tok = GumbelVQGANTokenizer(ddconfig, n_embed=512, embed_dim=32, image_size=32)
+    folder.mkdir(parents=True)
+    doc = {"model": {"target": "taming.models.vqgan.GumbelVQ",
+                     "params": {"kl_weight": 1e-8, "embed_dim": 32, "n_embed": 512, "ddconfig": ddconfig,
+                                "lossconfig": {"target": "taming.modules.losses.vqperceptual.DummyLoss"}}}}
+    (folder / "model.yaml").write_text(yaml.safe_dump(doc))
+    sd = dict(tok.state_dict())
+    sd["decoder.conv_in.weight"] = torch.randn(64, 32, 3, 3)
+    torch.save({"epoch": 1, "global_step": 10, "pytorch-lightning_version": "1.0.8", "state_dict": sd,
+                "optimizer_states": [], "lr_schedulers": []}, folder / "last.ckpt")
+    return folder
+
+
+def test_seed_readme_command_runs_with_small_data(image_folder, tmp_path):
+    """The mc-BEiT README's command, word for word, with 2 processes instead of 16 and, appended
+    last (argparse's last value wins), the sizes a 2-core CI machine can afford."""
+    import shlex
+
+    command = SEED_README_COMMAND.replace("\\\n", " ")
+    command = command.replace("${DATA_PATH}", str(image_folder)).replace("${OUTPUT_DIR}", str(tmp_path / "out"))
+    command = command.replace("${TOKENIZER_PATH}", str(_small_vqgan_folder(tmp_path / "tokenizer")))
+    argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "torch.distributed.launch", "--nproc_per_node=16"]
+    argv[0], argv[3] = PYTHON, "--nproc_per_node=2"
+    argv[4:4] = ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    ci_sized = ["--model", "beit_tiny_patch16_224_8k_vocab", "--batch_size", "8", "--epochs", "2",
+                "--input_size", "64", "--second_input_size", "32", "--num_workers", "1", "--device", "cpu"]
+    run_cli(argv + ci_sized, tmp_path)
+    out = tmp_path / "out"
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1] and all(r["train_steps"] == 4 for r in log)
+    ckpt = torch.load(out / "checkpoint-1.pth", weights_only=True)
+    a = ckpt["args"]
+    assert (a["discrete_vae_type"], a["mask_type"], a["omega"], a["clip_grad"], a["lr"]) == ("vqgan", "random", 0.2, 3.0, 1.5e-3)
+    assert a["imagenet_default_mean_and_std"] and a["world_size"] == 2
+    assert ckpt["model"]["lm_head.weight"].shape == (512, 192)  # the tokenizer's vocabulary

@@ -60,8 +60,11 @@ def test_defaults_are_the_embedded_run_and_the_original_otherwise():
     assert emb.data_path is None and emb.model == "beit_tiny_patch16_224_8k_vocab"
     assert emb.discrete_vae_type == "customized"
     assert emb.epochs == pretrain.EMBEDDED_DEFAULTS["epochs"]
+    assert (emb.input_size, emb.second_input_size, emb.num_mask_patches) == (112, 56, 19)
     orig = parse(["--data_path", "x"])
     assert (orig.epochs, orig.batch_size, orig.warmup_epochs, orig.save_ckpt_freq) == (300, 64, 5, 20)
+    assert (orig.input_size, orig.second_input_size, orig.num_mask_patches) == (224, 112, 75)
+    assert parse(["--input_size", "160", "--second_input_size", "80"]).input_size == 160  # flags win
     assert (orig.lr, orig.omega, orig.temp, orig.min_mask_patches_per_block) == (5e-4, 0.2, 4.0, 16)
     beit = pretrain.resolve_defaults(pretrain.get_beit_args_parser().parse_args(["--discrete_vae_weight_path", "w"]))
     assert beit.hard_targets and beit.discrete_vae_type == "dall-e"
