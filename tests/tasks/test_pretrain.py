@@ -142,3 +142,51 @@ def test_list_layout_is_detected_and_said(list_layout, tmp_path, capfd):
 def test_bad_flags_say_what_to_do(image_folder, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message.replace("-", r"\-")):
         pretrain.run(run_args(image_folder, tmp_path / "run", "--batch_size", "8", "--epochs", "1", *extra))
+
+
+def test_released_format_checkpoint_resumes_with_weights_only(image_folder, tmp_path):
+    """A checkpoint shaped like the released ones (argparse.Namespace under 'args', the
+    relative_position_index buffer, optimizer state of another implementation) initialises the
+    run strictly; its weights are used, its epoch continues, its optimizer state is not."""
+    import argparse
+
+    import timm
+
+    model = timm.create_model("beit_tiny_patch16_224_8k_vocab", img_size=64, vocab_size=8192,
+                              use_shared_rel_pos_bias=True, init_values=0.1)
+    with torch.no_grad():
+        model.mask_token.fill_(0.123)
+    state = dict(model.state_dict())
+    state["rel_pos_bias.relative_position_index"] = model.rel_pos_bias.relative_position_index.clone()
+    released = tmp_path / "released.pth"
+    torch.save({"model": state, "epoch": 1, "optimizer": {"state": {}, "param_groups": []},
+                "args": argparse.Namespace(model="beit_tiny_patch16_224_8k_vocab", lr=1.5e-3)}, released)
+    out = tmp_path / "run"
+    pretrain.run(run_args(image_folder, out, "--batch_size", "16", "--epochs", "3", "--resume", str(released),
+                          "--lr", "0", "--min_lr", "0", "--weight_decay", "0", "--warmup_epochs", "0"))
+    assert [r["epoch"] for r in read_log(out)] == [2]
+    ckpt = torch.load(out / "checkpoint-2.pth", weights_only=True)
+    torch.testing.assert_close(ckpt["model"]["mask_token"], torch.full((1, 1, 192), 0.123))  # lr 0 kept it
+
+
+def test_wrong_architecture_checkpoint_names_the_mismatch(image_folder, tmp_path):
+    import timm
+
+    small = timm.create_model("beit_small_patch16_224_8k_vocab", img_size=64, use_shared_rel_pos_bias=True)
+    bad = tmp_path / "small.pth"
+    torch.save({"model": small.state_dict(), "epoch": 0}, bad)
+    with pytest.raises(Exception, match=r"cls_token.*384.*192|cls_token.*192.*384"):
+        pretrain.run(run_args(image_folder, tmp_path / "run", "--batch_size", "16", "--epochs", "1",
+                              "--resume", str(bad)))
+
+
+def test_unreadable_images_are_skipped_and_counted_in_the_epoch_log(tmp_path):
+    from tests.tasks.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", n_per_class=4)
+    (data / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (data / "class_1" / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "run"
+    pretrain.run(run_args(data, out, "--batch_size", "6", "--epochs", "1"))  # 18 files: 3 steps, 2 bad
+    (rec,) = read_log(out)
+    assert rec["train_skipped_images"] == 2 and rec["train_steps"] == 3
