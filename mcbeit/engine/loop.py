@@ -60,7 +60,7 @@ def _grad_norm(params: Sequence[torch.nn.Parameter], clip: float | None) -> torc
     if clip is not None and clip > 0:
         return torch.nn.utils.clip_grad_norm_(params, clip)
     grads = [p.grad for p in params if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())  # only without parameters
 
 
 def _masked_count_weight(mask: torch.Tensor, world_size: int) -> torch.Tensor | None:
@@ -99,12 +99,12 @@ def pretrain_step(state: PretrainState, batch: Sequence[torch.Tensor], temp: flo
         grad_norm = _grad_norm(state.params, state.clip_grad)
         state.scaler.step(state.optimizer)
         state.scaler.update()
-        loss_scale = torch.tensor(state.scaler.get_scale())
+        loss_scale = state.scaler._get_scale_async().detach().reshape(())  # a device tensor: no host sync
     else:
         backward_loss.backward()
         grad_norm = _grad_norm(state.params, state.clip_grad)
         state.optimizer.step()
-        loss_scale = torch.ones(())
+        loss_scale = torch.ones((), device=loss.device)
     return {"loss": loss.detach().float(), "mlm_acc": out["mlm_acc"].detach().float(),
             "grad_norm": grad_norm.detach().float(), "loss_scale": loss_scale.float()}
 
@@ -133,7 +133,10 @@ def train_one_epoch(state: PretrainState, loader: Iterable, epoch: int, start_st
         nonlocal pending, pending_opt, images, t_interval
         if not pending:
             return
-        stacked = {k: torch.stack([m[k] for m in pending]).cpu().tolist() for k in STEP_METRICS}
+        # One reduction per interval: per-step loss and accuracy as the mean over ranks.
+        values = torch.stack([torch.stack([m[k] for m in pending]) for k in STEP_METRICS])  # (4, steps)
+        values[:2] = all_reduce_mean(values[:2])
+        stacked = dict(zip(STEP_METRICS, values.cpu().tolist()))
         first = start_step + n_steps - len(pending)
         for i in range(len(pending)):
             values = {k: stacked[k][i] for k in STEP_METRICS}
