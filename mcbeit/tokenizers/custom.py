@@ -19,6 +19,8 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from mcbeit.models.checkpoint import compare_state_dict
+
 from .base import Normalize
 from .dalle import DallEEncoder
 
@@ -108,19 +110,9 @@ def load_custom_tokenizer(path, image_size: int = 112) -> CustomTokenizer:
     if not isinstance(config, Mapping) or not isinstance(state_dict, Mapping):
         raise ValueError(f"{path}: 'config' and 'state_dict' must both be dicts")
     tokenizer = CustomTokenizer(image_size=image_size, **config)
-    expected = tokenizer.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{path}: state_dict does not match its config {dict(config)}: missing {missing}, "
-            f"unexpected {unexpected}, shape mismatches {mismatched}"
-        )
+    report = compare_state_dict(tokenizer, state_dict)
+    if report:
+        raise ValueError(f"{path}: state_dict does not match its config {dict(config)}:\n{report.describe()}")
     tokenizer.load_state_dict(state_dict, strict=True)
     tokenizer.random_weights = False
     return tokenizer

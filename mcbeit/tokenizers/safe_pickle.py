@@ -31,6 +31,8 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from mcbeit.models.checkpoint import compare_state_dict
+
 from .dalle import DallEEncoder
 
 #: The only non-torch-default globals a DALL-E encoder pickle may name.
@@ -141,19 +143,9 @@ def load_dalle_encoder(path, image_size: int = 112) -> DallEEncoder:
     """mcbeit's :class:`DallEEncoder` holding the weights of OpenAI's ``encoder.pkl`` at ``path``."""
     config, state_dict = read_dalle_encoder_pickle(path)
     encoder = DallEEncoder(image_size=image_size, **config)
-    expected = encoder.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{os.fspath(path)}: parameters do not match a DALL-E encoder with {config}: missing {missing[:20]}, "
-            f"unexpected {unexpected[:20]}, shape mismatches {mismatched[:20]}"
-        )
+    report = compare_state_dict(encoder, state_dict)
+    if report:
+        raise ValueError(f"{os.fspath(path)}: parameters do not match a DALL-E encoder with {config}:\n{report.describe()}")
     encoder.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     encoder.random_weights = False
     return encoder

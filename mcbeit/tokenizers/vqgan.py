@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcbeit.models.checkpoint import compare_state_dict
+
 from .base import Normalize, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -364,14 +366,9 @@ class GumbelVQGANTokenizer(Tokenizer):
         if foreign:
             logger.warning("VQGAN %s: ignoring %d keys of unknown modules: %s", source, len(foreign), _preview(foreign))
 
-        expected = self.state_dict()
-        missing = [k for k in expected if k not in ours]
-        unexpected = [k for k in ours if k not in expected]
-        mismatched = [
-            f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(expected[k].shape)}"
-            for k in expected
-            if k in ours and tuple(ours[k].shape) != tuple(expected[k].shape)
-        ]
+        report = compare_state_dict(self, ours)
+        missing, unexpected = report.missing, report.unexpected
+        mismatched = [f"{k}: checkpoint {ck} vs model {md}" for k, ck, md in report.mismatched]
         problems = []
         if missing:
             problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")

@@ -76,3 +76,18 @@ PYTHON = sys.executable
 FAST = ["--model", "beit_tiny_patch16_224_8k_vocab", "--input_size", "64", "--second_input_size", "32",
         "--mask_type", "block", "--num_mask_patches", "6", "--min_mask_patches_per_block", "2",
         "--num_workers", "0", "--print_freq", "2", "--seed", "0"]
+
+
+# The mc-BEiT README's pre-training command, word for word.
+SEED_README_COMMAND = """
+python -m torch.distributed.launch --nproc_per_node=16 run_mcbeit_pretraining.py \\
+        --data_path ${DATA_PATH} --output_dir ${OUTPUT_DIR} \\
+        --model beit_base_patch16_224_8k_vocab --discrete_vae_weight_path ${TOKENIZER_PATH} \\
+        --batch_size 128 --lr 1.5e-3 --warmup_epochs 10 --epochs 800 \\
+        --clip_grad 3.0 --drop_path 0.1 --layer_scale_init_value 0.1 \\
+        --mask_type 'random' \\
+        --imagenet_default_mean_and_std \\
+        --omega 0.2 \\
+        --temp 4.0 \\
+        --temp_warmup 4.0 \\
+"""

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tests.tasks.conftest import FAST, PYTHON, make_image_folder, run_cli
+from tests.tasks.conftest import FAST, PYTHON, SEED_README_COMMAND, make_image_folder, run_cli
 
 
 def _free_port() -> int:
@@ -64,18 +64,6 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, mask):
     assert fresh_log[0]["train_grad_norm"] > 0
 
 
-SEED_README_COMMAND = """
-python -m torch.distributed.launch --nproc_per_node=16 run_mcbeit_pretraining.py \\
-        --data_path ${DATA_PATH} --output_dir ${OUTPUT_DIR} \\
-        --model beit_base_patch16_224_8k_vocab --discrete_vae_weight_path ${TOKENIZER_PATH} \\
-        --batch_size 128 --lr 1.5e-3 --warmup_epochs 10 --epochs 800 \\
-        --clip_grad 3.0 --drop_path 0.1 --layer_scale_init_value 0.1 \\
-        --mask_type 'random' \\
-        --imagenet_default_mean_and_std \\
-        --omega 0.2 \\
-        --temp 4.0 \\
-        --temp_warmup 4.0 \\
-"""
 
 
 def _small_vqgan_folder(folder):

@@ -5,19 +5,8 @@ import pytest
 import torch
 
 from mcbeit.tasks import pretrain
-from tests.tasks.conftest import FAST
+from tests.tasks.conftest import FAST, SEED_README_COMMAND
 
-SEED_README_FLAGS = """
-        --data_path DATA --output_dir OUT \\
-        --model beit_base_patch16_224_8k_vocab --discrete_vae_weight_path TOK \\
-        --batch_size 128 --lr 1.5e-3 --warmup_epochs 10 --epochs 800 \\
-        --clip_grad 3.0 --drop_path 0.1 --layer_scale_init_value 0.1 \\
-        --mask_type 'random' \\
-        --imagenet_default_mean_and_std \\
-        --omega 0.2 \\
-        --temp 4.0 \\
-        --temp_warmup 4.0 \\
-"""
 
 
 def parse(argv):
@@ -25,7 +14,9 @@ def parse(argv):
 
 
 def test_seed_readme_flags_parse_to_their_meaning():
-    args = parse(shlex.split(SEED_README_FLAGS.replace("\\\n", " ")))
+    argv = shlex.split(SEED_README_COMMAND.replace("\\\n", " "))
+    flags = argv[argv.index("run_mcbeit_pretraining.py") + 1:]
+    args = parse([{"${DATA_PATH}": "DATA", "${OUTPUT_DIR}": "OUT", "${TOKENIZER_PATH}": "TOK"}.get(a, a) for a in flags])
     assert (args.data_path, args.output_dir, args.discrete_vae_weight_path) == ("DATA", "OUT", "TOK")
     assert args.discrete_vae_type == "vqgan"  # the original's default tokenizer
     assert (args.batch_size, args.lr, args.warmup_epochs, args.epochs) == (128, 1.5e-3, 10, 800)
