@@ -131,6 +131,17 @@ class Tokenizer(nn.Module):
         self.check_input_size(images.shape[-2], images.shape[-1])
         return self.compute_logits(images).float()
 
+    # ------------------------------------------------------------------ decoding (inspection)
+    @property
+    def has_decoder(self) -> bool:
+        """True when :meth:`decode` can turn token ids back into pixels (a decoder was loaded)."""
+        return False
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B,h,w) long -> images (B,3,h*d,w*d) float in [0,1] (for looking at tokens)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no decoder loaded: token maps can be shown, reconstructions cannot")
+
     # ------------------------------------------------------------------ helpers
     def freeze(self) -> "Tokenizer":
         """Eval mode, no gradients: the tokenizer is a fixed target network."""
