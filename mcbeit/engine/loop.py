@@ -82,7 +82,9 @@ def pretrain_step(state: PretrainState, batch: Sequence[torch.Tensor], temp: flo
     view_a, view_b, mask = (t.to(device, non_blocking=True) for t in batch[:3])
     bool_masked_pos = mask.flatten(1).bool()                                  # (B, N)
 
-    with torch.no_grad(), autocast_context(device, state.amp_dtype):
+    # The tokenizer is a fixed target network: inference mode (no autograd bookkeeping at all).
+    # Its logits are only read afterwards (softmax / argmax under no_grad), never saved for backward.
+    with torch.inference_mode(), autocast_context(device, state.amp_dtype):
         tokenizer_logits = state.tokenizer(view_b).float()                    # (B, V, h, w)
 
     with autocast_context(device, state.amp_dtype):
