@@ -94,7 +94,8 @@ class PretrainingDataset(Dataset):
     ``dataset[(index, epoch)]`` (or ``dataset[index]``, epoch 0) returns
     ``(view_a, view_b, mask, n_skipped)``: the transform's outputs for the image at ``index``
     (or, if that one is unreadable, the next readable one) and how many unreadable files were
-    skipped to get there.
+    skipped to get there. A transform returning a tuple gives ``(*outputs, n_skipped)``, one
+    returning a single tensor ``(output, n_skipped)`` (the tokenizer's one-view training).
     """
 
     def __init__(
@@ -161,8 +162,8 @@ class PretrainingDataset(Dataset):
                 self._warn_unreadable(path, error)
                 last_error = f"{path}: {error}"
                 continue
-            view_a, view_b, mask = self.transform(image, rng)
-            return view_a, view_b, mask, skipped
+            out = self.transform(image, rng)
+            return (*out, skipped) if isinstance(out, tuple) else (out, skipped)
         raise RuntimeError(
             f"{tries} consecutive images from index {index} under {self.root} could not be "
             f"read (last: {last_error}); check the files, their permissions, or --data_path"

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["TwoViewTransform", "parse_interpolation", "sample_crop_box", "INTERPOLATIONS"]
+__all__ = ["TwoViewTransform", "OneViewTransform", "parse_interpolation", "sample_crop_box", "INTERPOLATIONS"]
 
 INTERPOLATIONS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -193,3 +193,51 @@ class TwoViewTransform:
             view_b = self.tokenizer_transform(view_b)
         mask = np.ascontiguousarray(self.mask_generator(rng), dtype=np.bool_)  # (h,w)
         return view_a, view_b, torch.from_numpy(mask.reshape(-1))  # mask (N,)
+
+
+class OneViewTransform:
+    """Flip and one random-resized crop at ``size``: the tokenizer's training (and inspection) view.
+
+    ``__call__(pil_image, rng) -> (3, H, W)`` float tensor in [0, 1], passed through
+    ``output_transform`` (e.g. a tokenizer's ``input_transform``) when given. Random choices come
+    from ``rng`` in the order of :class:`TwoViewTransform` (flip, box, interpolation).
+    ``scale=(1, 1), ratio=(1, 1), flip_prob=0`` is a deterministic centre crop (the largest square).
+    """
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        scale: tuple[float, float] = (0.35, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        interpolation: str | Image.Resampling = "lanczos",
+        flip_prob: float = 0.5,
+        output_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.size = _size(size)
+        self.scale = tuple(float(v) for v in scale)
+        self.ratio = tuple(float(v) for v in ratio)
+        self.interpolation = parse_interpolation(interpolation)
+        self.flip_prob = float(flip_prob)
+        self.output_transform = output_transform
+        self._scale = np.full((3, 1, 1), 1.0 / 255.0, dtype=np.float32)
+        self._offset = np.zeros((3, 1, 1), dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return (f"OneViewTransform(flip p={self.flip_prob}, random_resized_crop scale={self.scale} "
+                f"ratio=({self.ratio[0]:.4g}, {self.ratio[1]:.4g}), {self.size} "
+                f"{_interpolation_name(self.interpolation)}, {self.output_transform!r})")
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        width, height = image.size
+        flip = rng.random() < self.flip_prob
+        top, left, h, w = sample_crop_box(width, height, rng, self.scale, self.ratio)
+        if flip:
+            left = width - left - w
+        resample = TwoViewTransform._filter(self.interpolation, rng)
+        crop = image.resize((self.size[1], self.size[0]), resample, box=(left, top, left + w, top + h))
+        if flip:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        view = _to_tensor(crop, self._scale, self._offset)  # (3,H,W) in [0,1]
+        return self.output_transform(view) if self.output_transform is not None else view

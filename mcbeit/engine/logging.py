@@ -1,4 +1,4 @@
-"""What a run tells its user: console logging, per-step TensorBoard scalars, per-epoch JSON lines.
+"""What a run tells its user: console logging, per-step TensorBoard scalars (and images), per-epoch JSON lines.
 
 Only rank 0 writes files; other ranks log warnings and errors only.
 """
@@ -55,6 +55,11 @@ class RunWriter:
         for key, value in values.items():
             if value is not None:
                 self.tb.add_scalar(f"{head}/{key}", value, step)
+
+    def image(self, step: int, tag: str, image: Any) -> None:
+        """One (3, H, W) float image in [0, 1] (e.g. a grid) under ``tag``."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="CHW")
 
     def epoch(self, stats: Mapping[str, Any]) -> None:
         if not self.enabled or self.output_dir is None:

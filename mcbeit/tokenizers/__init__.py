@@ -1,15 +1,17 @@
 """Frozen visual tokenizers: image (B,3,H,W) -> logits (B,V,H/8,W/8).
 
-``build_tokenizer(kind, weight_path=None, image_size=112)`` makes one of
-``TOKENIZER_KINDS`` (``dall-e``, ``vqgan`` a.k.a. ``vqgan_gumbel_f8_8192``, ``customized``);
-each carries its own picklable ``input_transform`` for the data pipeline.
+``build_tokenizer(kind, weight_path=None, image_size=112, load_decoder=None)`` makes one of
+``TOKENIZER_KINDS`` (``dall-e``, ``vqgan`` a.k.a. ``vqgan_gumbel_f8_8192``, ``customized``,
+``vqgan_ema``); each carries its own picklable ``input_transform`` for the data pipeline, and
+``decode(ids)`` where a decoder was loaded.
 """
 
 from .base import MapPixels, Normalize, Tokenizer
 from .custom import CustomTokenizer, load_custom_tokenizer, save_custom_tokenizer
-from .dalle import DallEEncoder
+from .dalle import DallEDecoder, DallEEncoder, unmap_pixels
 from .factory import TOKENIZER_ALIASES, TOKENIZER_KINDS, build_tokenizer, canonical_kind
-from .vqgan import GumbelVQGANTokenizer, VQGANEncoder
+from .safe_pickle import load_dalle_decoder, load_dalle_encoder
+from .vqgan import EMAVQGANTokenizer, GumbelVQGANTokenizer, TamingVQGANTokenizer, VQGANDecoder, VQGANEncoder
 
 __all__ = [
     "Tokenizer",
@@ -22,6 +24,13 @@ __all__ = [
     "DallEEncoder",
     "GumbelVQGANTokenizer",
     "VQGANEncoder",
+    "DallEDecoder",
+    "unmap_pixels",
+    "load_dalle_encoder",
+    "load_dalle_decoder",
+    "TamingVQGANTokenizer",
+    "EMAVQGANTokenizer",
+    "VQGANDecoder",
     "CustomTokenizer",
     "save_custom_tokenizer",
     "load_custom_tokenizer",

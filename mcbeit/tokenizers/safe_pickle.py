@@ -1,20 +1,21 @@
-"""Read OpenAI's DALL-E ``encoder.pkl`` without running its code.
+"""Read OpenAI's DALL-E ``encoder.pkl`` and ``decoder.pkl`` without running their code.
 
-OpenAI published the encoder as a whole pickled ``nn.Module`` (``torch.save(encoder)``), which
-the original code read with full unpickling: importing ``dall_e`` and executing whatever the
-file names. Here the file goes through ``torch.load(weights_only=True)`` (PyTorch's restricted
-unpickler: tensors, storages, parameters, plain containers) with a short allow-list that maps the
-module classes such a file names (``dall_e.encoder.Encoder``, ``dall_e.encoder.EncoderBlock``,
-``dall_e.utils.Conv2d`` and the torch containers/activations used inside) onto inert
-:class:`PickledModuleRecord` objects. Nothing from ``dall_e`` or the file is imported or called;
-the records only keep the pickled attribute dicts, from which the hyper-parameters
-(``n_hid``, ``n_blk_per_group``, ``group_count``, ``input_channels``, ``vocab_size``) and the
-parameters (by their dotted names) are read and loaded into mcbeit's :class:`DallEEncoder`.
+OpenAI published the encoder and decoder as whole pickled ``nn.Module`` objects
+(``torch.save(module)``), which the original code read with full unpickling: importing ``dall_e``
+and executing whatever the file names. Here a file goes through ``torch.load(weights_only=True)``
+(PyTorch's restricted unpickler: tensors, storages, parameters, plain containers) with a short
+allow-list that maps the module classes such a file names (``dall_e.encoder.Encoder``,
+``dall_e.encoder.EncoderBlock``, ``dall_e.utils.Conv2d`` and the torch containers/activations
+used inside; ``dall_e.decoder.Decoder``, ``dall_e.decoder.DecoderBlock`` and ``nn.Upsample`` for
+the decoder) onto inert :class:`PickledModuleRecord` objects. Nothing from ``dall_e`` or the file
+is imported or called; the records only keep the pickled attribute dicts, from which the
+hyper-parameters (``n_hid``, ``n_blk_per_group``, ``vocab_size``, ...) and the parameters (by
+their dotted names) are read and loaded into mcbeit's :class:`DallEEncoder` / :class:`DallEDecoder`.
 Any other global in the file is refused and named in the error.
 
 Both of PyTorch's file formats are read: the zip format through ``torch.load(weights_only=True)``
 with the allow-list above, and the legacy (non-zip, torch < 1.6 default) format, in which the
-released ``encoder.pkl`` is stored, through :class:`_LegacyRestrictedUnpickler`: a
+released files are stored, through :class:`_LegacyRestrictedUnpickler`: a
 ``pickle.Unpickler`` whose ``find_class`` only returns the inert records, ``OrderedDict``, storage
 dtype markers and mcbeit's own tensor-rebuild functions, and whose ``persistent_load`` only
 accepts module-source records (ignored; the source is never compiled) and storage records.
@@ -27,13 +28,13 @@ import pickle
 import struct
 import zipfile
 from collections import OrderedDict
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, NamedTuple, Tuple
 
 import torch
 
 from mcbeit.models.checkpoint import compare_state_dict
 
-from .dalle import DallEEncoder
+from .dalle import DallEDecoder, DallEEncoder
 
 #: The only non-torch-default globals a DALL-E encoder pickle may name.
 DALLE_ENCODER_PICKLE_CLASSES: Tuple[str, ...] = (
@@ -45,9 +46,34 @@ DALLE_ENCODER_PICKLE_CLASSES: Tuple[str, ...] = (
     "torch.nn.modules.pooling.MaxPool2d",
     "torch.nn.modules.linear.Identity",
 )
-_ROOT_CLASS = "dall_e.encoder.Encoder"
-_CONFIG_KEYS = ("group_count", "n_hid", "n_blk_per_group", "input_channels", "vocab_size")
+#: The only non-torch-default globals a DALL-E decoder pickle may name.
+DALLE_DECODER_PICKLE_CLASSES: Tuple[str, ...] = (
+    "dall_e.decoder.Decoder",
+    "dall_e.decoder.DecoderBlock",
+    "dall_e.utils.Conv2d",
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.upsampling.Upsample",
+    "torch.nn.modules.linear.Identity",
+)
 _MAX_DEPTH = 16
+
+
+class _PickleKind(NamedTuple):
+    part: str  # "encoder" / "decoder"
+    root_class: str
+    classes: Tuple[str, ...]
+    config_keys: Tuple[str, ...]
+
+
+_ENCODER = _PickleKind(
+    "encoder", "dall_e.encoder.Encoder", DALLE_ENCODER_PICKLE_CLASSES,
+    ("group_count", "n_hid", "n_blk_per_group", "input_channels", "vocab_size"),
+)
+_DECODER = _PickleKind(
+    "decoder", "dall_e.decoder.Decoder", DALLE_DECODER_PICKLE_CLASSES,
+    ("group_count", "n_init", "n_hid", "n_blk_per_group", "output_channels", "vocab_size"),
+)
 
 
 class PickledModuleRecord:
@@ -67,9 +93,9 @@ class PickledModuleRecord:
         return f"<pickled {self.qualified_name}>"
 
 
-def _record_globals():
+def _record_globals(classes: Tuple[str, ...] = DALLE_ENCODER_PICKLE_CLASSES):
     entries = []
-    for name in DALLE_ENCODER_PICKLE_CLASSES:
+    for name in classes:
         short = name.rsplit(".", 1)[-1]
         record_cls = type(f"Pickled{short}", (PickledModuleRecord,), {"qualified_name": name, "__module__": __name__})
         entries.append((record_cls, name))
@@ -87,6 +113,8 @@ def _flatten(record: Any, prefix: str, out: "OrderedDict[str, torch.Tensor]", de
     if not isinstance(record, PickledModuleRecord):
         raise ValueError(f"DALL-E pickle: expected a module at {prefix or '<root>'}, found {type(record).__name__}")
     state = _state(record)
+    if record.qualified_name.endswith(".Upsample"):
+        _check_upsample(state, prefix)
     for group in ("_parameters", "_buffers"):
         tensors = state.get(group) or {}
         if not isinstance(tensors, dict):
@@ -105,38 +133,57 @@ def _flatten(record: Any, prefix: str, out: "OrderedDict[str, torch.Tensor]", de
             _flatten(child, f"{prefix}{name}.", out, depth + 1)
 
 
-def read_dalle_encoder_pickle(path) -> Tuple[Dict[str, int], "OrderedDict[str, torch.Tensor]"]:
-    """``(config, state_dict)`` of OpenAI's ``encoder.pkl``, read with the restricted unpickler."""
+def _check_upsample(state: Dict[str, Any], prefix: str) -> None:
+    """mcbeit's decoder upsamples 2x nearest: refuse a pickled ``nn.Upsample`` that does otherwise."""
+    mode, scale = state.get("mode", "nearest"), state.get("scale_factor")
+    if mode != "nearest" or scale not in (2, 2.0, (2, 2), (2.0, 2.0)) or state.get("size") is not None:
+        raise ValueError(
+            f"DALL-E pickle: {prefix.rstrip('.') or '<root>'} upsamples with mode={mode!r}, scale_factor={scale!r}, "
+            f"size={state.get('size')!r}; OpenAI's decoder uses nearest 2x"
+        )
+
+
+def _read_dalle_pickle(path, kind: _PickleKind) -> Tuple[Dict[str, int], "OrderedDict[str, torch.Tensor]"]:
     path = os.fspath(path)
     if not hasattr(torch.serialization, "safe_globals"):  # pragma: no cover - torch < 2.5
-        raise RuntimeError("reading OpenAI's encoder.pkl safely needs torch >= 2.5 (torch.serialization.safe_globals)")
+        raise RuntimeError(f"reading OpenAI's {kind.part}.pkl safely needs torch >= 2.5 (torch.serialization.safe_globals)")
     try:
         if zipfile.is_zipfile(path):
-            with torch.serialization.safe_globals(_record_globals()):
+            with torch.serialization.safe_globals(_record_globals(kind.classes)):
                 root = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            root = _load_legacy(path)
+            root = _load_legacy(path, _legacy_globals(kind.classes))
     except pickle.UnpicklingError as err:
         raise ValueError(
-            f"{path} is not a DALL-E encoder pickle that mcbeit can read safely: it names a global outside the "
-            f"allow-list {list(DALLE_ENCODER_PICKLE_CLASSES)} (or is corrupt). mcbeit never unpickles arbitrary "
+            f"{path} is not a DALL-E {kind.part} pickle that mcbeit can read safely: it names a global outside the "
+            f"allow-list {list(kind.classes)} (or is corrupt). mcbeit never unpickles arbitrary "
             f"objects. Details:\n{err}"
         ) from None
-    if not isinstance(root, PickledModuleRecord) or root.qualified_name != _ROOT_CLASS:
+    if not isinstance(root, PickledModuleRecord) or root.qualified_name != kind.root_class:
         found = root.qualified_name if isinstance(root, PickledModuleRecord) else type(root).__name__
-        raise ValueError(f"{path}: expected a pickled {_ROOT_CLASS} (OpenAI's encoder.pkl), found {found}")
+        raise ValueError(f"{path}: expected a pickled {kind.root_class} (OpenAI's {kind.part}.pkl), found {found}")
     state = _state(root)
     config: Dict[str, int] = {}
-    for key in _CONFIG_KEYS:
-        # OpenAI's Encoder declares group_count as a plain class attribute (4), not an attrs
-        # field, so it is absent from pickled instances
+    for key in kind.config_keys:
+        # OpenAI's Encoder and Decoder declare group_count as a plain class attribute (4), not an
+        # attrs field, so it is absent from pickled instances
         value = state.get(key, 4 if key == "group_count" else None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{path}: encoder attribute {key!r} is {value!r}, expected a positive int")
+            raise ValueError(f"{path}: {kind.part} attribute {key!r} is {value!r}, expected a positive int")
         config[key] = value
     tensors: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     _flatten(root, "", tensors)
     return config, tensors
+
+
+def read_dalle_encoder_pickle(path) -> Tuple[Dict[str, int], "OrderedDict[str, torch.Tensor]"]:
+    """``(config, state_dict)`` of OpenAI's ``encoder.pkl``, read with the restricted unpickler."""
+    return _read_dalle_pickle(path, _ENCODER)
+
+
+def read_dalle_decoder_pickle(path) -> Tuple[Dict[str, int], "OrderedDict[str, torch.Tensor]"]:
+    """``(config, state_dict)`` of OpenAI's ``decoder.pkl``, read with the restricted unpickler."""
+    return _read_dalle_pickle(path, _DECODER)
 
 
 def load_dalle_encoder(path, image_size: int = 112) -> DallEEncoder:
@@ -149,6 +196,17 @@ def load_dalle_encoder(path, image_size: int = 112) -> DallEEncoder:
     encoder.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     encoder.random_weights = False
     return encoder
+
+
+def load_dalle_decoder(path) -> DallEDecoder:
+    """mcbeit's :class:`DallEDecoder` holding the weights of OpenAI's ``decoder.pkl`` at ``path`` (eval mode)."""
+    config, state_dict = read_dalle_decoder_pickle(path)
+    decoder = DallEDecoder(**config)
+    report = compare_state_dict(decoder, state_dict)
+    if report:
+        raise ValueError(f"{os.fspath(path)}: parameters do not match a DALL-E decoder with {config}:\n{report.describe()}")
+    decoder.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    return decoder.eval()
 
 
 # --------------------------------------------------------------------------- legacy format
@@ -182,7 +240,7 @@ class _LegacyStorage:
     def __init__(self, dtype: torch.dtype, numel: int):
         self.dtype = dtype
         self.numel = numel
-        self.flat = torch.zeros(numel, dtype=dtype)
+        self.flat = torch.empty(numel, dtype=dtype)  # every byte is read from the file (or the load fails)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
@@ -207,14 +265,14 @@ def _device(*args):
     return ("device",) + tuple(str(a) for a in args)  # inert: the device is never used
 
 
-def _legacy_globals() -> Dict[Tuple[str, str], Any]:
+def _legacy_globals(classes: Tuple[str, ...] = DALLE_ENCODER_PICKLE_CLASSES) -> Dict[Tuple[str, str], Any]:
     allowed: Dict[Tuple[str, str], Any] = {
         ("collections", "OrderedDict"): OrderedDict,
         # protocol-2 pickles name builtins by their Python 2 module (``__builtin__``)
         ("builtins", "set"): set,
         ("__builtin__", "set"): set,
     }
-    for record_cls, name in _record_globals():
+    for record_cls, name in _record_globals(classes):
         module, _, short = name.rpartition(".")
         allowed[(module, short)] = record_cls
     for name, dtype in _STORAGE_DTYPES.items():
@@ -264,7 +322,7 @@ class _LegacyRestrictedUnpickler(pickle.Unpickler):
             if not isinstance(storage_type, _StorageType):
                 raise pickle.UnpicklingError("storage record without an allowed storage type")
             if view_metadata is not None:
-                raise pickle.UnpicklingError("storage views are not supported in DALL-E encoder pickles")
+                raise pickle.UnpicklingError("storage views are not supported in DALL-E pickles")
             key = str(root_key)
             if not isinstance(numel, int) or not 0 <= numel <= _MAX_STORAGE_NUMEL:
                 raise pickle.UnpicklingError(f"storage {key!r} claims {numel!r} elements (limit {_MAX_STORAGE_NUMEL})")
@@ -278,7 +336,7 @@ def _read_plain(f):
     return _PlainUnpickler(f).load()
 
 
-def _load_legacy(path: str) -> Any:
+def _load_legacy(path: str, allowed: Dict[Tuple[str, str], Any]) -> Any:
     with open(path, "rb") as f:
         try:
             magic = _read_plain(f)
@@ -290,7 +348,7 @@ def _load_legacy(path: str) -> Any:
         if version != _LEGACY_PROTOCOL_VERSION:
             raise pickle.UnpicklingError(f"unsupported legacy protocol version {version!r}")
         _read_plain(f)  # sys_info: endianness and type sizes (little-endian is assumed below)
-        unpickler = _LegacyRestrictedUnpickler(f, _legacy_globals())
+        unpickler = _LegacyRestrictedUnpickler(f, allowed)
         try:
             root = unpickler.load()
         except pickle.UnpicklingError:
@@ -304,14 +362,13 @@ def _load_legacy(path: str) -> Any:
             storage = unpickler.storages.get(str(key))
             if storage is None:
                 raise pickle.UnpicklingError(f"legacy file: storage {key!r} is not referenced by the pickle")
-            (numel,) = struct.unpack("<q", f.read(8))
+            header = f.read(8)
+            if len(header) != 8:
+                raise pickle.UnpicklingError(f"legacy file: storage {key!r} is truncated")
+            (numel,) = struct.unpack("<q", header)
             if numel != storage.numel:
                 raise pickle.UnpicklingError(f"legacy file: storage {key!r} has {numel} elements, expected {storage.numel}")
             nbytes = numel * storage.flat.element_size()
-            data = f.read(nbytes)
-            if len(data) != nbytes:
+            if nbytes and f.readinto(memoryview(storage.flat.view(torch.uint8).numpy())) != nbytes:  # in place
                 raise pickle.UnpicklingError(f"legacy file: storage {key!r} is truncated")
-            if nbytes:
-                raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                storage.flat.view(torch.uint8).copy_(raw)
     return root

@@ -1,18 +1,20 @@
-"""VQGAN (taming-transformers) Gumbel tokenizer: encoder + quant_conv + quantize.proj.
+"""VQGAN (taming-transformers) tokenizers: Gumbel (``vqgan``) and EMA vector-quantised (``vqgan_ema``).
 
 mc-BEiT's ``vqgan_gumbel_f8_8192`` tokenizer computes its logits as
-``quantize.proj(quant_conv(encoder(x)))`` on inputs normalised by ``(x - 0.5) / 0.5``.
-The module tree here reproduces taming's ``GumbelVQ`` state-dict names for the parts we use
-(``encoder.*``, ``quant_conv.*``, ``quantize.proj.*``, ``quantize.embed.weight``), so a released
-``last.ckpt`` loads into it exactly; the decoder, ``post_quant_conv`` and the training loss are
-not built.
+``quantize.proj(quant_conv(encoder(x)))`` on inputs normalised by ``(x - 0.5) / 0.5``; the EMA
+variant's logits are the negative squared distances of ``quant_conv(encoder(x))`` to its codes.
+The module trees here reproduce taming's ``GumbelVQ`` / ``EMAVQ`` state-dict names
+(``encoder.*``, ``quant_conv.*``, ``quantize.*``, and ``post_quant_conv.*`` + ``decoder.*`` when
+the checkpoint holds them), so a released ``last.ckpt`` loads into them exactly; the training
+loss is never built.
 
 Architecture of taming's ``Encoder`` (temb-free): ``conv_in`` (3x3), per resolution level
 ``num_res_blocks`` ResnetBlocks (GroupNorm(32, eps 1e-6) + swish + 3x3 conv, twice; 1x1
 ``nin_shortcut`` when the width changes), an AttnBlock after each block at the levels whose
 nominal resolution (``resolution`` halved per level) is in ``attn_resolutions``, a stride-2 3x3
 ``Downsample`` with asymmetric (0, 1, 0, 1) zero padding between levels; then
-``mid.block_1``, ``mid.attn_1``, ``mid.block_2``, ``norm_out``, swish and ``conv_out``.
+``mid.block_1``, ``mid.attn_1``, ``mid.block_2``, ``norm_out``, swish and ``conv_out``. The
+``Decoder`` mirrors it (see :class:`VQGANDecoder`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from mcbeit.models.checkpoint import compare_state_dict
 
 from .base import Normalize, Tokenizer
+from .dalle import _check_ids
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +59,11 @@ _ENCODER_KEYS = {
 }
 _DECODER_ONLY_KEYS = {"out_ch", "give_pre_end", "tanh_out", "use_linear_attn", "attn_type"}
 
-#: state-dict prefixes of the modules built here, and of the GumbelVQ modules we deliberately skip.
-USED_PREFIXES: Tuple[str, ...] = ("encoder.", "quant_conv.", "quantize.")
-SKIPPED_PREFIXES: Tuple[str, ...] = ("decoder.", "post_quant_conv.", "loss.")
+#: state-dict prefixes of the modules always built (the logits), of the optional decoder, and of
+#: the training loss (never built).
+ENCODER_PREFIXES: Tuple[str, ...] = ("encoder.", "quant_conv.", "quantize.")
+DECODER_PREFIXES: Tuple[str, ...] = ("decoder.", "post_quant_conv.")
+SKIPPED_PREFIXES: Tuple[str, ...] = DECODER_PREFIXES + ("loss.",)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -224,9 +229,102 @@ class VQGANEncoder(nn.Module):
         return self.conv_out(_swish(self.norm_out(h)))
 
 
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour 2x, then a 3x3 conv when ``with_conv``."""
+
+    def __init__(self, in_channels: int, with_conv: bool = True):
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.with_conv else x
+
+
+class _UpLevel(nn.Module):
+    """One resolution level of the decoder: ``block`` / ``attn`` lists and an optional ``upsample``."""
+
+    def __init__(self, block: List[nn.Module], attn: List[nn.Module], upsample: Optional[nn.Module]):
+        super().__init__()
+        self.block = nn.ModuleList(block)
+        self.attn = nn.ModuleList(attn)
+        if upsample is not None:
+            self.upsample = upsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if len(self.attn) > 0:
+                x = self.attn[i](x)
+        if hasattr(self, "upsample"):
+            x = self.upsample(x)
+        return x
+
+
+class VQGANDecoder(nn.Module):
+    """taming's ``Decoder`` (same module tree and state-dict names), configured by a ddconfig.
+
+    ``conv_in`` (z_channels -> ch * ch_mult[-1]), ``mid`` (block, attention, block), then from the
+    lowest resolution up: ``num_res_blocks + 1`` ResnetBlocks per level (attention after each at
+    the nominal resolutions in ``attn_resolutions``) and a nearest 2x ``Upsample`` + 3x3 conv
+    between levels; ``up.0`` is the full-resolution level, as in taming's state dict. Then
+    ``norm_out``, swish and ``conv_out`` to ``out_ch`` channels (images in about [-1, 1]).
+    """
+
+    def __init__(
+        self,
+        *,
+        ch: int,
+        out_ch: int,
+        ch_mult: Sequence[int] = (1, 2, 4, 8),
+        num_res_blocks: int,
+        attn_resolutions: Iterable[int],
+        resolution: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        tanh_out: bool = False,
+    ):
+        super().__init__()
+        self.num_resolutions = len(ch_mult)
+        self.tanh_out = bool(tanh_out)
+        attn_resolutions = {int(r) for r in attn_resolutions}
+        block_in = ch * ch_mult[-1]
+        curr_res = resolution // 2 ** (self.num_resolutions - 1)
+
+        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.mid = _Mid(block_in, dropout)
+        levels: List[nn.Module] = []
+        for i_level in reversed(range(self.num_resolutions)):
+            block_out = ch * ch_mult[i_level]
+            blocks, attns = [], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    attns.append(AttnBlock(block_in))
+            upsample = None
+            if i_level != 0:
+                upsample = Upsample(block_in, resamp_with_conv)
+                curr_res *= 2
+            levels.insert(0, _UpLevel(blocks, attns, upsample))  # up.0 = full resolution
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        h = self.conv_out(_swish(self.norm_out(h)))
+        return torch.tanh(h) if self.tanh_out else h
+
+
 class GumbelQuantizeLogits(nn.Module):
     """The parameters of taming's ``GumbelQuantize``: ``proj`` (1x1 conv to the code logits) and
-    ``embed`` (the codebook, kept so the released state dict loads; unused for logits)."""
+    ``embed`` (the codebook: unused for logits, used by ``decode``)."""
 
     def __init__(self, num_hiddens: int, embedding_dim: int, n_embed: int):
         super().__init__()
@@ -235,14 +333,66 @@ class GumbelQuantizeLogits(nn.Module):
         self.proj = nn.Conv2d(num_hiddens, n_embed, 1)
         self.embed = nn.Embedding(n_embed, embedding_dim)
 
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.embed.weight
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.proj(z)
+
+
+class EMAEmbedding(nn.Module):
+    """taming's ``EmbeddingEMA`` state: ``weight`` (the codebook, V x D) and the EMA statistics
+    ``cluster_size`` / ``embed_avg`` (kept so the state dict loads strictly; unused here)."""
+
+    def __init__(self, n_embed: int, embedding_dim: int):
+        super().__init__()
+        weight = torch.randn(n_embed, embedding_dim)
+        self.weight = nn.Parameter(weight)
+        self.register_buffer("cluster_size", torch.zeros(n_embed))
+        self.register_buffer("embed_avg", weight.clone())
+
+
+class EMAQuantizeDistances(nn.Module):
+    """taming's ``EMAVectorQuantizer`` as logits: the NEGATIVE squared distances to every code.
+
+    ``forward(z (B,D,h,w)) -> (B,V,h,w)`` with ``-(|z|^2 + |e_v|^2 - 2 z.e_v)``: the argmax over V is
+    the nearest code, the one taming's quantizer picks (``argmin`` of the distances). Computed in
+    float32 even under autocast: the expansion subtracts large, nearly equal terms.
+    """
+
+    def __init__(self, n_embed: int, embedding_dim: int):
+        super().__init__()
+        self.n_embed = n_embed
+        self.embedding_dim = embedding_dim
+        self.embedding = EMAEmbedding(n_embed, embedding_dim)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        b, d, h, w = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float().reshape(b, d, h * w)  # (B, D, hw)
+            codes = self.embedding.weight.float()  # (V, D)
+            z_sq = z.pow(2).sum(dim=1, keepdim=True)  # (B, 1, hw)
+            e_sq = codes.pow(2).sum(dim=1).view(1, -1, 1)  # (1, V, 1)
+            dist = z_sq + e_sq - 2.0 * torch.matmul(codes, z)  # (B, V, hw)
+        return dist.neg_().view(b, self.n_embed, h, w)
+
+
+def _check_vanilla_attention(ddconfig: Mapping[str, Any]) -> None:
+    for key in ("use_linear_attn", "attn_type"):
+        if ddconfig.get(key) not in (None, False, "vanilla"):
+            raise ValueError(f"VQGAN ddconfig {key}={ddconfig[key]!r}: only taming's vanilla attention is supported")
 
 
 def _encoder_kwargs(ddconfig: Mapping[str, Any]) -> Dict[str, Any]:
     unknown = set(ddconfig) - _ENCODER_KEYS - _DECODER_ONLY_KEYS
     if unknown:
         logger.debug("VQGAN ddconfig keys ignored by the encoder: %s", sorted(unknown))
+    _check_vanilla_attention(ddconfig)
     missing = {"ch", "num_res_blocks", "attn_resolutions", "in_channels", "resolution", "z_channels"} - set(ddconfig)
     if missing:
         raise ValueError(f"VQGAN ddconfig lacks required keys {sorted(missing)}; got {dict(ddconfig)}")
@@ -253,13 +403,32 @@ def _encoder_kwargs(ddconfig: Mapping[str, Any]) -> Dict[str, Any]:
     return kwargs
 
 
-class GumbelVQGANTokenizer(Tokenizer):
-    """taming's Gumbel VQGAN up to the code logits: ``quantize.proj(quant_conv(encoder(x)))``.
+def _decoder_kwargs(ddconfig: Mapping[str, Any]) -> Dict[str, Any]:
+    if "out_ch" not in ddconfig:
+        raise ValueError(f"VQGAN ddconfig lacks 'out_ch', needed to build the decoder; got {dict(ddconfig)}")
+    if ddconfig.get("give_pre_end", False):
+        raise ValueError("VQGAN ddconfig has give_pre_end: true; its decoder returns features, not images")
+    kwargs = {k: ddconfig[k] for k in ("ch", "out_ch", "num_res_blocks", "resolution", "z_channels")}
+    kwargs.update(
+        ch_mult=tuple(int(m) for m in ddconfig.get("ch_mult", (1, 2, 4, 8))),
+        attn_resolutions=[int(r) for r in ddconfig["attn_resolutions"]],
+        dropout=float(ddconfig.get("dropout", 0.0)),
+        resamp_with_conv=bool(ddconfig.get("resamp_with_conv", True)),
+        tanh_out=bool(ddconfig.get("tanh_out", False)),
+    )
+    return kwargs
 
-    Input: images normalised by ``(x - 0.5) / 0.5`` (values in [-1, 1]).
+
+class TamingVQGANTokenizer(Tokenizer):
+    """Common part of taming's VQGAN tokenizers: ``encoder`` + ``quant_conv`` + ``quantize`` (the
+    logits), and optionally ``post_quant_conv`` + ``decoder`` (for :meth:`decode`).
+
+    Input: images normalised by ``(x - 0.5) / 0.5`` (values in [-1, 1]). Subclasses set
+    ``model_target`` (the class name of taming's model in ``model.yaml``) and build ``quantize``.
     """
 
-    kind = "vqgan"
+    kind = "abstract-vqgan"
+    model_target = "?"
 
     def __init__(
         self,
@@ -268,20 +437,17 @@ class GumbelVQGANTokenizer(Tokenizer):
         embed_dim: int = VQGAN_GUMBEL_F8_EMBED_DIM,
         image_size: int = 112,
         input_transform=None,
+        with_decoder: bool = False,
     ):
         ddconfig = dict(copy.deepcopy(VQGAN_GUMBEL_F8_DDCONFIG if ddconfig is None else ddconfig))
         kwargs = _encoder_kwargs(ddconfig)
         if kwargs["double_z"]:
             raise ValueError(
-                "VQGAN ddconfig has double_z: true; taming's GumbelVQ feeds the encoder output "
+                f"VQGAN ddconfig has double_z: true; taming's {self.model_target} feeds the encoder output "
                 "(2*z_channels wide) into quant_conv (z_channels wide), so only double_z: false is valid"
             )
         z_channels = int(kwargs["z_channels"])
-        if int(embed_dim) != z_channels:
-            raise ValueError(
-                f"embed_dim ({embed_dim}) must equal ddconfig z_channels ({z_channels}): taming's GumbelVQ "
-                "builds quantize.proj with z_channels inputs and feeds it quant_conv's embed_dim outputs"
-            )
+        self._check_dims(z_channels, int(embed_dim))
         if input_transform is None:
             input_transform = Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         super().__init__(
@@ -294,10 +460,27 @@ class GumbelVQGANTokenizer(Tokenizer):
         self.ddconfig = ddconfig
         self.n_embed = int(n_embed)
         self.embed_dim = int(embed_dim)
+        self.z_channels = z_channels
         self.encoder = VQGANEncoder(**kwargs)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
-        self.quantize = GumbelQuantizeLogits(z_channels, embed_dim, n_embed)
+        self.quantize = self._build_quantize()
+        self.register_module("post_quant_conv", None)
+        self.register_module("decoder", None)
+        if with_decoder:
+            self.build_decoder()
 
+    # ------------------------------------------------------------------ subclass hooks
+    def _check_dims(self, z_channels: int, embed_dim: int) -> None:
+        """Refuse (z_channels, embed_dim) pairs the taming model cannot have."""
+
+    def _build_quantize(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _convert_state_dict(self, state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:
+        """Rename keys of older layouts of the same model (none by default)."""
+        return state_dict
+
+    # ------------------------------------------------------------------ forward
     @property
     def config(self) -> Dict[str, Any]:
         return dict(ddconfig=copy.deepcopy(self.ddconfig), n_embed=self.n_embed, embed_dim=self.embed_dim)
@@ -307,15 +490,39 @@ class GumbelVQGANTokenizer(Tokenizer):
             images = images.to(self.quant_conv.weight.dtype)
         return self.quantize(self.quant_conv(self.encoder(images)))
 
+    # ------------------------------------------------------------------ decoding (inspection)
+    def build_decoder(self) -> None:
+        """Add taming's ``post_quant_conv`` (embed_dim -> z_channels) and ``decoder`` (random weights)."""
+        self.post_quant_conv = nn.Conv2d(self.embed_dim, self.z_channels, 1)
+        self.decoder = VQGANDecoder(**_decoder_kwargs(self.ddconfig))
+        self.post_quant_conv.to(self.quant_conv.weight)
+        self.decoder.to(self.quant_conv.weight)
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.decoder is not None
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B,h,w) -> images (B,3,8h,8w) in [0,1]: ``decoder(post_quant_conv(codebook[ids]))``
+        mapped from [-1, 1] by ``(x + 1) / 2`` and clamped."""
+        if self.decoder is None:
+            return super().decode(ids)
+        ids = _check_ids(ids, self.n_embed)
+        quant = F.embedding(ids, self.quantize.codebook).permute(0, 3, 1, 2)  # (B, D, h, w)
+        images = self.decoder(self.post_quant_conv(quant)).float()
+        return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_folder(cls, path, image_size: int = 112) -> "GumbelVQGANTokenizer":
+    def from_folder(cls, path, image_size: int = 112, load_decoder: Optional[bool] = None) -> "TamingVQGANTokenizer":
         """Build from a taming log folder holding ``model.yaml`` and ``last.ckpt``.
 
         Both files may sit in the folder itself (mc-BEiT's layout) or in taming's ``configs/`` and
         ``checkpoints/`` (or ``ckpts/``) sub-folders; ``path`` may also be the ``.ckpt`` file itself.
         Every parameter of the modules built here must be in the checkpoint (a missing key is an
-        error naming it); keys of the modules not built (decoder, post_quant_conv, loss) are dropped.
+        error naming it). ``load_decoder``: None builds ``post_quant_conv`` + ``decoder`` when the
+        checkpoint holds their weights (released files do), True requires them, False skips them
+        (their keys are dropped, as are the training loss's).
         """
         path = Path(path)
         if path.is_file():
@@ -329,38 +536,49 @@ class GumbelVQGANTokenizer(Tokenizer):
         yaml_path = _find_in(folder, "model.yaml", ("configs",))
         if ckpt_path is None:
             ckpt_path = _find_in(folder, "last.ckpt", ("checkpoints", "ckpts"))
-        params = read_model_yaml(yaml_path)
+        params = read_model_yaml(yaml_path, target=cls.model_target)
+        state_dict = load_lightning_state_dict(ckpt_path)
+        has_decoder_keys = any(k.startswith(DECODER_PREFIXES) for k in state_dict)
+        if load_decoder and not has_decoder_keys:
+            raise ValueError(f"VQGAN checkpoint {ckpt_path} holds no decoder weights (no {' / '.join(DECODER_PREFIXES)} keys)")
+        with_decoder = has_decoder_keys if load_decoder is None else bool(load_decoder)
         tokenizer = cls(
             ddconfig=params["ddconfig"],
             n_embed=int(params["n_embed"]),
             embed_dim=int(params["embed_dim"]),
             image_size=image_size,
+            with_decoder=with_decoder,
         )
-        state_dict = load_lightning_state_dict(ckpt_path)
         tokenizer.load_taming_state_dict(state_dict, source=str(ckpt_path))
+        if not with_decoder:
+            logger.info("VQGAN %s: encoder only (%s): decode() is unavailable", ckpt_path,
+                        "decoder not requested" if has_decoder_keys else "the checkpoint holds no decoder weights")
         return tokenizer
 
     def load_taming_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
-        """Load the ``encoder.`` / ``quant_conv.`` / ``quantize.`` entries of a GumbelVQ state dict.
+        """Load the entries of a taming state dict that belong to the modules built here.
 
         Raises a ValueError naming missing keys, unexpected keys under our modules and shape
-        mismatches; keys of the skipped modules are dropped (counted in a debug log); keys with
-        other prefixes are ignored with a warning.
+        mismatches; keys of the modules not built (``loss``; ``decoder`` / ``post_quant_conv``
+        without a decoder) are dropped (counted in a debug log); keys with other prefixes are
+        ignored with a warning.
         """
+        used = ENCODER_PREFIXES + (DECODER_PREFIXES if self.has_decoder else ())
         ours: Dict[str, torch.Tensor] = {}
         skipped: Dict[str, int] = {}
         foreign: List[str] = []
         for key, value in state_dict.items():
-            if key.startswith(USED_PREFIXES):
+            if key.startswith(used):
                 ours[key] = value
             elif key.startswith(SKIPPED_PREFIXES):
                 prefix = key.split(".", 1)[0]
                 skipped[prefix] = skipped.get(prefix, 0) + 1
             else:
                 foreign.append(key)
+        ours = self._convert_state_dict(ours, source)
         if skipped:
             logger.debug(
-                "VQGAN %s: dropped %d keys of modules not needed for logits (%s)",
+                "VQGAN %s: dropped %d keys of modules not built (%s)",
                 source, sum(skipped.values()), ", ".join(f"{k}: {n}" for k, n in sorted(skipped.items())),
             )
         if foreign:
@@ -373,15 +591,60 @@ class GumbelVQGANTokenizer(Tokenizer):
         if missing:
             problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
         if unexpected:
-            problems.append(f"unexpected keys for the encoder/quant_conv/quantize ({len(unexpected)}): {_preview(unexpected)}")
+            built = "/".join(p.rstrip(".") for p in used)
+            problems.append(f"unexpected keys for the {built} modules ({len(unexpected)}): {_preview(unexpected)}")
         if mismatched:
             problems.append(f"shape mismatches ({len(mismatched)}): {_preview(mismatched)}")
         if problems:
             raise ValueError(
-                f"VQGAN checkpoint {source} does not match the model described by its model.yaml: " + "; ".join(problems)
+                f"VQGAN checkpoint {source} does not match the {self.model_target} described by its model.yaml: "
+                + "; ".join(problems)
             )
         self.load_state_dict(ours, strict=True)
         self.random_weights = False
+
+
+class GumbelVQGANTokenizer(TamingVQGANTokenizer):
+    """taming's Gumbel VQGAN (``GumbelVQ``) up to the code logits: ``quantize.proj(quant_conv(encoder(x)))``."""
+
+    kind = "vqgan"
+    model_target = "GumbelVQ"
+
+    def _check_dims(self, z_channels: int, embed_dim: int) -> None:
+        if embed_dim != z_channels:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must equal ddconfig z_channels ({z_channels}): taming's GumbelVQ "
+                "builds quantize.proj with z_channels inputs and feeds it quant_conv's embed_dim outputs"
+            )
+
+    def _build_quantize(self) -> nn.Module:
+        return GumbelQuantizeLogits(self.z_channels, self.embed_dim, self.n_embed)
+
+
+class EMAVQGANTokenizer(TamingVQGANTokenizer):
+    """taming's ``EMAVQ`` (VQGAN with an EMA-updated codebook) as a tokenizer.
+
+    Logits: ``-|quant_conv(encoder(x)) - e_v|^2`` for every code ``e_v`` (see
+    :class:`EMAQuantizeDistances`), so the argmax is the code taming's quantizer picks.
+    The codebook is ``quantize.embedding.weight`` (taming's layout since Sep 2021, with
+    ``quantize.embedding.cluster_size`` / ``embed_avg``); checkpoints of the Aug 2021 layout
+    (``quantize.cluster_size`` / ``quantize.embed_avg`` beside an ``nn.Embedding``) load too.
+    """
+
+    kind = "vqgan_ema"
+    model_target = "EMAVQ"
+
+    def _build_quantize(self) -> nn.Module:
+        return EMAQuantizeDistances(self.n_embed, self.embed_dim)
+
+    def _convert_state_dict(self, state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:
+        renamed = {f"quantize.{name}": f"quantize.embedding.{name}" for name in ("cluster_size", "embed_avg")}
+        old = [k for k in renamed if k in state_dict and renamed[k] not in state_dict]
+        if old:
+            logger.info("VQGAN %s: EMA statistics in the Aug 2021 layout (%s): renamed under quantize.embedding.",
+                        source, ", ".join(old))
+            state_dict = {renamed.get(k, k) if k in old else k: v for k, v in state_dict.items()}
+        return state_dict
 
 
 def _find_in(folder: Path, name: str, subfolders: Sequence[str]) -> Path:
@@ -403,8 +666,12 @@ def _preview(items: Sequence[str], limit: int = 20) -> str:
     return text
 
 
-def read_model_yaml(path) -> Dict[str, Any]:
-    """``model.params`` of a taming ``model.yaml`` (safe YAML), checked for a Gumbel VQGAN."""
+#: taming model class (``model.target`` in model.yaml) -> the tokenizer kind that reads it
+TAMING_TARGET_KINDS: Dict[str, str] = {"GumbelVQ": "vqgan", "EMAVQ": "vqgan_ema"}
+
+
+def read_model_yaml(path, target: str = "GumbelVQ") -> Dict[str, Any]:
+    """``model.params`` of a taming ``model.yaml`` (safe YAML), checked for the model class ``target``."""
     import yaml
 
     with open(path, "r", encoding="utf-8") as f:
@@ -415,17 +682,20 @@ def read_model_yaml(path) -> Dict[str, Any]:
     except (TypeError, KeyError):
         raise ValueError(f"{path}: expected a taming config with model.params, got top-level keys "
                          f"{sorted(config) if isinstance(config, dict) else type(config).__name__}") from None
-    target = model.get("target")
-    if target is not None and not str(target).endswith("GumbelVQ"):
+    found = model.get("target")
+    if found is not None and str(found).rsplit(".", 1)[-1] != target:
+        short = str(found).rsplit(".", 1)[-1]
+        hint = (f"use --discrete_vae_type {TAMING_TARGET_KINDS[short]} for it" if short in TAMING_TARGET_KINDS
+                else f"supported taming models: {', '.join(f'{t} ({k})' for t, k in TAMING_TARGET_KINDS.items())}")
         raise ValueError(
-            f"{path}: model.target is {target!r}; only taming's GumbelVQ (vqgan_gumbel_f8_8192) is supported "
-            "as the 'vqgan' tokenizer (its logits come from GumbelQuantize.proj)"
+            f"{path}: model.target is {found!r}, but the {TAMING_TARGET_KINDS.get(target, target)!r} tokenizer reads "
+            f"taming's {target}; {hint}"
         )
     for key in ("ddconfig", "n_embed", "embed_dim"):
         if key not in params:
             raise ValueError(f"{path}: model.params lacks {key!r}")
     if params.get("remap") is not None:
-        raise ValueError(f"{path}: GumbelVQ with remap={params['remap']!r} is not supported (index remapping)")
+        raise ValueError(f"{path}: {target} with remap={params['remap']!r} is not supported (index remapping)")
     return params
 
 

@@ -81,8 +81,7 @@ def _small_vqgan_folder(folder):
                      "params": {"kl_weight": 1e-8, "embed_dim": 32, "n_embed": 512, "ddconfig": ddconfig,
                                 "lossconfig": {"target": "taming.modules.losses.vqperceptual.DummyLoss"}}}}
     (folder / "model.yaml").write_text(yaml.safe_dump(doc))
-    sd = dict(tok.state_dict())
-    sd["decoder.conv_in.weight"] = torch.randn(64, 32, 3, 3)
+    sd = dict(tok.state_dict())  # encoder-only: a folder without decoder weights tokenizes, cannot decode
     torch.save({"epoch": 1, "global_step": 10, "pytorch-lightning_version": "1.0.8", "state_dict": sd,
                 "optimizer_states": [], "lr_schedulers": []}, folder / "last.ckpt")
     return folder

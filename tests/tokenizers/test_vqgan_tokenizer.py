@@ -137,12 +137,9 @@ def _model_yaml(target="taming.models.vqgan.GumbelVQ"):
     }
 
 
-def _lightning_checkpoint(tok: GumbelVQGANTokenizer, callbacks=None):
-    sd = {k: v.clone() for k, v in tok.state_dict().items()}
-    # modules of the full GumbelVQ that the tokenizer does not build
-    sd["decoder.conv_in.weight"] = torch.randn(64, 32, 3, 3)
-    sd["decoder.conv_out.bias"] = torch.randn(3)
-    sd["post_quant_conv.weight"] = torch.randn(32, 32, 1, 1)
+def _lightning_checkpoint(tok: GumbelVQGANTokenizer, callbacks=None, decoder=True):
+    sd = {k: v.clone() for k, v in tok.state_dict().items() if decoder or not k.startswith(("decoder.", "post_quant_conv."))}
+    # the training loss of the full GumbelVQ: never built by the tokenizer
     sd["loss.discriminator.main.0.weight"] = torch.randn(8, 3, 4, 4)
     return {
         "epoch": 3,
@@ -164,8 +161,14 @@ def _write_folder(folder, tok, yaml_doc=None, ckpt=None):
 
 @pytest.fixture()
 def saved_small():
+    """A small GumbelVQ with its decoder (what a released last.ckpt holds), non-trivial weights."""
     torch.manual_seed(1)
-    return GumbelVQGANTokenizer(SMALL_DDCONFIG, n_embed=64, embed_dim=32, image_size=32).eval()
+    tok = GumbelVQGANTokenizer(SMALL_DDCONFIG, n_embed=64, embed_dim=32, image_size=32, with_decoder=True).eval()
+    with torch.no_grad():
+        for name, p in tok.named_parameters():
+            if "norm" in name:  # GroupNorm starts at (1, 0): move it off the identity
+                p.add_(0.1 * torch.randn_like(p))
+    return tok
 
 
 def test_folder_loads_with_equal_logits(tmp_path, saved_small, caplog):
@@ -175,14 +178,66 @@ def test_folder_loads_with_equal_logits(tmp_path, saved_small, caplog):
     assert not tok.random_weights and not tok.training
     assert all(not p.requires_grad for p in tok.parameters())
     assert (tok.vocab_size, tok.downsample, tok.token_grid()) == (64, 8, (4, 4))
-    assert any("dropped 4 keys" in r.getMessage() for r in caplog.records)
+    assert any("dropped 1 keys" in r.getMessage() and "loss: 1" in r.getMessage() for r in caplog.records)
     assert not any("RANDOM" in r.getMessage() for r in caplog.records)
     x = torch.stack([tok.input_transform(torch.rand(3, 32, 32)) for _ in range(2)])
     with torch.no_grad():
         assert torch.equal(tok(x), saved_small(x))
+    # released checkpoints hold the decoder: it is loaded, decode() works
+    assert tok.has_decoder
+    ids = torch.randint(0, 64, (2, 4, 4))
+    with torch.no_grad():
+        images = tok.decode(ids)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
+    assert torch.equal(images, saved_small.decode(ids))
     # the checkpoint file itself also works (model.yaml beside it)
     tok2 = GumbelVQGANTokenizer.from_folder(folder / "last.ckpt", image_size=32)
     assert torch.equal(tok2.quantize.embed.weight, saved_small.quantize.embed.weight)
+
+
+def test_decode_is_decoder_of_post_quant_conv_of_codebook_entries(saved_small):
+    ids = torch.randint(0, 64, (1, 3, 2))
+    with torch.no_grad():
+        quant = saved_small.quantize.embed.weight[ids].permute(0, 3, 1, 2)  # (1, 32, 3, 2)
+        raw = saved_small.decoder(saved_small.post_quant_conv(quant))
+        images = saved_small.decode(ids)
+    assert raw.shape == (1, 3, 24, 16)
+    assert torch.allclose(images, ((raw + 1) / 2).clamp(0, 1), atol=1e-6)
+    assert images.min() >= 0 and images.max() <= 1 and 0 < images.std()
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        saved_small.decode(torch.full((1, 2, 2), 64))
+    with pytest.raises(ValueError, match=r"\(B, h, w\)"):
+        saved_small.decode(torch.zeros(4, 4, dtype=torch.long))
+    with pytest.raises(TypeError):
+        saved_small.decode(torch.zeros(1, 2, 2))
+
+
+def test_encoder_only_when_decoder_absent_or_not_wanted(tmp_path, saved_small, caplog):
+    without = _write_folder(tmp_path / "no_decoder", saved_small, ckpt=_lightning_checkpoint(saved_small, decoder=False))
+    with caplog.at_level(logging.INFO, logger="mcbeit.tokenizers.vqgan"):
+        tok = build_tokenizer("vqgan", without, image_size=32)
+    assert not tok.has_decoder and tok.decoder is None and tok.post_quant_conv is None
+    assert not any(k.startswith(("decoder.", "post_quant_conv.")) for k in tok.state_dict())
+    assert any("encoder only" in r.getMessage() for r in caplog.records)
+    with pytest.raises(NotImplementedError, match="no decoder"):
+        tok.decode(torch.zeros(1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="no decoder weights"):
+        build_tokenizer("vqgan", without, image_size=32, load_decoder=True)
+    # decoder keys present but not wanted (pre-training): dropped, the decoder is not built
+    full = _write_folder(tmp_path / "full", saved_small)
+    tok = build_tokenizer("vqgan", full, image_size=32, load_decoder=False)
+    assert not tok.has_decoder
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(tok(x), saved_small(x))
+
+
+def test_missing_decoder_key_is_named(tmp_path, saved_small):
+    ckpt = _lightning_checkpoint(saved_small)
+    del ckpt["state_dict"]["decoder.up.0.block.1.conv2.weight"]
+    folder = _write_folder(tmp_path / "partial", saved_small, ckpt=ckpt)
+    with pytest.raises(ValueError, match=r"missing keys \(1\): decoder\.up\.0\.block\.1\.conv2\.weight"):
+        build_tokenizer("vqgan", folder, image_size=32)
 
 
 def test_taming_release_layout(tmp_path, saved_small):
@@ -224,6 +279,9 @@ def test_folder_with_wrong_target_or_files(tmp_path, saved_small):
     folder = _write_folder(tmp_path / "vq", saved_small, yaml_doc=_model_yaml("taming.models.vqgan.VQModel"))
     with pytest.raises(ValueError, match="GumbelVQ"):
         build_tokenizer("vqgan", folder, image_size=32)
+    ema = _write_folder(tmp_path / "ema", saved_small, yaml_doc=_model_yaml("taming.models.vqgan.EMAVQ"))
+    with pytest.raises(ValueError, match="--discrete_vae_type vqgan_ema"):
+        build_tokenizer("vqgan", ema, image_size=32)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="model.yaml"):
         build_tokenizer("vqgan", tmp_path / "empty", image_size=32)
@@ -263,3 +321,34 @@ def test_foreign_globals_are_refused_and_named(tmp_path, saved_small):
         build_tokenizer("vqgan", folder, image_size=32)
     assert "weights_only=True" in str(err.value) and "print" in str(err.value)
     pickle.dumps(saved_small.input_transform)  # the transform stays picklable
+
+
+# --------------------------------------------------------------------------- decoder names, inference mode, bf16
+# sha256 of "name:shape" lines, sorted by name, of taming's Decoder(**ddconfig) under "decoder." plus
+# post_quant_conv (Conv2d(256, 256, 1)) for mc-BEiT's ddconfig: 170 keys, 38_381_955 parameters
+TAMING_F8_DECODER_DIGEST = "628a8f7550b20c2073b18d54a7746be55b75f184e92b4ebbe6d753400baa474b"
+
+
+def test_full_size_with_decoder_inference_mode_and_bf16():
+    """taming's decoder names for mc-BEiT's config; the tokenizer under inference_mode and bf16
+    autocast returns float32 logits, usable outside inference mode under no_grad."""
+    torch.manual_seed(0)
+    tok = GumbelVQGANTokenizer(image_size=112, with_decoder=True).freeze()
+    sd = {k: v for k, v in tok.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    assert len(sd) == 170 and sum(v.numel() for v in sd.values()) == 38_381_955
+    assert digest(sd) == TAMING_F8_DECODER_DIGEST
+    x = tok.input_transform(torch.rand(1, 3, 16, 16))
+    with torch.inference_mode():
+        ref = tok(x)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = tok(x)
+        images = tok.decode(ref.argmax(1))
+    assert ref.dtype == low.dtype == images.dtype == torch.float32
+    assert ref.shape == low.shape == (1, 8192, 2, 2) and images.shape == (1, 3, 16, 16)
+    assert (low - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert images.min() >= 0 and images.max() <= 1
+    with torch.no_grad():
+        probs = torch.softmax(ref / 4.0, dim=1)
+        ids = ref.argmax(dim=1)
+        rows = ref.flatten(2).transpose(1, 2)[torch.tensor([[True, False, True, True]])]
+    assert torch.allclose(probs.sum(1), torch.ones(1, 2, 2)) and ids.shape == (1, 2, 2) and rows.shape == (3, 8192)

@@ -1,0 +1,688 @@
+"""`mcbeit-tokenizer`: train a discrete tokenizer of one's own (`train`) and look at any tokenizer (`inspect`).
+
+`train` fits a VQ-VAE (the `vq` head of the `customized` tokenizer: the small DALL-E-style
+encoder, l2-normalised codes updated by EMA, a straight-through estimator, an f8 conv decoder)
+on any dataset the pre-training accepts, the embedded images by default. Its checkpoints
+(`checkpoint-<epoch>.pth`, which carry the tokenizer file under their `'tokenizer'` key) and the
+`tokenizer.pth` written beside them at every save are both usable as
+`--discrete_vae_type customized --discrete_vae_weight_path ...` in pre-training.
+
+`inspect` draws, for a few images, the image, its token-id map in false colour and (when the
+tokenizer has a decoder) the reconstruction from the ids, as one PNG grid; and the
+codebook-usage histogram over N images as a second PNG, with the usage figures in the log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from mcbeit.data.datasets import build_pretraining_dataset
+from mcbeit.data.samplers import EpochTaggedSampler
+from mcbeit.data.transforms import OneViewTransform
+from mcbeit.engine import checkpoint as ckpt_io
+from mcbeit.engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, cleanup, init_distributed, resolve_device
+from mcbeit.engine.logging import RunWriter, setup_logging
+from mcbeit.engine.loop import NonFiniteLossError, autocast_context
+from mcbeit.engine.optim import build_optimizer
+from mcbeit.engine.schedules import apply_schedules, cosine_scheduler
+from mcbeit.models.checkpoint import load_into
+from mcbeit.tasks.pretrain import amp_settings, seed_everything, warmup_steps
+from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
+from mcbeit.tokenizers.custom import (TOKENIZER_EXPORT_NAME, VQ_DEFAULT_EMBED_DIM, VQ_DEFAULT_LOGIT_SCALE,
+                                      CustomTokenizer, custom_tokenizer_payload)
+
+log = logging.getLogger("mcbeit.tokenizer")
+
+CHECKPOINT_FORMAT = "mcbeit-tokenizer-v1"
+DEFAULT_OUTPUT_DIR = "./output/mcbeit_tokenizer"
+DEFAULT_INSPECT_OUTPUT = "./output/tokenizer_inspect.png"
+
+# The no-flag run on the embedded images (1,000 images at 112 px) finishes in a few minutes on a
+# 2-core CPU; with --data_path the defaults are those of a real run.
+EMBEDDED_DEFAULTS = {"vocab_size": 1024, "epochs": 5, "batch_size": 32, "warmup_epochs": 1, "save_ckpt_freq": 2}
+DATASET_DEFAULTS = {"vocab_size": 8192, "epochs": 100, "batch_size": 64, "warmup_epochs": 5, "save_ckpt_freq": 10}
+TRAIN_METRICS = ("loss", "rec_loss", "commit_loss", "perplexity", "code_usage", "dead_codes_reinit", "grad_norm")
+
+
+# ============================================================================ the VQ-VAE being trained
+class VQVAETraining(nn.Module):
+    """A ``customized`` tokenizer with the ``vq`` head plus what training it needs.
+
+    ``forward(images)`` (normalised, (B,3,H,W)): encoder -> unit features z -> nearest code e
+    (cosine = squared distance on the sphere) -> straight-through -> decoder. Returns
+    ``loss = rec_loss + commitment * commit_loss`` with ``rec_loss`` the MSE between the
+    reconstruction and the input in the normalised space and ``commit_loss`` the mean of
+    ``||z - sg(e)||^2`` per token; plus the ids, detached features and the reconstruction.
+
+    The codebook is not trained by gradients: :meth:`update_codebook` moves each used code
+    towards the normalised mean of the features assigned to it (EMA, ``decay``, then
+    re-normalised, as BEiT v2's VQ-KD), with the counts and sums summed over ranks, and
+    re-initialises every code unused for ``dead_code_steps`` steps from random features of the
+    batch (rank 0's, broadcast). At the first update every code is initialised that way.
+    """
+
+    def __init__(self, tokenizer: CustomTokenizer, commitment: float = 0.25, decay: float = 0.99):
+        super().__init__()
+        if not isinstance(tokenizer, CustomTokenizer) or tokenizer.head != "vq":
+            raise TypeError("VQVAETraining trains a CustomTokenizer with head='vq'")
+        self.tokenizer = tokenizer
+        self.commitment = float(commitment)
+        self.decay = float(decay)
+        self.register_buffer("unused_steps", torch.zeros(tokenizer.vocab_size, dtype=torch.long))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        z = tok.encode(images)                                          # (B, D, h, w) unit, float32
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)                     # (B*h*w, D)
+        with torch.no_grad():
+            ids = (flat @ tok.codebook.float().t()).argmax(dim=1)       # nearest unit code = largest cosine
+        codes = tok.codebook[ids].float()
+        commit_loss = (flat - codes).pow(2).sum(dim=1).mean()
+        quantised = flat + (codes - flat).detach()                      # straight-through estimator
+        recon = tok.decoder(quantised.view(b, h, w, d).permute(0, 3, 1, 2))
+        rec_loss = F.mse_loss(recon.float(), images.float())
+        loss = rec_loss + self.commitment * commit_loss
+        return {"loss": loss, "rec_loss": rec_loss.detach(), "commit_loss": commit_loss.detach(),
+                "ids": ids.view(b, h, w), "features": flat.detach(), "recon": recon.detach()}
+
+    @torch.no_grad()
+    def update_codebook(self, features: torch.Tensor, ids: torch.Tensor, dead_code_steps: int) -> dict[str, torch.Tensor]:
+        """EMA update and dead-code re-initialisation; returns the global batch's usage (device tensors)."""
+        codebook = self.tokenizer.codebook
+        vocab = codebook.shape[0]
+        ids = ids.reshape(-1)
+        counts = torch.bincount(ids, minlength=vocab).to(torch.float32)
+        sums = torch.zeros(vocab, features.shape[1], dtype=torch.float32, device=features.device)
+        sums.index_add_(0, ids, features.float())
+        counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)     # the global batch's statistics
+
+        used = counts > 0
+        target = F.normalize(sums, dim=1)
+        moved = F.normalize(self.decay * codebook.float() + (1.0 - self.decay) * target, dim=1)
+        codebook.copy_(torch.where(used[:, None], moved, codebook.float()).to(codebook.dtype))
+        self.unused_steps.copy_(torch.where(used, torch.zeros_like(self.unused_steps), self.unused_steps + 1))
+
+        dead = ~self.initialised.expand(vocab)
+        if dead_code_steps > 0:
+            dead = dead | (self.unused_steps >= dead_code_steps)
+        picked = features[torch.randint(features.shape[0], (vocab,), device=features.device)].float()
+        fresh = F.normalize(picked + 1e-3 * torch.randn_like(picked), dim=1)  # noise: no two identical codes
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(fresh, src=0)                                # every rank gets rank 0's choice
+        codebook.copy_(torch.where(dead[:, None], fresh, codebook.float()).to(codebook.dtype))
+        self.unused_steps.masked_fill_(dead, 0)
+        reinit = dead.sum() * self.initialised                          # the first initialisation is not counted
+        self.initialised.fill_(True)
+
+        probs = counts / counts.sum().clamp_min(1.0)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
+        return {"perplexity": entropy.exp(), "code_usage": used.float().mean(), "dead_codes_reinit": reinit.float(),
+                "counts": counts}
+
+
+def check_codebook_replicas(vq: VQVAETraining) -> None:
+    """Raise if the ranks' codebooks differ (their EMA updates must be identical: summed statistics, broadcast re-inits)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    total = vq.tokenizer.codebook.detach().double().sum()
+    spread = torch.stack([total, -total])
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    if float(spread[0] + spread[1]) > 1e-6 * max(1.0, abs(float(total))):
+        raise RuntimeError("the codebook differs between ranks (sum %.9g here, max - min %.3g)"
+                           % (float(total), float(spread[0] + spread[1])))
+
+
+def usage_figures(counts: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """Codes used, their fraction of the vocabulary and the perplexity exp(entropy) of a usage count vector."""
+    c = torch.as_tensor(counts, dtype=torch.float64).flatten()
+    total = float(c.sum())
+    p = c / max(total, 1.0)
+    entropy = float(-(p * p.clamp_min(1e-300).log()).sum())
+    used = int((c > 0).sum())
+    return {"codes_used": used, "code_usage": used / max(len(c), 1), "perplexity": math.exp(entropy),
+            "tokens": int(total)}
+
+
+# ============================================================================ command line: train
+def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    emb = " ({} on the embedded data when --data_path is not given)"
+    p.add_argument("--data_path", default=None, type=str,
+                   help="dataset folder (ImageFolder tree, or train/ + train_map.txt); default: the embedded images")
+    p.add_argument("--data_set", default=None, choices=["CIFAR", "IMNET", "image_folder"],
+                   help="dataset layout; default: detected from the folder (and said in the log)")
+    p.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
+                   help="where checkpoints, tokenizer.pth and log.txt go; '' writes nothing")
+    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <output_dir>/tensorboard)")
+    p.add_argument("--input_size", default=112, type=int, help="training crop size (a multiple of 8: tokens = size / 8)")
+    p.add_argument("--vocab_size", default=None, type=int,
+                   help="codebook size; default 8192" + emb.format(EMBEDDED_DEFAULTS["vocab_size"]))
+    p.add_argument("--embed_dim", default=VQ_DEFAULT_EMBED_DIM, type=int, help="dimension of the (l2-normalised) codes")
+    p.add_argument("--hidden", default=16, type=int, help="width n_hid of the encoder and decoder (DALL-E: 256)")
+    p.add_argument("--blocks_per_group", default=1, type=int, help="residual blocks per resolution (DALL-E: 2)")
+    p.add_argument("--logit_scale", default=VQ_DEFAULT_LOGIT_SCALE, type=float,
+                   help="pre-training logits are -logit_scale * squared distance to each code")
+    p.add_argument("--commitment", default=0.25, type=float, help="weight of the commitment loss")
+    p.add_argument("--ema_decay", default=0.99, type=float, help="EMA decay of the codebook")
+    p.add_argument("--dead_code_steps", default=20, type=int,
+                   help="re-initialise a code unused for this many steps from random batch features (0: never)")
+    p.add_argument("--crop_min_scale", default=0.35, type=float, help="random-resized-crop scale range (min, 1)")
+    p.add_argument("--interpolation", default="lanczos", type=str,
+                   help="resize filter (pre-training's --second_interpolation is lanczos)")
+    p.add_argument("--batch_size", default=None, type=int,
+                   help="per-process batch size; default 64" + emb.format(EMBEDDED_DEFAULTS["batch_size"]))
+    p.add_argument("--epochs", default=None, type=int, help="default 100" + emb.format(EMBEDDED_DEFAULTS["epochs"]))
+    p.add_argument("--lr", default=2e-3, type=float)
+    p.add_argument("--min_lr", default=1e-5, type=float)
+    p.add_argument("--warmup_epochs", default=None, type=int,
+                   help="LR warm-up epochs; default 5" + emb.format(EMBEDDED_DEFAULTS["warmup_epochs"]))
+    p.add_argument("--warmup_steps", default=-1, type=int, help="LR warm-up in steps; overrides --warmup_epochs if > 0")
+    p.add_argument("--weight_decay", default=1e-4, type=float)
+    p.add_argument("--opt_betas", default=[0.9, 0.99], type=float, nargs=2)
+    p.add_argument("--clip_grad", default=None, type=float, help="clip the gradient norm (default: no clipping)")
+    p.add_argument("--save_ckpt_freq", default=None, type=int,
+                   help="save every N epochs (and at the end); default 10" + emb.format(EMBEDDED_DEFAULTS["save_ckpt_freq"]))
+    p.add_argument("--resume", default="", help="resume from this checkpoint")
+    p.add_argument("--auto_resume", action="store_true", help="resume from the newest checkpoint in --output_dir (default)")
+    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
+    p.set_defaults(auto_resume=True)
+    p.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    p.add_argument("--pin_mem", action="store_true", help="pin host memory (default on; used with CUDA only)")
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    p.set_defaults(pin_mem=True)
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+                   help="mixed precision; default bf16 on CUDA, off on CPU")
+    p.add_argument("--print_freq", default=10, type=int, help="steps between progress/TensorBoard updates")
+    p.add_argument("--image_freq", default=0, type=int,
+                   help="also write an input/reconstruction grid to TensorBoard every N steps (0: at epoch ends only)")
+    p.add_argument("--debug", action="store_true", help="debug logging")
+    p.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
+    p.add_argument("--local_rank", "--local-rank", default=-1, type=int, dest="local_rank",
+                   help="set by torch.distributed.launch; torchrun uses LOCAL_RANK")
+    p.add_argument("--dist_on_itp", action="store_true")
+    p.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    return p
+
+
+def get_train_parser() -> argparse.ArgumentParser:
+    return add_train_arguments(argparse.ArgumentParser(
+        "mcbeit-tokenizer train", description=_TRAIN_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+
+
+_TRAIN_DESCRIPTION = (
+    "Train a VQ-VAE tokenizer (f8: 14x14 tokens for a 112 px input) usable in pre-training as "
+    "--discrete_vae_type customized --discrete_vae_weight_path <output_dir>/checkpoint-<epoch>.pth (or "
+    "<output_dir>/tokenizer.pth). With no flags: 1024 codes on the embedded images, a few minutes on a CPU.")
+
+
+def resolve_train_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    table = EMBEDDED_DEFAULTS if args.data_path is None else DATASET_DEFAULTS
+    for key, value in table.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.log_dir is None and args.output_dir:
+        args.log_dir = os.path.join(args.output_dir, "tensorboard")
+    for name in ("batch_size", "epochs", "save_ckpt_freq", "embed_dim", "hidden", "blocks_per_group", "print_freq"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.vocab_size < 2:
+        raise SystemExit(f"--vocab_size must be at least 2, got {args.vocab_size}")
+    if args.input_size % 8 or args.input_size < 8:
+        raise SystemExit(f"--input_size {args.input_size}: the tokenizer downsamples by 8, use a multiple of 8 "
+                         f"(e.g. {max(8, args.input_size // 8 * 8)})")
+    if not 0.0 < args.crop_min_scale <= 1.0:
+        raise SystemExit(f"--crop_min_scale must lie in (0, 1], got {args.crop_min_scale}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise SystemExit(f"--ema_decay must lie in [0, 1), got {args.ema_decay}")
+    return args
+
+
+def build_vq_tokenizer(args: argparse.Namespace) -> CustomTokenizer:
+    return CustomTokenizer(image_size=args.input_size, head="vq", vocab_size=args.vocab_size, n_hid=args.hidden,
+                           n_blk_per_group=args.blocks_per_group, embed_dim=args.embed_dim, logit_scale=args.logit_scale)
+
+
+def build_train_data(args: argparse.Namespace, tokenizer: CustomTokenizer, info: DistInfo):
+    transform = OneViewTransform(args.input_size, scale=(args.crop_min_scale, 1.0), interpolation=args.interpolation,
+                                 output_transform=tokenizer.input_transform)
+    dataset = build_pretraining_dataset(args.data_path, args.data_set, transform, args.seed)
+    steps = len(dataset) // (args.batch_size * info.world_size)
+    if steps == 0:
+        raise SystemExit(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size} "
+                         f"per process x {info.world_size} processes; lower --batch_size or add images")
+    sampler = EpochTaggedSampler(DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                                    shuffle=True, seed=args.seed, drop_last=True))
+    workers = max(0, args.num_workers)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=workers,
+                        pin_memory=args.pin_mem and info.device.type == "cuda", drop_last=True,
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    log.info("data: %d images, %s", len(dataset), transform)
+    return loader, sampler, steps
+
+
+def restore(args: argparse.Namespace, vq: VQVAETraining, optimizer, scaler) -> tuple[int, str | None]:
+    """Load --resume (or the newest checkpoint with --auto_resume); return (start_epoch, path)."""
+    path = args.resume
+    if not path and args.auto_resume and args.output_dir:
+        latest = ckpt_io.latest_checkpoint(args.output_dir)
+        path = str(latest) if latest else ""
+    if not path:
+        return 0, None
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume {path}: no such file")
+    ckpt = ckpt_io.load_training_checkpoint(path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"--resume {path} is not a checkpoint of mcbeit-tokenizer train "
+                         f"(format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+    load_into(vq, ckpt["model"], strict=True)
+    if "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    start = int(ckpt["epoch"]) + 1
+    log.info("resumed from %s: continuing at epoch %d", path, start)
+    return start, path
+
+
+def save(args: argparse.Namespace, epoch: int, vq: VQVAETraining, optimizer, scaler, global_step: int) -> Path:
+    """`checkpoint-<epoch>.pth` (training state + the tokenizer file under 'tokenizer') and `tokenizer.pth`."""
+    payload = custom_tokenizer_payload(vq.tokenizer)
+    state = {"format": CHECKPOINT_FORMAT, "model": vq.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+             "global_step": global_step, "args": ckpt_io.plain_args(args), "tokenizer": payload}
+    path = ckpt_io.save_atomic(state, ckpt_io.checkpoint_path(args.output_dir, epoch))
+    ckpt_io.save_atomic(payload, Path(args.output_dir) / TOKENIZER_EXPORT_NAME)
+    return path
+
+
+def _grad_norm(params: Sequence[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
+    if clip is not None and clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def image_grid(vq: VQVAETraining, images: torch.Tensor, recon: torch.Tensor, n: int = 8) -> torch.Tensor:
+    """(3, H', W') grid in [0, 1]: inputs on the top row, their reconstructions below."""
+    from torchvision.utils import make_grid
+
+    tok = vq.tokenizer
+    pics = torch.cat([tok.to_pixels(images[:n]), tok.to_pixels(recon[:n])]).cpu()
+    return make_grid(pics, nrow=min(n, images.shape[0]), padding=2, pad_value=1.0)
+
+
+def train_one_epoch(args, ddp_model, vq: VQVAETraining, optimizer, scaler, lr_schedule, loader, epoch: int,
+                    steps_per_epoch: int, info: DistInfo, amp_dtype, writer: RunWriter,
+                    last_good_checkpoint: str | None) -> dict[str, Any]:
+    ddp_model.train()
+    device = info.device
+    params = [p for p in vq.parameters() if p.requires_grad]
+    start_step = epoch * steps_per_epoch
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not info.is_main, dynamic_ncols=True,
+               mininterval=1.0)
+    totals = {k: 0.0 for k in TRAIN_METRICS}
+    lr_total = 0.0
+    pending: list[dict[str, torch.Tensor]] = []
+    pending_lr: list[float] = []
+    epoch_counts = torch.zeros(vq.tokenizer.vocab_size, dtype=torch.float64, device=device)
+    skipped = torch.zeros((), dtype=torch.long)
+    n_steps, images_seen, t_interval = 0, 0, time.perf_counter()
+    last_images = last_recon = None
+
+    def flush() -> None:
+        nonlocal pending, pending_lr, images_seen, t_interval
+        if not pending:
+            return
+        values = torch.stack([torch.stack([m[k].float() for m in pending]) for k in TRAIN_METRICS])
+        values[:3] = all_reduce_mean(values[:3])                        # losses: mean over ranks
+        rows = dict(zip(TRAIN_METRICS, values.cpu().tolist()))
+        first = start_step + n_steps - len(pending)
+        for i in range(len(pending)):
+            step_values = {k: rows[k][i] for k in TRAIN_METRICS}
+            if not math.isfinite(step_values["loss"]):
+                raise NonFiniteLossError(
+                    f"loss is {step_values['loss']} at epoch {epoch}, step {first + i}. Last good checkpoint: "
+                    f"{last_good_checkpoint or 'none written yet'}. Lower --lr or set --clip_grad")
+            for k in TRAIN_METRICS:
+                totals[k] += step_values[k]
+            writer.scalars(first + i, {k: step_values[k] for k in ("loss", "rec_loss", "commit_loss")}, "loss")
+            writer.scalars(first + i, {k: step_values[k] for k in ("perplexity", "code_usage", "dead_codes_reinit")},
+                           "codebook")
+            writer.scalars(first + i, {"lr": pending_lr[i], "grad_norm": step_values["grad_norm"]}, "opt")
+        elapsed = time.perf_counter() - t_interval
+        bar.set_postfix(rec=f"{rows['rec_loss'][-1]:.4f}", ppl=f"{rows['perplexity'][-1]:.0f}",
+                        used=f"{rows['code_usage'][-1]:.2f}", img_s=f"{images_seen / max(elapsed, 1e-9):.1f}")
+        bar.update(len(pending))
+        pending, pending_lr, images_seen, t_interval = [], [], 0, time.perf_counter()
+
+    for step, batch in enumerate(loader):
+        if step >= steps_per_epoch:
+            break
+        it = start_step + step
+        lr = float(lr_schedule[it])
+        apply_schedules(optimizer, lr, None)
+        images = batch[0].to(device, non_blocking=True)
+        with autocast_context(device, amp_dtype):
+            out = ddp_model(images)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(out["loss"]).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = _grad_norm(params, args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            out["loss"].backward()
+            grad_norm = _grad_norm(params, args.clip_grad)
+            optimizer.step()
+        usage = vq.update_codebook(out["features"], out["ids"], args.dead_code_steps)
+        epoch_counts += usage["counts"].to(torch.float64)
+        pending.append({"loss": out["loss"].detach(), "rec_loss": out["rec_loss"], "commit_loss": out["commit_loss"],
+                        "perplexity": usage["perplexity"], "code_usage": usage["code_usage"],
+                        "dead_codes_reinit": usage["dead_codes_reinit"], "grad_norm": grad_norm.detach()})
+        pending_lr.append(lr)
+        lr_total += lr
+        skipped += batch[1].sum() if len(batch) > 1 else 0
+        images_seen += images.shape[0]
+        n_steps += 1
+        last_images, last_recon = images, out["recon"]
+        if n_steps % args.print_freq == 0:
+            flush()
+        if args.image_freq > 0 and (it + 1) % args.image_freq == 0 and info.is_main:
+            writer.image(it, "reconstruction/input_vs_recon", image_grid(vq, images, out["recon"]))
+    flush()
+    bar.close()
+    if n_steps == 0:
+        raise RuntimeError("the data loader produced no batch this epoch: the dataset has fewer images than "
+                           "--batch_size x number of processes; lower --batch_size or add images")
+    if info.is_main and last_images is not None:
+        writer.image(start_step + n_steps - 1, "reconstruction/epoch_end", image_grid(vq, last_images, last_recon))
+
+    stats: dict[str, Any] = {k: v / n_steps for k, v in totals.items()}
+    stats["dead_codes_reinit"] = totals["dead_codes_reinit"]           # a count: the epoch's total
+    stats["lr"] = lr_total / n_steps
+    stats["psnr"] = 10.0 * math.log10(4.0 / max(stats["rec_loss"], 1e-12))  # [-1, 1] space: peak-to-peak 2
+    epoch_usage = usage_figures(epoch_counts)                            # counts are already global
+    stats.update({"epoch_codes_used": epoch_usage["codes_used"], "epoch_code_usage": epoch_usage["code_usage"],
+                  "epoch_perplexity": epoch_usage["perplexity"]})
+    stats["skipped_images"] = int(all_reduce_sum(skipped.to(torch.float64)).item())
+    stats["steps"] = n_steps
+    if stats["skipped_images"]:
+        log.warning("epoch %d: %d unreadable images were skipped (see the warnings above for their paths)",
+                    epoch, stats["skipped_images"])
+    return stats
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    """Train a VQ-VAE tokenizer as `args` say; return the last epoch's statistics."""
+    info = init_distributed(args.device, args.dist_on_itp, args.local_rank, args.dist_url)
+    args.world_size, args.rank = info.world_size, info.rank
+    setup_logging(info.rank, args.debug)
+    resolve_train_defaults(args)
+    if args.output_dir and info.is_main:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    log.info("args: %s", json.dumps(ckpt_io.plain_args(args), sort_keys=True))
+    if args.data_path is None:
+        log.info("no --data_path: training the tokenizer on the embedded images (a quick demonstration run)")
+
+    seed_everything(args.seed)  # the same initial weights and codebook on every rank
+    tokenizer = build_vq_tokenizer(args)
+    vq = VQVAETraining(tokenizer, commitment=args.commitment, decay=args.ema_decay).to(info.device)
+    n_parameters = sum(p.numel() for p in vq.parameters() if p.requires_grad)
+    log.info("VQ-VAE tokenizer: %d codes x %d dims, n_hid %d, f%d (%dx%d tokens at %d px), %.2fM parameters",
+             args.vocab_size, args.embed_dim, args.hidden, tokenizer.downsample, *tokenizer.token_grid(),
+             args.input_size, n_parameters / 1e6)
+    seed_everything(args.seed + info.rank)
+
+    loader, sampler, steps_per_epoch = build_train_data(args, tokenizer, info)
+    amp_dtype, scaler = amp_settings(args.amp, info.device)
+    optimizer = build_optimizer(vq, "adamw", lr=args.lr, weight_decay=args.weight_decay, opt_betas=tuple(args.opt_betas))
+    lr_schedule = cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, warmup_epochs=args.warmup_epochs,
+                                   warmup_steps=warmup_steps(args, steps_per_epoch))
+    start_epoch, resumed_from = restore(args, vq, optimizer, scaler)
+    ddp_model = DistributedDataParallel(vq, broadcast_buffers=False) if info.world_size > 1 else vq
+    writer = RunWriter(args.output_dir, args.log_dir, enabled=info.is_main and bool(args.output_dir))
+    log.info("%d steps per epoch, %d images per step (%d processes); amp %s; epochs %d..%d; output %s",
+             steps_per_epoch, args.batch_size * info.world_size, info.world_size, amp_dtype or "off", start_epoch,
+             args.epochs - 1, os.path.abspath(args.output_dir) if args.output_dir else "(none)")
+    if start_epoch >= args.epochs:
+        log.warning("nothing to do: %s already finished epoch %d of %d; pass --epochs N, --no_auto_resume "
+                    "or another --output_dir to train again", resumed_from, start_epoch - 1, args.epochs)
+
+    stats: dict = {}
+    last_ckpt = resumed_from
+    started = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(args, ddp_model, vq, optimizer, scaler, lr_schedule, loader, epoch,
+                                    steps_per_epoch, info, amp_dtype, writer, last_ckpt)
+            check_codebook_replicas(vq)
+            if args.output_dir and info.is_main and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
+                last_ckpt = os.path.abspath(save(args, epoch, vq, optimizer, scaler, (epoch + 1) * steps_per_epoch))
+                log.info("saved %s (and %s)", last_ckpt, TOKENIZER_EXPORT_NAME)
+            stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "vocab_size": args.vocab_size,
+                     "n_parameters": n_parameters}
+            writer.epoch(stats)
+            log.info("epoch %d: rec_loss %.4f (PSNR %.1f dB), commit %.4f, codes used %d/%d, perplexity %.1f "
+                     "(batch mean %.1f), %d dead codes re-initialised, lr %.2e", epoch, stats["train_rec_loss"],
+                     stats["train_psnr"], stats["train_commit_loss"], stats["train_epoch_codes_used"], args.vocab_size,
+                     stats["train_epoch_perplexity"], stats["train_perplexity"], stats["train_dead_codes_reinit"],
+                     stats["train_lr"])
+    finally:
+        writer.close()
+    if stats and args.output_dir:
+        log.info("done in %.1f s; use it with --discrete_vae_type customized --discrete_vae_weight_path %s",
+                 time.perf_counter() - started, last_ckpt)
+    return stats
+
+
+# ============================================================================ command line: inspect
+def add_inspect_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--discrete_vae_type", default="customized", type=str, help=f"one of {', '.join(TOKENIZER_KINDS)}")
+    p.add_argument("--discrete_vae_weight_path", default=None, type=str,
+                   help="tokenizer weights (as in pre-training); absent = RANDOM weights")
+    p.add_argument("--data_path", default=None, type=str, help="dataset folder; default: the embedded images")
+    p.add_argument("--data_set", default=None, choices=["CIFAR", "IMNET", "image_folder"])
+    p.add_argument("--input_size", default=112, type=int, help="image size given to the tokenizer (centre crop)")
+    p.add_argument("--num_images", default=8, type=int, help="images (columns) in the grid")
+    p.add_argument("--output", default=DEFAULT_INSPECT_OUTPUT,
+                   help="PNG of the grid; the histogram goes beside it as <name>_histogram.png")
+    p.add_argument("--histogram_images", default=512, type=int, help="images whose tokens the usage histogram counts")
+    p.add_argument("--batch_size", default=32, type=int)
+    p.add_argument("--num_workers", default=0, type=int)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--seed", default=0, type=int, help="which images the histogram draws")
+    return p
+
+
+def get_inspect_parser() -> argparse.ArgumentParser:
+    return add_inspect_arguments(argparse.ArgumentParser(
+        "mcbeit-tokenizer inspect", description=_INSPECT_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+
+
+_INSPECT_DESCRIPTION = ("Look at a tokenizer: image / token-id map / reconstruction grid for a few images, and the "
+                        "codebook-usage histogram over a dataset (two PNGs; usage figures in the log).")
+
+
+def token_palette(vocab_size: int) -> np.ndarray:
+    """A fixed false colour per token id (V, 3) uint8: neighbouring ids get unrelated colours."""
+    return np.random.default_rng(12345).integers(30, 256, size=(vocab_size, 3), dtype=np.uint8)
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B,3,H,W) in [0,1] -> (B,H,W,3) uint8."""
+    return (images.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def draw_token_grid(images: torch.Tensor, ids: torch.Tensor, recon: torch.Tensor | None, vocab_size: int,
+                    title: str = "") -> Image.Image:
+    """Columns: images; rows: the image, its token ids in false colour, the reconstruction (if any)."""
+    pics = _to_uint8(images)
+    b, h, w, _ = pics.shape
+    palette = token_palette(vocab_size)
+    tokens = palette[ids.cpu().numpy()]                                  # (B, h_t, w_t, 3)
+    tokens = np.repeat(np.repeat(tokens, h // ids.shape[1], axis=1), w // ids.shape[2], axis=2)
+    rows = [("image", pics), ("token ids", tokens)]
+    if recon is not None:
+        rows.append(("reconstruction", _to_uint8(recon)))
+    gap, label_w, title_h = 4, 96, 18 if title else 0
+    canvas = Image.new("RGB", (label_w + b * (w + gap) + gap, title_h + len(rows) * (h + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((gap, 3), title, fill="black")
+    for r, (name, row) in enumerate(rows):
+        top = title_h + gap + r * (h + gap)
+        draw.text((gap, top + h // 2 - 6), name, fill="black")
+        for c in range(b):
+            canvas.paste(Image.fromarray(row[c]), (label_w + gap + c * (w + gap), top))
+    return canvas
+
+
+def draw_usage_histogram(counts: np.ndarray, title: str, width: int = 900, panel_h: int = 160) -> Image.Image:
+    """Two panels: usage per code id (ids bucketed into columns) and codes sorted by usage (log scale)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    vocab = len(counts)
+    margin, title_h, gap = 40, 40, 30
+    plot_w = width - 2 * margin
+    canvas = Image.new("RGB", (width, title_h + 2 * panel_h + gap + 30), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((margin, 6), title, fill="black")
+
+    def panel(top: int, values: np.ndarray, caption: str, colour) -> None:
+        draw.rectangle([margin, top, margin + plot_w, top + panel_h], outline="black")
+        draw.text((margin, top - 13), caption, fill="black")
+        if len(values) == 0 or values.max() <= 0:
+            return
+        heights = values / values.max()
+        for x in range(plot_w):
+            v = heights[min(int(x * len(values) / plot_w), len(values) - 1)]
+            if v > 0:
+                draw.line([(margin + x, top + panel_h), (margin + x, top + panel_h - max(1, round(v * (panel_h - 2))))],
+                          fill=colour)
+
+    # Panel 1: token counts per code id; several ids share a column when V > plot width (their sum).
+    per_col = max(1, math.ceil(vocab / plot_w))
+    padded = np.zeros(per_col * math.ceil(vocab / per_col))
+    padded[:vocab] = counts
+    buckets = padded.reshape(-1, per_col).sum(axis=1)
+    panel(title_h + 14, buckets, f"tokens per code id (0 .. {vocab - 1}; {per_col} id(s) per column), linear", (40, 90, 200))
+    # Panel 2: codes ranked by usage, log10(1 + count), so rare codes stay visible.
+    ranked = np.log10(1.0 + np.sort(counts)[::-1])
+    panel(title_h + panel_h + gap + 14, ranked, "codes sorted by usage, log10(1 + count)", (200, 80, 40))
+    return canvas
+
+
+def histogram_path(output: str | os.PathLike) -> Path:
+    out = Path(output)
+    return out.with_name(out.stem + "_histogram.png")
+
+
+@torch.no_grad()
+def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    """Write the token grid and the usage histogram; return the usage figures and the paths."""
+    setup_logging(0)
+    if args.num_images < 1 or args.histogram_images < 0 or args.batch_size < 1:
+        raise SystemExit("--num_images and --batch_size must be at least 1, --histogram_images at least 0")
+    device = resolve_device(args.device)
+    tokenizer = build_tokenizer(args.discrete_vae_type, args.discrete_vae_weight_path, args.input_size).to(device)
+    transform = OneViewTransform(args.input_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=0.0)  # centre crop, [0,1]
+    dataset = build_pretraining_dataset(args.data_path, args.data_set, transform, args.seed)
+    name = f"{tokenizer.kind} ({'random weights' if tokenizer.random_weights else args.discrete_vae_weight_path})"
+
+    def tokens_of(images: torch.Tensor) -> torch.Tensor:
+        x = tokenizer.input_transform(images.to(device))
+        return tokenizer(x).argmax(dim=1)                                # (B, h, w)
+
+    n = min(args.num_images, len(dataset))
+    picks = np.linspace(0, len(dataset) - 1, n).round().astype(int)      # spread over the (class-sorted) dataset
+    images = torch.stack([dataset[int(i)][0] for i in picks])
+    ids = tokens_of(images)
+    recon = None
+    if tokenizer.has_decoder:
+        recon = tokenizer.decode(ids)
+    else:
+        log.info("%s has no decoder: the grid shows images and token maps only (no reconstructions)", name)
+    grid = draw_token_grid(images, ids, recon, tokenizer.vocab_size,
+                           title=f"{name}: {tokenizer.vocab_size} codes, {ids.shape[1]}x{ids.shape[2]} tokens")
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    result: dict[str, Any] = {"grid": str(out), "vocab_size": tokenizer.vocab_size, "has_decoder": tokenizer.has_decoder}
+    if recon is not None:
+        result["grid_rec_mse"] = float(F.mse_loss(recon.cpu(), images).item())  # in [0, 1] pixel space
+
+    counts = torch.zeros(tokenizer.vocab_size, dtype=torch.float64)
+    m = min(args.histogram_images, len(dataset))
+    order = np.random.default_rng(args.seed).permutation(len(dataset))[:m]
+    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=args.batch_size, num_workers=max(0, args.num_workers))
+    for batch in loader:
+        counts += torch.bincount(tokens_of(batch[0]).flatten().cpu(), minlength=tokenizer.vocab_size).double()
+    usage = usage_figures(counts)
+    title = (f"{name}: {usage['codes_used']}/{tokenizer.vocab_size} codes used ({100 * usage['code_usage']:.1f}%), "
+             f"perplexity {usage['perplexity']:.1f}, {usage['tokens']} tokens from {m} images")
+    hist = histogram_path(out)
+    draw_usage_histogram(counts.numpy(), title).save(hist)
+    log.info("codebook usage over %d images (%d tokens): %d of %d codes used (%.1f%%), perplexity %.1f",
+             m, usage["tokens"], usage["codes_used"], tokenizer.vocab_size, 100 * usage["code_usage"], usage["perplexity"])
+    log.info("wrote %s and %s", out.resolve(), hist.resolve())
+    result.update(usage, histogram=str(hist), histogram_images=m, counts=counts)
+    return result
+
+
+# ============================================================================ entry points
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("mcbeit-tokenizer", description="Train (train) or look at (inspect) a visual tokenizer.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,inspect}")
+    add_train_arguments(sub.add_parser("train", help="train a VQ-VAE tokenizer", description=_TRAIN_DESCRIPTION,
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    add_inspect_arguments(sub.add_parser("inspect", help="token maps, reconstructions and codebook usage",
+                                         description=_INSPECT_DESCRIPTION,
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    command = args.command
+    del args.command  # not a setting: keep it out of the checkpoints' args
+    if command == "train":
+        return _train(args)
+    run_inspect(args)
+    return 0
+
+
+def main_train(argv: Sequence[str] | None = None) -> int:
+    """`run_tokenizer_training.py`: the `train` subcommand's flags, without the subcommand."""
+    return _train(get_train_parser().parse_args(argv))
+
+
+def _train(args: argparse.Namespace) -> int:
+    try:
+        run_train(args)
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
