@@ -313,7 +313,8 @@ def run(args: argparse.Namespace) -> dict:
         log.info("no --data_path: pre-training on the embedded images (a quick demonstration run)")
 
     seed_everything(args.seed)  # the same initial weights on every rank (DDP also broadcasts them)
-    tokenizer = build_tokenizer(args.discrete_vae_type, args.discrete_vae_weight_path, args.second_input_size)
+    tokenizer = build_tokenizer(args.discrete_vae_type, args.discrete_vae_weight_path, args.second_input_size,
+                                load_decoder=False)  # pre-training needs only the logits
     tokenizer = tokenizer.to(info.device)
     model = build_model(args, tokenizer.vocab_size)
     window = check_geometry(args, model, tokenizer.downsample)
