@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["TwoViewTransform", "OneViewTransform", "parse_interpolation", "sample_crop_box", "INTERPOLATIONS"]
+__all__ = ["TwoViewTransform", "OneViewTransform", "parse_interpolation", "sample_crop_box", "sample_flipped_box",
+           "INTERPOLATIONS"]
 
 INTERPOLATIONS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -101,6 +102,21 @@ def _to_tensor(image: Image.Image, scale: np.ndarray, offset: np.ndarray) -> tor
     return torch.from_numpy(array)
 
 
+def sample_flipped_box(image_size: tuple[int, int], rng: np.random.Generator, flip_prob: float,
+                       scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[tuple[int, int, int, int], bool]:
+    """Horizontal flip, then a random-resized-crop box: ((left, top, right, bottom), flip).
+
+    The box is drawn as if on the flipped image and mirrored onto the original, so callers crop
+    the original and flip only the (small) resized output; PIL's filters make this exact.
+    """
+    width, height = image_size
+    flip = rng.random() < flip_prob
+    top, left, h, w = sample_crop_box(width, height, rng, scale, ratio)
+    if flip:
+        left = width - left - w
+    return (left, top, left + w, top + h), flip
+
+
 class TwoViewTransform:
     """Flip, one random-resized-crop box, two resized views and a patch mask.
 
@@ -170,14 +186,7 @@ class TwoViewTransform:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if image.mode != "RGB":
             image = image.convert("RGB")
-        width, height = image.size
-        flip = rng.random() < self.flip_prob
-        top, left, h, w = sample_crop_box(width, height, rng, self.scale, self.ratio)
-        if flip:
-            # The box was drawn on the flipped image: mirror it onto the original and flip the
-            # (small) outputs instead of the whole image; PIL's filters make this exact.
-            left = width - left - w
-        box = (left, top, left + w, top + h)
+        box, flip = sample_flipped_box(image.size, rng, self.flip_prob, self.scale, self.ratio)
         filter_a = self._filter(self.interpolation, rng)
         filter_b = self._filter(self.second_interpolation, rng)
         (ha, wa), (hb, wb) = self.input_size, self.second_input_size
@@ -230,13 +239,9 @@ class OneViewTransform:
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         if image.mode != "RGB":
             image = image.convert("RGB")
-        width, height = image.size
-        flip = rng.random() < self.flip_prob
-        top, left, h, w = sample_crop_box(width, height, rng, self.scale, self.ratio)
-        if flip:
-            left = width - left - w
+        box, flip = sample_flipped_box(image.size, rng, self.flip_prob, self.scale, self.ratio)
         resample = TwoViewTransform._filter(self.interpolation, rng)
-        crop = image.resize((self.size[1], self.size[0]), resample, box=(left, top, left + w, top + h))
+        crop = image.resize((self.size[1], self.size[0]), resample, box=box)
         if flip:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         view = _to_tensor(crop, self._scale, self._offset)  # (3,H,W) in [0,1]

@@ -300,17 +300,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Pre-train as `args` say; return the last epoch's statistics."""
+def start_run(args: argparse.Namespace, resolve, purpose: str) -> DistInfo:
+    """What every long-running command does first: join the process group, set up logging, fill
+    the defaults (`resolve(args)`), create the output folder on rank 0 and log the arguments."""
     info = init_distributed(args.device, args.dist_on_itp, args.local_rank, args.dist_url)
     args.world_size, args.rank = info.world_size, info.rank
     setup_logging(info.rank, args.debug)
-    resolve_defaults(args)
+    resolve(args)
     if args.output_dir and info.is_main:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     log.info("args: %s", json.dumps(ckpt_io.plain_args(args), sort_keys=True))
     if args.data_path is None:
-        log.info("no --data_path: pre-training on the embedded images (a quick demonstration run)")
+        log.info("no --data_path: %s on the embedded images (a quick demonstration run)", purpose)
+    return info
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Pre-train as `args` say; return the last epoch's statistics."""
+    info = start_run(args, resolve_defaults, "pre-training")
 
     seed_everything(args.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     tokenizer = build_tokenizer(args.discrete_vae_type, args.discrete_vae_weight_path, args.second_input_size,

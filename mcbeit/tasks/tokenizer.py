@@ -14,7 +14,6 @@ codebook-usage histogram over N images as a second PNG, with the usage figures i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -37,13 +36,13 @@ from mcbeit.data.datasets import build_pretraining_dataset
 from mcbeit.data.samplers import EpochTaggedSampler
 from mcbeit.data.transforms import OneViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
-from mcbeit.engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, cleanup, init_distributed, resolve_device
+from mcbeit.engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, cleanup, resolve_device
 from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.loop import NonFiniteLossError, autocast_context
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.schedules import apply_schedules, cosine_scheduler
 from mcbeit.models.checkpoint import load_into
-from mcbeit.tasks.pretrain import amp_settings, seed_everything, warmup_steps
+from mcbeit.tasks.pretrain import amp_settings, seed_everything, start_run, warmup_steps
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 from mcbeit.tokenizers.custom import (TOKENIZER_EXPORT_NAME, VQ_DEFAULT_EMBED_DIM, VQ_DEFAULT_LOGIT_SCALE,
                                       CustomTokenizer, custom_tokenizer_payload)
@@ -434,15 +433,7 @@ def train_one_epoch(args, ddp_model, vq: VQVAETraining, optimizer, scaler, lr_sc
 
 def run_train(args: argparse.Namespace) -> dict:
     """Train a VQ-VAE tokenizer as `args` say; return the last epoch's statistics."""
-    info = init_distributed(args.device, args.dist_on_itp, args.local_rank, args.dist_url)
-    args.world_size, args.rank = info.world_size, info.rank
-    setup_logging(info.rank, args.debug)
-    resolve_train_defaults(args)
-    if args.output_dir and info.is_main:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    log.info("args: %s", json.dumps(ckpt_io.plain_args(args), sort_keys=True))
-    if args.data_path is None:
-        log.info("no --data_path: training the tokenizer on the embedded images (a quick demonstration run)")
+    info = start_run(args, resolve_train_defaults, "training the tokenizer")
 
     seed_everything(args.seed)  # the same initial weights and codebook on every rank
     tokenizer = build_vq_tokenizer(args)
