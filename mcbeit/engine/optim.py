@@ -183,3 +183,31 @@ def optimizer_from_args(args: Any, model: nn.Module) -> torch.optim.Optimizer:
         layer_decay=None if layer_decay is None or layer_decay >= 1.0 else layer_decay,
         extra_no_decay_keywords=extra,
     )
+
+
+def grad_norm_of(params: Sequence[nn.Parameter], clip: float | None) -> torch.Tensor:
+    """Total gradient norm (before clipping); clips to ``clip`` when it is > 0. A device tensor: no host sync."""
+    if clip is not None and clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())  # only without parameters
+
+
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                      params: Sequence[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """zero_grad, backward (through the fp16 scaler when there is one), clip, step.
+
+    Returns (grad_norm, loss_scale) as device tensors; the norm is of the unscaled gradients.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        norm = grad_norm_of(params, clip)
+        optimizer.step()
+        return norm.detach().float(), torch.ones((), device=loss.device)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    norm = grad_norm_of(params, clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return norm.detach().float(), scaler._get_scale_async().detach().reshape(()).float()  # device tensor: no sync

@@ -19,7 +19,6 @@ timm lacks a hook between the patch embedding and the CLS concatenation, so
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Dict, Optional, Set, Tuple
 
 import timm

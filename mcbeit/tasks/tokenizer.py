@@ -1,6 +1,6 @@
 """`mcbeit-tokenizer`: train a discrete tokenizer of one's own (`train`) and look at any tokenizer (`inspect`).
 
-`train` fits a VQ-VAE (the `vq` head of the `customized` tokenizer: the small DALL-E-style
+`train` fits a VQ-VAE (:mod:`mcbeit.tokenizers.training`; the `vq` head of the `customized` tokenizer: the small DALL-E-style
 encoder, l2-normalised codes updated by EMA, a straight-through estimator, an f8 conv decoder)
 on any dataset the pre-training accepts, the embedded images by default. Its checkpoints
 (`checkpoint-<epoch>.pth`, which carry the tokenizer file under their `'tokenizer'` key) and the
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -24,28 +23,25 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
 
 from mcbeit.data.datasets import build_pretraining_dataset
 from mcbeit.data.samplers import EpochTaggedSampler
 from mcbeit.data.transforms import OneViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
-from mcbeit.engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, cleanup, resolve_device
+from mcbeit.engine.distributed import DistInfo, cleanup, resolve_device
 from mcbeit.engine.logging import RunWriter, setup_logging
-from mcbeit.engine.loop import NonFiniteLossError, autocast_context
 from mcbeit.engine.optim import build_optimizer
-from mcbeit.engine.schedules import apply_schedules, cosine_scheduler
+from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.models.checkpoint import load_into
 from mcbeit.tasks.pretrain import amp_settings, seed_everything, start_run, warmup_steps
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 from mcbeit.tokenizers.custom import (TOKENIZER_EXPORT_NAME, VQ_DEFAULT_EMBED_DIM, VQ_DEFAULT_LOGIT_SCALE,
                                       CustomTokenizer, custom_tokenizer_payload)
+from mcbeit.tokenizers.training import VQVAETraining, check_codebook_replicas, train_one_epoch, usage_figures
+from mcbeit.tokenizers.visualize import draw_token_grid, draw_usage_histogram
 
 log = logging.getLogger("mcbeit.tokenizer")
 
@@ -57,109 +53,6 @@ DEFAULT_INSPECT_OUTPUT = "./output/tokenizer_inspect.png"
 # 2-core CPU; with --data_path the defaults are those of a real run.
 EMBEDDED_DEFAULTS = {"vocab_size": 1024, "epochs": 5, "batch_size": 32, "warmup_epochs": 1, "save_ckpt_freq": 2}
 DATASET_DEFAULTS = {"vocab_size": 8192, "epochs": 100, "batch_size": 64, "warmup_epochs": 5, "save_ckpt_freq": 10}
-TRAIN_METRICS = ("loss", "rec_loss", "commit_loss", "perplexity", "code_usage", "dead_codes_reinit", "grad_norm")
-
-
-# ============================================================================ the VQ-VAE being trained
-class VQVAETraining(nn.Module):
-    """A ``customized`` tokenizer with the ``vq`` head plus what training it needs.
-
-    ``forward(images)`` (normalised, (B,3,H,W)): encoder -> unit features z -> nearest code e
-    (cosine = squared distance on the sphere) -> straight-through -> decoder. Returns
-    ``loss = rec_loss + commitment * commit_loss`` with ``rec_loss`` the MSE between the
-    reconstruction and the input in the normalised space and ``commit_loss`` the mean of
-    ``||z - sg(e)||^2`` per token; plus the ids, detached features and the reconstruction.
-
-    The codebook is not trained by gradients: :meth:`update_codebook` moves each used code
-    towards the normalised mean of the features assigned to it (EMA, ``decay``, then
-    re-normalised, as BEiT v2's VQ-KD), with the counts and sums summed over ranks, and
-    re-initialises every code unused for ``dead_code_steps`` steps from random features of the
-    batch (rank 0's, broadcast). At the first update every code is initialised that way.
-    """
-
-    def __init__(self, tokenizer: CustomTokenizer, commitment: float = 0.25, decay: float = 0.99):
-        super().__init__()
-        if not isinstance(tokenizer, CustomTokenizer) or tokenizer.head != "vq":
-            raise TypeError("VQVAETraining trains a CustomTokenizer with head='vq'")
-        self.tokenizer = tokenizer
-        self.commitment = float(commitment)
-        self.decay = float(decay)
-        self.register_buffer("unused_steps", torch.zeros(tokenizer.vocab_size, dtype=torch.long))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer
-        z = tok.encode(images)                                          # (B, D, h, w) unit, float32
-        b, d, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d)                     # (B*h*w, D)
-        with torch.no_grad():
-            ids = (flat @ tok.codebook.float().t()).argmax(dim=1)       # nearest unit code = largest cosine
-        codes = tok.codebook[ids].float()
-        commit_loss = (flat - codes).pow(2).sum(dim=1).mean()
-        quantised = flat + (codes - flat).detach()                      # straight-through estimator
-        recon = tok.decoder(quantised.view(b, h, w, d).permute(0, 3, 1, 2))
-        rec_loss = F.mse_loss(recon.float(), images.float())
-        loss = rec_loss + self.commitment * commit_loss
-        return {"loss": loss, "rec_loss": rec_loss.detach(), "commit_loss": commit_loss.detach(),
-                "ids": ids.view(b, h, w), "features": flat.detach(), "recon": recon.detach()}
-
-    @torch.no_grad()
-    def update_codebook(self, features: torch.Tensor, ids: torch.Tensor, dead_code_steps: int) -> dict[str, torch.Tensor]:
-        """EMA update and dead-code re-initialisation; returns the global batch's usage (device tensors)."""
-        codebook = self.tokenizer.codebook
-        vocab = codebook.shape[0]
-        ids = ids.reshape(-1)
-        counts = torch.bincount(ids, minlength=vocab).to(torch.float32)
-        sums = torch.zeros(vocab, features.shape[1], dtype=torch.float32, device=features.device)
-        sums.index_add_(0, ids, features.float())
-        counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)     # the global batch's statistics
-
-        used = counts > 0
-        target = F.normalize(sums, dim=1)
-        moved = F.normalize(self.decay * codebook.float() + (1.0 - self.decay) * target, dim=1)
-        codebook.copy_(torch.where(used[:, None], moved, codebook.float()).to(codebook.dtype))
-        self.unused_steps.copy_(torch.where(used, torch.zeros_like(self.unused_steps), self.unused_steps + 1))
-
-        dead = ~self.initialised.expand(vocab)
-        if dead_code_steps > 0:
-            dead = dead | (self.unused_steps >= dead_code_steps)
-        picked = features[torch.randint(features.shape[0], (vocab,), device=features.device)].float()
-        fresh = F.normalize(picked + 1e-3 * torch.randn_like(picked), dim=1)  # noise: no two identical codes
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast(fresh, src=0)                                # every rank gets rank 0's choice
-        codebook.copy_(torch.where(dead[:, None], fresh, codebook.float()).to(codebook.dtype))
-        self.unused_steps.masked_fill_(dead, 0)
-        reinit = dead.sum() * self.initialised                          # the first initialisation is not counted
-        self.initialised.fill_(True)
-
-        probs = counts / counts.sum().clamp_min(1.0)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-        return {"perplexity": entropy.exp(), "code_usage": used.float().mean(), "dead_codes_reinit": reinit.float(),
-                "counts": counts}
-
-
-def check_codebook_replicas(vq: VQVAETraining) -> None:
-    """Raise if the ranks' codebooks differ (their EMA updates must be identical: summed statistics, broadcast re-inits)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    total = vq.tokenizer.codebook.detach().double().sum()
-    spread = torch.stack([total, -total])
-    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-    if float(spread[0] + spread[1]) > 1e-6 * max(1.0, abs(float(total))):
-        raise RuntimeError("the codebook differs between ranks (sum %.9g here, max - min %.3g)"
-                           % (float(total), float(spread[0] + spread[1])))
-
-
-def usage_figures(counts: torch.Tensor | np.ndarray) -> dict[str, float]:
-    """Codes used, their fraction of the vocabulary and the perplexity exp(entropy) of a usage count vector."""
-    c = torch.as_tensor(counts, dtype=torch.float64).flatten()
-    total = float(c.sum())
-    p = c / max(total, 1.0)
-    entropy = float(-(p * p.clamp_min(1e-300).log()).sum())
-    used = int((c > 0).sum())
-    return {"codes_used": used, "code_usage": used / max(len(c), 1), "perplexity": math.exp(entropy),
-            "tokens": int(total)}
-
 
 # ============================================================================ command line: train
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -314,123 +207,6 @@ def save(args: argparse.Namespace, epoch: int, vq: VQVAETraining, optimizer, sca
     return path
 
 
-def _grad_norm(params: Sequence[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
-    if clip is not None and clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-
-
-def image_grid(vq: VQVAETraining, images: torch.Tensor, recon: torch.Tensor, n: int = 8) -> torch.Tensor:
-    """(3, H', W') grid in [0, 1]: inputs on the top row, their reconstructions below."""
-    from torchvision.utils import make_grid
-
-    tok = vq.tokenizer
-    pics = torch.cat([tok.to_pixels(images[:n]), tok.to_pixels(recon[:n])]).cpu()
-    return make_grid(pics, nrow=min(n, images.shape[0]), padding=2, pad_value=1.0)
-
-
-def train_one_epoch(args, ddp_model, vq: VQVAETraining, optimizer, scaler, lr_schedule, loader, epoch: int,
-                    steps_per_epoch: int, info: DistInfo, amp_dtype, writer: RunWriter,
-                    last_good_checkpoint: str | None) -> dict[str, Any]:
-    ddp_model.train()
-    device = info.device
-    params = [p for p in vq.parameters() if p.requires_grad]
-    start_step = epoch * steps_per_epoch
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not info.is_main, dynamic_ncols=True,
-               mininterval=1.0)
-    totals = {k: 0.0 for k in TRAIN_METRICS}
-    lr_total = 0.0
-    pending: list[dict[str, torch.Tensor]] = []
-    pending_lr: list[float] = []
-    epoch_counts = torch.zeros(vq.tokenizer.vocab_size, dtype=torch.float64, device=device)
-    skipped = torch.zeros((), dtype=torch.long)
-    n_steps, images_seen, t_interval = 0, 0, time.perf_counter()
-    last_images = last_recon = None
-
-    def flush() -> None:
-        nonlocal pending, pending_lr, images_seen, t_interval
-        if not pending:
-            return
-        values = torch.stack([torch.stack([m[k].float() for m in pending]) for k in TRAIN_METRICS])
-        values[:3] = all_reduce_mean(values[:3])                        # losses: mean over ranks
-        rows = dict(zip(TRAIN_METRICS, values.cpu().tolist()))
-        first = start_step + n_steps - len(pending)
-        for i in range(len(pending)):
-            step_values = {k: rows[k][i] for k in TRAIN_METRICS}
-            if not math.isfinite(step_values["loss"]):
-                raise NonFiniteLossError(
-                    f"loss is {step_values['loss']} at epoch {epoch}, step {first + i}. Last good checkpoint: "
-                    f"{last_good_checkpoint or 'none written yet'}. Lower --lr or set --clip_grad")
-            for k in TRAIN_METRICS:
-                totals[k] += step_values[k]
-            writer.scalars(first + i, {k: step_values[k] for k in ("loss", "rec_loss", "commit_loss")}, "loss")
-            writer.scalars(first + i, {k: step_values[k] for k in ("perplexity", "code_usage", "dead_codes_reinit")},
-                           "codebook")
-            writer.scalars(first + i, {"lr": pending_lr[i], "grad_norm": step_values["grad_norm"]}, "opt")
-        elapsed = time.perf_counter() - t_interval
-        bar.set_postfix(rec=f"{rows['rec_loss'][-1]:.4f}", ppl=f"{rows['perplexity'][-1]:.0f}",
-                        used=f"{rows['code_usage'][-1]:.2f}", img_s=f"{images_seen / max(elapsed, 1e-9):.1f}")
-        bar.update(len(pending))
-        pending, pending_lr, images_seen, t_interval = [], [], 0, time.perf_counter()
-
-    for step, batch in enumerate(loader):
-        if step >= steps_per_epoch:
-            break
-        it = start_step + step
-        lr = float(lr_schedule[it])
-        apply_schedules(optimizer, lr, None)
-        images = batch[0].to(device, non_blocking=True)
-        with autocast_context(device, amp_dtype):
-            out = ddp_model(images)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(out["loss"]).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = _grad_norm(params, args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            out["loss"].backward()
-            grad_norm = _grad_norm(params, args.clip_grad)
-            optimizer.step()
-        usage = vq.update_codebook(out["features"], out["ids"], args.dead_code_steps)
-        epoch_counts += usage["counts"].to(torch.float64)
-        pending.append({"loss": out["loss"].detach(), "rec_loss": out["rec_loss"], "commit_loss": out["commit_loss"],
-                        "perplexity": usage["perplexity"], "code_usage": usage["code_usage"],
-                        "dead_codes_reinit": usage["dead_codes_reinit"], "grad_norm": grad_norm.detach()})
-        pending_lr.append(lr)
-        lr_total += lr
-        skipped += batch[1].sum() if len(batch) > 1 else 0
-        images_seen += images.shape[0]
-        n_steps += 1
-        last_images, last_recon = images, out["recon"]
-        if n_steps % args.print_freq == 0:
-            flush()
-        if args.image_freq > 0 and (it + 1) % args.image_freq == 0 and info.is_main:
-            writer.image(it, "reconstruction/input_vs_recon", image_grid(vq, images, out["recon"]))
-    flush()
-    bar.close()
-    if n_steps == 0:
-        raise RuntimeError("the data loader produced no batch this epoch: the dataset has fewer images than "
-                           "--batch_size x number of processes; lower --batch_size or add images")
-    if info.is_main and last_images is not None:
-        writer.image(start_step + n_steps - 1, "reconstruction/epoch_end", image_grid(vq, last_images, last_recon))
-
-    stats: dict[str, Any] = {k: v / n_steps for k, v in totals.items()}
-    stats["dead_codes_reinit"] = totals["dead_codes_reinit"]           # a count: the epoch's total
-    stats["lr"] = lr_total / n_steps
-    stats["psnr"] = 10.0 * math.log10(4.0 / max(stats["rec_loss"], 1e-12))  # [-1, 1] space: peak-to-peak 2
-    epoch_usage = usage_figures(epoch_counts)                            # counts are already global
-    stats.update({"epoch_codes_used": epoch_usage["codes_used"], "epoch_code_usage": epoch_usage["code_usage"],
-                  "epoch_perplexity": epoch_usage["perplexity"]})
-    stats["skipped_images"] = int(all_reduce_sum(skipped.to(torch.float64)).item())
-    stats["steps"] = n_steps
-    if stats["skipped_images"]:
-        log.warning("epoch %d: %d unreadable images were skipped (see the warnings above for their paths)",
-                    epoch, stats["skipped_images"])
-    return stats
-
-
 def run_train(args: argparse.Namespace) -> dict:
     """Train a VQ-VAE tokenizer as `args` say; return the last epoch's statistics."""
     info = start_run(args, resolve_train_defaults, "training the tokenizer")
@@ -465,8 +241,10 @@ def run_train(args: argparse.Namespace) -> dict:
     try:
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch)
-            stats = train_one_epoch(args, ddp_model, vq, optimizer, scaler, lr_schedule, loader, epoch,
-                                    steps_per_epoch, info, amp_dtype, writer, last_ckpt)
+            stats = train_one_epoch(ddp_model, vq, optimizer, scaler, lr_schedule, loader, epoch, steps_per_epoch,
+                                    info, amp_dtype, writer, last_ckpt, clip_grad=args.clip_grad,
+                                    dead_code_steps=args.dead_code_steps, print_freq=args.print_freq,
+                                    image_freq=args.image_freq)
             check_codebook_replicas(vq)
             if args.output_dir and info.is_main and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
                 last_ckpt = os.path.abspath(save(args, epoch, vq, optimizer, scaler, (epoch + 1) * steps_per_epoch))
@@ -513,74 +291,6 @@ def get_inspect_parser() -> argparse.ArgumentParser:
 
 _INSPECT_DESCRIPTION = ("Look at a tokenizer: image / token-id map / reconstruction grid for a few images, and the "
                         "codebook-usage histogram over a dataset (two PNGs; usage figures in the log).")
-
-
-def token_palette(vocab_size: int) -> np.ndarray:
-    """A fixed false colour per token id (V, 3) uint8: neighbouring ids get unrelated colours."""
-    return np.random.default_rng(12345).integers(30, 256, size=(vocab_size, 3), dtype=np.uint8)
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B,3,H,W) in [0,1] -> (B,H,W,3) uint8."""
-    return (images.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def draw_token_grid(images: torch.Tensor, ids: torch.Tensor, recon: torch.Tensor | None, vocab_size: int,
-                    title: str = "") -> Image.Image:
-    """Columns: images; rows: the image, its token ids in false colour, the reconstruction (if any)."""
-    pics = _to_uint8(images)
-    b, h, w, _ = pics.shape
-    palette = token_palette(vocab_size)
-    tokens = palette[ids.cpu().numpy()]                                  # (B, h_t, w_t, 3)
-    tokens = np.repeat(np.repeat(tokens, h // ids.shape[1], axis=1), w // ids.shape[2], axis=2)
-    rows = [("image", pics), ("token ids", tokens)]
-    if recon is not None:
-        rows.append(("reconstruction", _to_uint8(recon)))
-    gap, label_w, title_h = 4, 96, 18 if title else 0
-    canvas = Image.new("RGB", (label_w + b * (w + gap) + gap, title_h + len(rows) * (h + gap) + gap), "white")
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((gap, 3), title, fill="black")
-    for r, (name, row) in enumerate(rows):
-        top = title_h + gap + r * (h + gap)
-        draw.text((gap, top + h // 2 - 6), name, fill="black")
-        for c in range(b):
-            canvas.paste(Image.fromarray(row[c]), (label_w + gap + c * (w + gap), top))
-    return canvas
-
-
-def draw_usage_histogram(counts: np.ndarray, title: str, width: int = 900, panel_h: int = 160) -> Image.Image:
-    """Two panels: usage per code id (ids bucketed into columns) and codes sorted by usage (log scale)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    vocab = len(counts)
-    margin, title_h, gap = 40, 40, 30
-    plot_w = width - 2 * margin
-    canvas = Image.new("RGB", (width, title_h + 2 * panel_h + gap + 30), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((margin, 6), title, fill="black")
-
-    def panel(top: int, values: np.ndarray, caption: str, colour) -> None:
-        draw.rectangle([margin, top, margin + plot_w, top + panel_h], outline="black")
-        draw.text((margin, top - 13), caption, fill="black")
-        if len(values) == 0 or values.max() <= 0:
-            return
-        heights = values / values.max()
-        for x in range(plot_w):
-            v = heights[min(int(x * len(values) / plot_w), len(values) - 1)]
-            if v > 0:
-                draw.line([(margin + x, top + panel_h), (margin + x, top + panel_h - max(1, round(v * (panel_h - 2))))],
-                          fill=colour)
-
-    # Panel 1: token counts per code id; several ids share a column when V > plot width (their sum).
-    per_col = max(1, math.ceil(vocab / plot_w))
-    padded = np.zeros(per_col * math.ceil(vocab / per_col))
-    padded[:vocab] = counts
-    buckets = padded.reshape(-1, per_col).sum(axis=1)
-    panel(title_h + 14, buckets, f"tokens per code id (0 .. {vocab - 1}; {per_col} id(s) per column), linear", (40, 90, 200))
-    # Panel 2: codes ranked by usage, log10(1 + count), so rare codes stay visible.
-    ranked = np.log10(1.0 + np.sort(counts)[::-1])
-    panel(title_h + panel_h + gap + 14, ranked, "codes sorted by usage, log10(1 + count)", (200, 80, 40))
-    return canvas
 
 
 def histogram_path(output: str | os.PathLike) -> Path:

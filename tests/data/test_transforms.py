@@ -7,8 +7,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
+from mcbeit.data.datasets import build_pretraining_dataset
 from mcbeit.data.masking import BlockMaskGenerator, RandomMaskGenerator
 from mcbeit.data.transforms import TwoViewTransform, parse_interpolation, sample_crop_box
+from tests.tasks.conftest import make_image_folder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 QUADRANT_COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], np.float32)
@@ -200,3 +202,23 @@ def test_grayscale_input_and_pickle_and_repr():
 def test_mask_generator_is_required():
     with pytest.raises(ValueError, match="mask_generator"):
         make_transform(mask_generator=None)
+
+
+def test_one_view_transform_and_single_output_dataset_items(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mcbeit.data.transforms import OneViewTransform
+    from mcbeit.tokenizers import Normalize
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    train = OneViewTransform(32, scale=(0.35, 1.0), output_transform=Normalize())
+    a, b = train(image, np.random.default_rng([0, 1, 2])), train(image, np.random.default_rng([0, 1, 2]))
+    assert a.shape == (3, 32, 32) and torch.equal(a, b) and -1 <= a.min() and a.max() <= 1  # a function of the rng
+    centre = OneViewTransform(40, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=0.0, interpolation="bicubic")
+    crop = centre(image, np.random.default_rng(0))                                            # the middle 40x40
+    expected = torch.from_numpy(np.asarray(image)[:, 10:50].astype(np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(crop, expected)
+    make_image_folder(tmp_path, n_per_class=1, size=48)
+    item = build_pretraining_dataset(tmp_path, None, train)[(0, 3)]
+    assert len(item) == 2 and item[0].shape == (3, 32, 32) and item[1] == 0                   # (view, n_skipped)

@@ -6,6 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mcbeit.tokenizers import CustomTokenizer, DallEEncoder, Normalize, build_tokenizer, save_custom_tokenizer
+from mcbeit.tokenizers.custom import CUSTOM_FORMAT_VERSION
 
 
 def test_default_config_is_small_and_cheap():
@@ -78,3 +79,68 @@ def test_random_tokenizer_gives_peaked_soft_targets():
     uniform = torch.log(torch.tensor(8192.0)).item()
     assert entropy(plain) > uniform - 0.05
     assert entropy(random_tok) < uniform - 1.0
+
+
+TINY_VQ = dict(image_size=32, head="vq", vocab_size=64, n_hid=8, embed_dim=8)
+
+
+def test_vq_head_logits_are_negative_scaled_squared_distances():
+    torch.manual_seed(0)
+    tok = CustomTokenizer(**TINY_VQ).eval()
+    assert tok.has_decoder and tok.config["head"] == "vq" and tok.codebook.shape == (64, 8)
+    x = torch.stack([tok.input_transform(torch.rand(3, 32, 32)) for _ in range(3)])
+    with torch.no_grad():
+        logits = tok(x)
+        z = tok.encode(x)
+    assert logits.shape == (3, 64, 4, 4) and logits.dtype == torch.float32
+    dist2 = torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 8), tok.codebook).pow(2)          # (B*h*w, V)
+    torch.testing.assert_close(logits.permute(0, 2, 3, 1).reshape(-1, 64), -tok.logit_scale * dist2, atol=1e-3, rtol=1e-4)
+    assert (logits <= 1e-4).all()
+    ids = logits.argmax(1)
+    assert torch.equal(ids.flatten(), dist2.argmin(1))                                       # argmax = nearest code
+    images = tok.decode(ids)
+    assert images.shape == (3, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    with pytest.raises(ValueError, match="token ids"):
+        tok.decode(torch.full((1, 4, 4), 64))
+    plain = CustomTokenizer(image_size=32, n_hid=8, vocab_size=64)
+    assert not plain.has_decoder and "head" not in plain.config
+    with pytest.raises(NotImplementedError):
+        plain.decode(ids)
+    with pytest.raises(ValueError, match="cosine_scale"):
+        CustomTokenizer(head="vq", cosine_scale=10.0)
+    with pytest.raises(ValueError, match="head"):
+        CustomTokenizer(head="gumbel")
+
+
+def test_version_2_file_round_trip_and_version_1_files_still_load(tmp_path):
+    torch.manual_seed(0)
+    vq = CustomTokenizer(**TINY_VQ).eval()
+    save_custom_tokenizer(vq, tmp_path / "vq.pth")
+    payload = torch.load(tmp_path / "vq.pth", weights_only=True)
+    assert payload["format_version"] == CUSTOM_FORMAT_VERSION == 2
+    assert payload["config"]["head"] == "vq" and "codebook" in payload["state_dict"]
+    assert any(k.startswith("decoder.") for k in payload["state_dict"])
+    loaded = build_tokenizer("customized", tmp_path / "vq.pth", image_size=32)
+    assert loaded.has_decoder and not loaded.random_weights and loaded.config == vq.config
+    x = torch.stack([vq.input_transform(torch.rand(3, 32, 32)) for _ in range(2)])
+    ids = torch.randint(0, 64, (2, 4, 4))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), vq(x)) and torch.equal(loaded.decode(ids), vq.decode(ids))
+
+    # A version-1 file as the previous release wrote it: no 'head' in the config.
+    for cosine in (0.0, 100.0):
+        old = CustomTokenizer(image_size=32, n_hid=8, vocab_size=64, cosine_scale=cosine).eval()
+        v1 = {"kind": "customized", "format_version": 1,
+              "config": dict(group_count=4, n_hid=8, n_blk_per_group=1, input_channels=3, vocab_size=64,
+                             cosine_scale=cosine),
+              "state_dict": {k: v.clone() for k, v in old.state_dict().items()}}
+        torch.save(v1, tmp_path / "v1.pth")
+        back = build_tokenizer("customized", tmp_path / "v1.pth", image_size=32)
+        assert not back.has_decoder and back.config == old.config
+        with torch.no_grad():
+            assert torch.equal(back(x), old(x))
+
+    payload["format_version"] = 3
+    torch.save(payload, tmp_path / "future.pth")
+    with pytest.raises(ValueError, match="format_version 3"):
+        build_tokenizer("customized", tmp_path / "future.pth")

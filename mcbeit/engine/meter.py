@@ -1,0 +1,96 @@
+"""Per-step metrics of a training epoch, kept on the device and read back once per interval.
+
+Every training loop (pre-training, tokenizer training) hands each step's metrics to a
+:class:`StepMeter` as device tensors plus a few host floats (the learning rate). Every
+``print_freq`` steps :meth:`StepMeter.flush` stacks them, averages the chosen ones over ranks
+in ONE all-reduce, checks the loss is finite, writes one TensorBoard point per step, adds to the
+epoch totals and updates the progress bar: one host sync per interval, not per step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Mapping, Sequence
+
+import torch
+from tqdm import tqdm
+
+from mcbeit.engine.distributed import all_reduce_mean
+from mcbeit.engine.logging import RunWriter
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StepMeter:
+    """Collect one epoch's per-step metrics.
+
+    metrics:        names of the per-step device tensors (scalars), in the order given to :meth:`add`.
+    mean_over_ranks: those of ``metrics`` that differ between ranks and are averaged over them.
+    groups:         TensorBoard head -> names (device metrics or host values) written under it.
+    postfix:        progress-bar label -> (name, format) shown after each flush.
+    first_step:     the global step of this epoch's first step (TensorBoard's x axis).
+    stop_hint:      appended to the error raised on a non-finite loss (what to change).
+    """
+
+    def __init__(self, metrics: Sequence[str], mean_over_ranks: Sequence[str], groups: Mapping[str, Sequence[str]],
+                 postfix: Mapping[str, tuple[str, str]], *, epoch: int, first_step: int, total_steps: int,
+                 writer: RunWriter | None, show: bool, last_good_checkpoint: str | None, stop_hint: str):
+        self.metrics = tuple(metrics)
+        self.reduced = [self.metrics.index(k) for k in mean_over_ranks]
+        self.groups, self.postfix = groups, postfix
+        self.epoch, self.first_step = epoch, first_step
+        self.writer = writer
+        self.last_good_checkpoint, self.stop_hint = last_good_checkpoint, stop_hint
+        self.bar = tqdm(total=total_steps, desc=f"epoch {epoch}", disable=not show, dynamic_ncols=True,
+                        mininterval=1.0)
+        self.totals: dict[str, float] = {}
+        self.steps = 0
+        self._pending: list[dict[str, torch.Tensor]] = []
+        self._pending_host: list[dict[str, float]] = []
+        self._images = 0
+        self._t0 = time.perf_counter()
+
+    def add(self, values: Mapping[str, torch.Tensor], host: Mapping[str, float], images: int) -> None:
+        """Queue one step's metrics (no host sync)."""
+        self._pending.append({k: values[k] for k in self.metrics})
+        self._pending_host.append(dict(host))
+        self._images += images
+        self.steps += 1
+
+    def flush(self) -> None:
+        """Read back the queued steps: reduce, check, log (one all-reduce and one device-to-host copy)."""
+        if not self._pending:
+            return
+        values = torch.stack([torch.stack([m[k].float() for m in self._pending]) for k in self.metrics])  # (K, steps)
+        if self.reduced:
+            values[self.reduced] = all_reduce_mean(values[self.reduced])
+        rows = dict(zip(self.metrics, values.cpu().tolist()))
+        first = self.first_step + self.steps - len(self._pending)
+        for i, host in enumerate(self._pending_host):
+            step = {**{k: rows[k][i] for k in self.metrics}, **host}
+            if not math.isfinite(step["loss"]):
+                raise NonFiniteLossError(
+                    f"loss is {step['loss']} at epoch {self.epoch}, step {first + i}; stopping before it spreads. "
+                    f"Last good checkpoint: {self.last_good_checkpoint or 'none written yet'}. {self.stop_hint}")
+            for k, v in step.items():
+                self.totals[k] = self.totals.get(k, 0.0) + v
+            if self.writer is not None:
+                for head, names in self.groups.items():
+                    self.writer.scalars(first + i, {k: step[k] for k in names}, head)
+        last = {**{k: rows[k][-1] for k in self.metrics}, **self._pending_host[-1]}
+        elapsed = time.perf_counter() - self._t0
+        self.bar.set_postfix({label: fmt.format(last[name]) for label, (name, fmt) in self.postfix.items()}
+                             | {"img_s": f"{self._images / max(elapsed, 1e-9):.1f}"})
+        self.bar.update(len(self._pending))
+        self._pending, self._pending_host, self._images, self._t0 = [], [], 0, time.perf_counter()
+
+    def means(self) -> dict[str, float]:
+        """Flush, close the bar and return each metric's mean over the epoch's steps."""
+        self.flush()
+        self.bar.close()
+        if self.steps == 0:
+            raise RuntimeError("the data loader produced no batch this epoch: the dataset has fewer images than "
+                               "--batch_size x number of processes; lower --batch_size or add images")
+        return {k: v / self.steps for k, v in self.totals.items()}

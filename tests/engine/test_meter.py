@@ -1,0 +1,59 @@
+"""StepMeter: per-step device metrics read back once per interval, epoch means, non-finite losses stop the run."""
+import struct
+
+import pytest
+import torch
+
+from mcbeit.engine.logging import RunWriter
+from mcbeit.engine.meter import NonFiniteLossError, StepMeter
+
+
+def read_scalars(folder):
+    """{tag: [(step, value), ...]} from the TFRecord event files tensorboardX wrote (length, crc, event, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            n = struct.unpack("<Q", data[pos:pos + 8])[0]
+            event = Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def _meter(writer=None, last=None):
+    return StepMeter(("loss", "acc"), ("loss", "acc"), {"loss": ("loss", "acc"), "opt": ("lr",)},
+                     {"loss": ("loss", "{:.3f}")}, epoch=2, first_step=10, total_steps=4, writer=writer, show=False,
+                     last_good_checkpoint=last, stop_hint="Lower --lr.")
+
+
+def test_means_totals_and_one_tensorboard_point_per_step(tmp_path):
+    writer = RunWriter(str(tmp_path), str(tmp_path / "tb"), enabled=True)
+    meter = _meter(writer)
+    for i in range(4):
+        meter.add({"loss": torch.tensor(float(i)), "acc": torch.tensor(0.5)}, {"lr": 0.1 * i}, images=8)
+        if meter.steps % 3 == 0:
+            meter.flush()
+    assert meter.steps == 4 and meter.totals["loss"] == 3.0                 # steps 0..2 flushed, step 3 pending
+    means = meter.means()
+    assert means == pytest.approx({"loss": 1.5, "acc": 0.5, "lr": 0.15})
+    writer.close()
+    scalars = read_scalars(tmp_path / "tb")
+    assert [step for step, _ in scalars["loss/loss"]] == [10, 11, 12, 13]      # global steps from first_step
+    assert [round(v, 6) for _, v in scalars["opt/lr"]] == [0.0, 0.1, 0.2, 0.3]
+
+
+def test_non_finite_loss_names_the_step_and_the_last_good_checkpoint():
+    meter = _meter(last="/runs/a/checkpoint-1.pth")
+    meter.add({"loss": torch.tensor(1.0), "acc": torch.tensor(0.0)}, {"lr": 0.1}, images=8)
+    meter.add({"loss": torch.tensor(float("nan")), "acc": torch.tensor(0.0)}, {"lr": 0.1}, images=8)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 11.*checkpoint-1\.pth.*Lower --lr"):
+        meter.flush()
+
+
+def test_an_epoch_without_steps_says_what_to_do():
+    with pytest.raises(RuntimeError, match="lower --batch_size"):
+        _meter().means()
