@@ -11,7 +11,8 @@ from .custom import CustomTokenizer, load_custom_tokenizer, save_custom_tokenize
 from .dalle import DallEDecoder, DallEEncoder, unmap_pixels
 from .factory import TOKENIZER_ALIASES, TOKENIZER_KINDS, build_tokenizer, canonical_kind
 from .safe_pickle import load_dalle_decoder, load_dalle_encoder
-from .vqgan import EMAVQGANTokenizer, GumbelVQGANTokenizer, TamingVQGANTokenizer, VQGANDecoder, VQGANEncoder
+from .taming_modules import VQGANDecoder, VQGANEncoder
+from .vqgan import EMAVQGANTokenizer, GumbelVQGANTokenizer, TamingVQGANTokenizer
 
 __all__ = [
     "Tokenizer",

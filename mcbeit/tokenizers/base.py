@@ -155,3 +155,14 @@ class Tokenizer(nn.Module):
             f"kind={self.kind!r}, vocab_size={self.vocab_size}, downsample={self.downsample}, "
             f"image_size={self.image_size}, random_weights={self.random_weights}"
         )
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``ids`` as a (B,h,w) int64 tensor of valid token ids, or a ValueError/TypeError saying what is wrong."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"token ids must be an integer tensor (B, h, w), got {getattr(ids, 'dtype', type(ids).__name__)}")
+    if ids.dim() != 3:
+        raise ValueError(f"token ids must have shape (B, h, w), got {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got min {int(ids.min())}, max {int(ids.max())}")
+    return ids.long()

@@ -41,7 +41,7 @@ from torch import nn
 
 from mcbeit.models.checkpoint import compare_state_dict
 
-from .base import Normalize
+from .base import Normalize, check_token_ids
 from .dalle import DallEConv2d, DallEEncoder, DallEEncoderBlock
 
 CUSTOM_FORMAT_VERSION = 2
@@ -189,10 +189,7 @@ class CustomTokenizer(DallEEncoder):
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.has_decoder:
             return super().decode(ids)
-        if ids.dim() != 3 or ids.dtype != torch.long:
-            raise ValueError(f"decode expects token ids of shape (B, h, w) and dtype long, got {tuple(ids.shape)} {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+        ids = check_token_ids(ids, self.vocab_size)
         return self.to_pixels(self.decoder(self.code_vectors(ids)))
 
     def _require_vq(self, what: str) -> None:

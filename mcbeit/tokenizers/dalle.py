@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MapPixels, Tokenizer
+from .base import MapPixels, Tokenizer, check_token_ids
 
 DALLE_LOGIT_LAPLACE_EPS = 0.1
 DALLE_DEFAULT_CONFIG: Dict[str, int] = dict(
@@ -278,7 +278,7 @@ class DallEDecoder(nn.Module):
         Same as ``unmap_pixels(sigmoid(self(one_hot(ids))[:, :C]))`` (OpenAI's and BEiT's recipe), with
         the 1x1 input conv of a one-hot map computed as a lookup of its weight columns.
         """
-        ids = _check_ids(ids, self.vocab_size)
+        ids = check_token_ids(ids, self.vocab_size)
         conv = self.blocks.input
         table = conv.w[:, :, 0, 0].t()  # (V, n_init)
         h = F.embedding(ids, table).permute(0, 3, 1, 2) + conv.b.view(1, -1, 1, 1)  # (B, n_init, h, w)
@@ -287,14 +287,3 @@ class DallEDecoder(nn.Module):
                 h = module(h)
         stats = h[:, : self.output_channels].float()
         return unmap_pixels(torch.sigmoid(stats))
-
-
-def _check_ids(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``ids`` as a (B,h,w) int64 tensor of valid token ids, or a ValueError/TypeError saying what is wrong."""
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"token ids must be an integer tensor (B, h, w), got {getattr(ids, 'dtype', type(ids).__name__)}")
-    if ids.dim() != 3:
-        raise ValueError(f"token ids must have shape (B, h, w), got {tuple(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), got min {int(ids.min())}, max {int(ids.max())}")
-    return ids.long()

@@ -21,7 +21,8 @@ _WEIGHT_HINTS = {
     "dall-e": "a folder holding OpenAI's encoder.pkl, and decoder.pkl to look at tokens (read by a restricted unpickler)",
     "vqgan": "a taming log folder holding model.yaml and last.ckpt (vqgan_gumbel_f8_8192)",
     "vqgan_ema": "a taming log folder holding model.yaml (target taming.models.vqgan.EMAVQ) and last.ckpt",
-    "customized": "a .pth file written by mcbeit.tokenizers.save_custom_tokenizer",
+    "customized": ("a checkpoint of `mcbeit-tokenizer train` (checkpoint-<epoch>.pth), the tokenizer.pth beside it, "
+                   "their folder, or a .pth written by mcbeit.tokenizers.save_custom_tokenizer"),
 }
 _VQGAN_CLASSES = {"vqgan": GumbelVQGANTokenizer, "vqgan_ema": EMAVQGANTokenizer}
 

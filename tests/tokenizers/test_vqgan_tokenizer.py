@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 
 from mcbeit.tokenizers import GumbelVQGANTokenizer, Normalize, build_tokenizer
-from mcbeit.tokenizers.vqgan import AttnBlock, Downsample
+from mcbeit.tokenizers.taming_modules import AttnBlock, Downsample
 
 # sha256 of "name:shape" lines, sorted by name, of taming's encoder.* + quant_conv.* + quantize.*
 TAMING_F8_DIGEST = "7ed4d7226cd685741b95f212a22be80be6816a9cd36c07ecd33cfd69f2c64d80"
