@@ -103,21 +103,14 @@ def train_one_epoch(state: PretrainState, loader: Iterable, epoch: int, start_st
                       epoch=epoch, first_step=start_step, total_steps=steps_per_epoch, writer=state.writer,
                       show=state.dist.is_main, last_good_checkpoint=last_good_checkpoint,
                       stop_hint="Lower --lr, set --clip_grad, or use --amp bf16 / off")
-    skipped = torch.zeros((), dtype=torch.long)
     for step, batch in enumerate(loader):
         if step >= steps_per_epoch:
             break
         it = start_step + step
         apply_schedules(state.optimizer, float(state.lr_schedule[it]), float(state.wd_schedule[it]))
-        meter.add(pretrain_step(state, batch, temp), _lr_stats(state.optimizer), batch[0].shape[0])
-        skipped += batch[3].sum() if len(batch) > 3 else 0
+        meter.add(pretrain_step(state, batch, temp), _lr_stats(state.optimizer), batch[0].shape[0],
+                  skipped=batch[3].sum() if len(batch) > 3 else 0)
         if meter.steps % state.print_freq == 0:
             meter.flush()
 
-    stats: dict[str, Any] = meter.means()
-    stats["skipped_images"] = int(all_reduce_sum(skipped.to(torch.float64)).item())
-    stats["steps"] = meter.steps
-    if stats["skipped_images"]:
-        log.warning("epoch %d: %d unreadable images were skipped (see the warnings above for their paths)",
-                    epoch, stats["skipped_images"])
-    return stats
+    return meter.epoch_stats()

@@ -8,6 +8,7 @@ epoch totals and updates the progress bar: one host sync per interval, not per s
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Mapping, Sequence
@@ -15,8 +16,10 @@ from typing import Mapping, Sequence
 import torch
 from tqdm import tqdm
 
-from mcbeit.engine.distributed import all_reduce_mean
+from mcbeit.engine.distributed import all_reduce_mean, all_reduce_sum
 from mcbeit.engine.logging import RunWriter
+
+log = logging.getLogger("mcbeit")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,13 +53,16 @@ class StepMeter:
         self._pending: list[dict[str, torch.Tensor]] = []
         self._pending_host: list[dict[str, float]] = []
         self._images = 0
+        self._skipped = torch.zeros((), dtype=torch.long)
         self._t0 = time.perf_counter()
 
-    def add(self, values: Mapping[str, torch.Tensor], host: Mapping[str, float], images: int) -> None:
-        """Queue one step's metrics (no host sync)."""
+    def add(self, values: Mapping[str, torch.Tensor], host: Mapping[str, float], images: int,
+            skipped: torch.Tensor | int = 0) -> None:
+        """Queue one step's metrics (no host sync); ``skipped``: unreadable images the batch replaced."""
         self._pending.append({k: values[k] for k in self.metrics})
         self._pending_host.append(dict(host))
         self._images += images
+        self._skipped += skipped
         self.steps += 1
 
     def flush(self) -> None:
@@ -86,11 +92,18 @@ class StepMeter:
         self.bar.update(len(self._pending))
         self._pending, self._pending_host, self._images, self._t0 = [], [], 0, time.perf_counter()
 
-    def means(self) -> dict[str, float]:
-        """Flush, close the bar and return each metric's mean over the epoch's steps."""
+    def epoch_stats(self) -> dict[str, float]:
+        """Flush and close the bar; return each metric's mean over the epoch's steps, the number of
+        steps and the images skipped as unreadable on all ranks (a warning when there were any)."""
         self.flush()
         self.bar.close()
         if self.steps == 0:
             raise RuntimeError("the data loader produced no batch this epoch: the dataset has fewer images than "
                                "--batch_size x number of processes; lower --batch_size or add images")
-        return {k: v / self.steps for k, v in self.totals.items()}
+        stats = {k: v / self.steps for k, v in self.totals.items()}
+        stats["steps"] = self.steps
+        stats["skipped_images"] = int(all_reduce_sum(self._skipped.to(torch.float64)).item())
+        if stats["skipped_images"]:
+            log.warning("epoch %d: %d unreadable images were skipped (see the warnings above for their paths)",
+                        self.epoch, stats["skipped_images"])
+        return stats

@@ -8,36 +8,33 @@ images on whatever device is present.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import timm
-import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
 import mcbeit.models  # noqa: F401  (registers the model names with timm)
 from mcbeit.data.datasets import build_pretraining_dataset
 from mcbeit.data.masking import build_mask_generator
-from mcbeit.data.samplers import EpochTaggedSampler
+from mcbeit.data.samplers import build_train_loader
 from mcbeit.data.transforms import TwoViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
-from mcbeit.engine.distributed import DistInfo, cleanup, init_distributed
-from mcbeit.engine.logging import RunWriter, setup_logging
+from mcbeit.engine.distributed import DistInfo, cleanup
+from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.loop import PretrainState, train_one_epoch
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.schedules import cosine_scheduler, temperature_schedule
 from mcbeit.models.beit import BeitForMaskedImageModeling
 from mcbeit.models.checkpoint import filter_pretraining_state_dict, load_into
 from mcbeit.objectives import build_objective
+from mcbeit.tasks.common import (amp_settings, log_plan, resume_path, save_due, seed_everything, start_run,
+                                 warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 
 log = logging.getLogger("mcbeit.pretrain")
@@ -188,21 +185,6 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def amp_settings(amp: str | None, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    if amp is None:
-        if device.type != "cuda":
-            return None, None
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if amp == "off":
-        return None, None
-    if amp == "bf16":
-        return torch.bfloat16, None
-    if device.type != "cuda":
-        raise SystemExit("--amp fp16 needs a CUDA device (fp16 needs a gradient scaler and is slow on CPU); "
-                         "use --amp bf16 or --amp off on CPU")
-    return torch.float16, torch.amp.GradScaler("cuda")
-
-
 def build_model(args: argparse.Namespace, vocab_size: int) -> BeitForMaskedImageModeling:
     names = timm.list_models("beit_*_8k_vocab")
     if args.model not in names:
@@ -235,31 +217,18 @@ def build_data(args: argparse.Namespace, window: tuple[int, int], tokenizer, inf
     transform = TwoViewTransform(args.input_size, args.second_input_size, args.train_interpolation,
                                  args.second_interpolation, mean, std, tokenizer.input_transform, masks)
     dataset = build_pretraining_dataset(args.data_path, args.data_set, transform, args.seed)
-    per_step = args.batch_size * info.world_size
-    steps = len(dataset) // per_step
-    if steps == 0:
-        raise SystemExit(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size} "
-                         f"per process x {info.world_size} processes; lower --batch_size or add images")
-    sampler = EpochTaggedSampler(DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                                    shuffle=True, seed=args.seed, drop_last=True))
-    workers = max(0, args.num_workers)
-    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=workers,
-                        pin_memory=args.pin_mem and info.device.type == "cuda", drop_last=True,
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    loader, sampler, steps = build_train_loader(dataset, args.batch_size, args.num_workers,
+                                                args.pin_mem and info.device.type == "cuda", args.seed,
+                                                info.world_size, info.rank)
     log.info("data: %d images, %s; %s", len(dataset), masks, transform)
     return loader, sampler, steps
 
 
 def restore(args, model: BeitForMaskedImageModeling, optimizer, scaler) -> tuple[int, str | None]:
     """Load --resume (or the newest checkpoint with --auto_resume); return (start_epoch, path)."""
-    path = args.resume
-    if not path and args.auto_resume and args.output_dir:
-        latest = ckpt_io.latest_checkpoint(args.output_dir)
-        path = str(latest) if latest else ""
-    if not path:
+    path = resume_path(args)
+    if path is None:
         return args.start_epoch, None
-    if not os.path.isfile(path):
-        raise SystemExit(f"--resume {path}: no such file")
     ckpt = ckpt_io.load_training_checkpoint(path)
     state = filter_pretraining_state_dict(ckpt["model"], model)
     load_into(model, state, strict=True)
@@ -281,38 +250,6 @@ def save(args, epoch: int, model, optimizer, scaler, global_step: int) -> Path:
              "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
              "global_step": global_step, "args": ckpt_io.plain_args(args)}
     return ckpt_io.save_atomic(state, ckpt_io.checkpoint_path(args.output_dir, epoch))
-
-
-def warmup_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
-    """LR warm-up length in steps, shortened (with a warning) to the run when it is longer."""
-    steps = args.warmup_steps if args.warmup_steps > 0 else args.warmup_epochs * steps_per_epoch
-    total = args.epochs * steps_per_epoch
-    if steps > total:
-        log.warning("LR warm-up of %d steps is longer than the whole run (%d steps): warming up over the whole "
-                    "run instead; set --warmup_epochs / --warmup_steps to choose", steps, total)
-        steps = total
-    return steps
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def start_run(args: argparse.Namespace, resolve, purpose: str) -> DistInfo:
-    """What every long-running command does first: join the process group, set up logging, fill
-    the defaults (`resolve(args)`), create the output folder on rank 0 and log the arguments."""
-    info = init_distributed(args.device, args.dist_on_itp, args.local_rank, args.dist_url)
-    args.world_size, args.rank = info.world_size, info.rank
-    setup_logging(info.rank, args.debug)
-    resolve(args)
-    if args.output_dir and info.is_main:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    log.info("args: %s", json.dumps(ckpt_io.plain_args(args), sort_keys=True))
-    if args.data_path is None:
-        log.info("no --data_path: %s on the embedded images (a quick demonstration run)", purpose)
-    return info
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -349,12 +286,7 @@ def run(args: argparse.Namespace) -> dict:
                           optimizer=optimizer, scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
                           dist=info, amp_dtype=amp_dtype, clip_grad=args.clip_grad, print_freq=args.print_freq,
                           writer=writer, params=[p for p in model.parameters() if p.requires_grad])
-    log.info("%d steps per epoch, %d images per step (%d processes); amp %s; epochs %d..%d; output %s",
-             steps_per_epoch, args.batch_size * info.world_size, info.world_size,
-             amp_dtype or "off", start_epoch, args.epochs - 1, os.path.abspath(args.output_dir) if args.output_dir else "(none)")
-    if start_epoch >= args.epochs:
-        log.warning("nothing to do: %s already finished epoch %d of %d; pass --epochs N, --no_auto_resume "
-                    "or another --output_dir to train again", resumed_from, start_epoch - 1, args.epochs)
+    log_plan(args, info, steps_per_epoch, amp_dtype, start_epoch, resumed_from)
 
     stats: dict = {}
     last_ckpt = resumed_from
@@ -364,7 +296,7 @@ def run(args: argparse.Namespace) -> dict:
             sampler.set_epoch(epoch)
             stats = train_one_epoch(state, loader, epoch, epoch * steps_per_epoch, float(temps[epoch]),
                                     steps_per_epoch, last_good_checkpoint=last_ckpt)
-            if args.output_dir and info.is_main and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
+            if save_due(args, epoch, info):
                 last_ckpt = os.path.abspath(save(args, epoch, model, optimizer, scaler, (epoch + 1) * steps_per_epoch))
                 log.info("saved %s", last_ckpt)
             stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,

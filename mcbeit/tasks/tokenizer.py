@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from mcbeit.data.datasets import build_pretraining_dataset
-from mcbeit.data.samplers import EpochTaggedSampler
+from mcbeit.data.samplers import build_train_loader
 from mcbeit.data.transforms import OneViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.distributed import DistInfo, cleanup, resolve_device
@@ -36,7 +36,7 @@ from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.models.checkpoint import load_into
-from mcbeit.tasks.pretrain import amp_settings, seed_everything, start_run, warmup_steps
+from mcbeit.tasks.common import amp_settings, log_plan, resume_path, save_due, seed_everything, start_run, warmup_steps
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 from mcbeit.tokenizers.custom import (TOKENIZER_EXPORT_NAME, VQ_DEFAULT_EMBED_DIM, VQ_DEFAULT_LOGIT_SCALE,
                                       CustomTokenizer, custom_tokenizer_payload)
@@ -158,30 +158,18 @@ def build_train_data(args: argparse.Namespace, tokenizer: CustomTokenizer, info:
     transform = OneViewTransform(args.input_size, scale=(args.crop_min_scale, 1.0), interpolation=args.interpolation,
                                  output_transform=tokenizer.input_transform)
     dataset = build_pretraining_dataset(args.data_path, args.data_set, transform, args.seed)
-    steps = len(dataset) // (args.batch_size * info.world_size)
-    if steps == 0:
-        raise SystemExit(f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size} "
-                         f"per process x {info.world_size} processes; lower --batch_size or add images")
-    sampler = EpochTaggedSampler(DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                                    shuffle=True, seed=args.seed, drop_last=True))
-    workers = max(0, args.num_workers)
-    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=workers,
-                        pin_memory=args.pin_mem and info.device.type == "cuda", drop_last=True,
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    loader, sampler, steps = build_train_loader(dataset, args.batch_size, args.num_workers,
+                                                args.pin_mem and info.device.type == "cuda", args.seed,
+                                                info.world_size, info.rank)
     log.info("data: %d images, %s", len(dataset), transform)
     return loader, sampler, steps
 
 
 def restore(args: argparse.Namespace, vq: VQVAETraining, optimizer, scaler) -> tuple[int, str | None]:
     """Load --resume (or the newest checkpoint with --auto_resume); return (start_epoch, path)."""
-    path = args.resume
-    if not path and args.auto_resume and args.output_dir:
-        latest = ckpt_io.latest_checkpoint(args.output_dir)
-        path = str(latest) if latest else ""
-    if not path:
+    path = resume_path(args)
+    if path is None:
         return 0, None
-    if not os.path.isfile(path):
-        raise SystemExit(f"--resume {path}: no such file")
     ckpt = ckpt_io.load_training_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"--resume {path} is not a checkpoint of mcbeit-tokenizer train "
@@ -228,12 +216,7 @@ def run_train(args: argparse.Namespace) -> dict:
     start_epoch, resumed_from = restore(args, vq, optimizer, scaler)
     ddp_model = DistributedDataParallel(vq, broadcast_buffers=False) if info.world_size > 1 else vq
     writer = RunWriter(args.output_dir, args.log_dir, enabled=info.is_main and bool(args.output_dir))
-    log.info("%d steps per epoch, %d images per step (%d processes); amp %s; epochs %d..%d; output %s",
-             steps_per_epoch, args.batch_size * info.world_size, info.world_size, amp_dtype or "off", start_epoch,
-             args.epochs - 1, os.path.abspath(args.output_dir) if args.output_dir else "(none)")
-    if start_epoch >= args.epochs:
-        log.warning("nothing to do: %s already finished epoch %d of %d; pass --epochs N, --no_auto_resume "
-                    "or another --output_dir to train again", resumed_from, start_epoch - 1, args.epochs)
+    log_plan(args, info, steps_per_epoch, amp_dtype, start_epoch, resumed_from)
 
     stats: dict = {}
     last_ckpt = resumed_from
@@ -246,7 +229,7 @@ def run_train(args: argparse.Namespace) -> dict:
                                     dead_code_steps=args.dead_code_steps, print_freq=args.print_freq,
                                     image_freq=args.image_freq)
             check_codebook_replicas(vq)
-            if args.output_dir and info.is_main and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
+            if save_due(args, epoch, info):
                 last_ckpt = os.path.abspath(save(args, epoch, vq, optimizer, scaler, (epoch + 1) * steps_per_epoch))
                 log.info("saved %s (and %s)", last_ckpt, TOKENIZER_EXPORT_NAME)
             stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "vocab_size": args.vocab_size,

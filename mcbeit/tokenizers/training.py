@@ -153,7 +153,6 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
                       show=info.is_main, last_good_checkpoint=last_good_checkpoint,
                       stop_hint="Lower --lr or set --clip_grad")
     epoch_counts = torch.zeros(vq.tokenizer.vocab_size, dtype=torch.float64, device=device)
-    skipped = torch.zeros((), dtype=torch.long)
     last_images = last_recon = None
     for step, batch in enumerate(loader):
         if step >= steps_per_epoch:
@@ -170,14 +169,13 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
         meter.add({"loss": out["loss"].detach(), "grad_norm": grad_norm,
                    **{k: out[k] for k in ("rec_loss", "commit_loss")},
                    **{k: usage[k] for k in ("perplexity", "code_usage", "dead_codes_reinit")}},
-                  {"lr": lr}, images.shape[0])
-        skipped += batch[1].sum() if len(batch) > 1 else 0
+                  {"lr": lr}, images.shape[0], skipped=batch[1].sum() if len(batch) > 1 else 0)
         last_images, last_recon = images, out["recon"]
         if meter.steps % print_freq == 0:
             meter.flush()
         if image_freq > 0 and (it + 1) % image_freq == 0 and info.is_main:
             writer.image(it, "reconstruction/input_vs_recon", image_grid(vq.tokenizer, images, out["recon"]))
-    stats: dict[str, Any] = meter.means()
+    stats: dict[str, Any] = meter.epoch_stats()
     if info.is_main and last_images is not None:
         writer.image(start_step + meter.steps - 1, "reconstruction/epoch_end",
                      image_grid(vq.tokenizer, last_images, last_recon))
@@ -187,9 +185,4 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
     epoch_usage = usage_figures(epoch_counts)                           # counts are already global
     stats.update({"epoch_codes_used": epoch_usage["codes_used"], "epoch_code_usage": epoch_usage["code_usage"],
                   "epoch_perplexity": epoch_usage["perplexity"]})
-    stats["skipped_images"] = int(all_reduce_sum(skipped.to(torch.float64)).item())
-    stats["steps"] = meter.steps
-    if stats["skipped_images"]:
-        log.warning("epoch %d: %d unreadable images were skipped (see the warnings above for their paths)",
-                    epoch, stats["skipped_images"])
     return stats

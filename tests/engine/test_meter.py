@@ -34,12 +34,13 @@ def test_means_totals_and_one_tensorboard_point_per_step(tmp_path):
     writer = RunWriter(str(tmp_path), str(tmp_path / "tb"), enabled=True)
     meter = _meter(writer)
     for i in range(4):
-        meter.add({"loss": torch.tensor(float(i)), "acc": torch.tensor(0.5)}, {"lr": 0.1 * i}, images=8)
+        meter.add({"loss": torch.tensor(float(i)), "acc": torch.tensor(0.5)}, {"lr": 0.1 * i}, images=8,
+                  skipped=torch.tensor(i % 2))
         if meter.steps % 3 == 0:
             meter.flush()
     assert meter.steps == 4 and meter.totals["loss"] == 3.0                 # steps 0..2 flushed, step 3 pending
-    means = meter.means()
-    assert means == pytest.approx({"loss": 1.5, "acc": 0.5, "lr": 0.15})
+    stats = meter.epoch_stats()
+    assert stats == pytest.approx({"loss": 1.5, "acc": 0.5, "lr": 0.15, "steps": 4, "skipped_images": 2})
     writer.close()
     scalars = read_scalars(tmp_path / "tb")
     assert [step for step, _ in scalars["loss/loss"]] == [10, 11, 12, 13]      # global steps from first_step
@@ -56,4 +57,4 @@ def test_non_finite_loss_names_the_step_and_the_last_good_checkpoint():
 
 def test_an_epoch_without_steps_says_what_to_do():
     with pytest.raises(RuntimeError, match="lower --batch_size"):
-        _meter().means()
+        _meter().epoch_stats()

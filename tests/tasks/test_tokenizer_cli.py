@@ -16,13 +16,8 @@ TINY_TRAIN = ["--device", "cpu", "--input_size", "32", "--vocab_size", "64", "--
               "--dead_code_steps", "4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and does not collapse when other processes share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from mcbeit.tasks import tokenizer as tok_task
-from mcbeit.tokenizers.training import VQVAETraining
 from mcbeit.tokenizers import CustomTokenizer, build_tokenizer
+from mcbeit.tokenizers.training import VQVAETraining
 from tests.tasks.conftest import make_image_folder
 
 # 64 images of 4 classes, 32 px crops, 64 codes: 4 steps per epoch.
@@ -17,14 +17,8 @@ TRAIN_FLAGS = ["--device", "cpu", "--input_size", "32", "--vocab_size", "64", "-
                "--batch_size", "16", "--num_workers", "0", "--print_freq", "2", "--lr", "3e-3", "--min_lr", "1e-4",
                "--warmup_epochs", "0", "--dead_code_steps", "4", "--seed", "0"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and does not collapse when other processes share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def read_log(out):
     return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]

@@ -1,0 +1,98 @@
+"""What every long-running command shares: starting the run, precision, seeds, warm-up length,
+finding the checkpoint to resume from, and the plan logged before the first step."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mcbeit.engine import checkpoint as ckpt_io
+from mcbeit.engine.distributed import DistInfo, init_distributed
+from mcbeit.engine.logging import setup_logging
+
+log = logging.getLogger("mcbeit")
+
+
+def start_run(args: argparse.Namespace, resolve: Callable[[argparse.Namespace], object], purpose: str) -> DistInfo:
+    """Join the process group, set up logging, fill the defaults (``resolve(args)``), create the
+    output folder on rank 0 and log the arguments."""
+    info = init_distributed(args.device, args.dist_on_itp, args.local_rank, args.dist_url)
+    args.world_size, args.rank = info.world_size, info.rank
+    setup_logging(info.rank, args.debug)
+    resolve(args)
+    if args.output_dir and info.is_main:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    log.info("args: %s", json.dumps(ckpt_io.plain_args(args), sort_keys=True))
+    if args.data_path is None:
+        log.info("no --data_path: %s on the embedded images (a quick demonstration run)", purpose)
+    return info
+
+
+def amp_settings(amp: str | None, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """(autocast dtype or None, GradScaler for fp16 or None) for ``--amp`` (None: bf16 on CUDA, off on CPU)."""
+    if amp is None:
+        if device.type != "cuda":
+            return None, None
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "off":
+        return None, None
+    if amp == "bf16":
+        return torch.bfloat16, None
+    if device.type != "cuda":
+        raise SystemExit("--amp fp16 needs a CUDA device (fp16 needs a gradient scaler and is slow on CPU); "
+                         "use --amp bf16 or --amp off on CPU")
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def warmup_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
+    """LR warm-up length in steps, shortened (with a warning) to the run when it is longer."""
+    steps = args.warmup_steps if args.warmup_steps > 0 else args.warmup_epochs * steps_per_epoch
+    total = args.epochs * steps_per_epoch
+    if steps > total:
+        log.warning("LR warm-up of %d steps is longer than the whole run (%d steps): warming up over the whole "
+                    "run instead; set --warmup_epochs / --warmup_steps to choose", steps, total)
+        steps = total
+    return steps
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resume_path(args: argparse.Namespace) -> str | None:
+    """``--resume``, else with ``--auto_resume`` the newest checkpoint in ``--output_dir``, else None."""
+    path = args.resume
+    if not path and args.auto_resume and args.output_dir:
+        latest = ckpt_io.latest_checkpoint(args.output_dir)
+        path = str(latest) if latest else ""
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume {path}: no such file")
+    return path
+
+
+def save_due(args: argparse.Namespace, epoch: int, info: DistInfo) -> bool:
+    """Whether this rank writes a checkpoint after ``epoch``: rank 0, every --save_ckpt_freq epochs and the last."""
+    return bool(args.output_dir) and info.is_main and (
+        (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs)
+
+
+def log_plan(args: argparse.Namespace, info: DistInfo, steps_per_epoch: int, amp_dtype: torch.dtype | None,
+             start_epoch: int, resumed_from: str | None) -> None:
+    """One line saying what the run will do, and a warning when a resumed run has nothing left to do."""
+    log.info("%d steps per epoch, %d images per step (%d processes); amp %s; epochs %d..%d; output %s",
+             steps_per_epoch, args.batch_size * info.world_size, info.world_size, amp_dtype or "off", start_epoch,
+             args.epochs - 1, os.path.abspath(args.output_dir) if args.output_dir else "(none)")
+    if start_epoch >= args.epochs:
+        log.warning("nothing to do: %s already finished epoch %d of %d; pass --epochs N, --no_auto_resume "
+                    "or another --output_dir to train again", resumed_from, start_epoch - 1, args.epochs)
