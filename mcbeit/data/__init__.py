@@ -1,6 +1,6 @@
 """Data for masked image modelling: datasets, the two-view transform, patch masks, samplers."""
 
-from .datasets import PretrainingDataset, build_pretraining_dataset, load_rgb_image
+from .datasets import ImageDataset, build_pretraining_dataset, load_rgb_image
 from .embedded import EMBEDDED_CLASSES, embedded_dataset_root
 from .masking import BlockMaskGenerator, RandomMaskGenerator, build_mask_generator
 from .samplers import EpochTaggedSampler
@@ -10,7 +10,7 @@ __all__ = [
     "BlockMaskGenerator",
     "EMBEDDED_CLASSES",
     "EpochTaggedSampler",
-    "PretrainingDataset",
+    "ImageDataset",
     "RandomMaskGenerator",
     "TwoViewTransform",
     "build_mask_generator",

@@ -1,4 +1,5 @@
-"""Pre-training datasets: ImageFolder trees, the seeds' list files, and the embedded default.
+"""Image datasets for pre-training and classification: ImageFolder trees, the seeds' list files,
+CIFAR-100's python files, and the embedded default.
 
 Every sample's randomness comes from ``numpy.random.default_rng([seed, epoch, index])``: the
 crop, flip and mask of an image depend on its index and the epoch, never on which data-loader
@@ -22,7 +23,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from .embedded import embedded_dataset_root
 
 __all__ = [
-    "PretrainingDataset",
+    "ImageDataset",
+    "CifarDataset",
+    "build_classification_dataset",
     "build_pretraining_dataset",
     "embedded_dataset_root",
     "load_rgb_image",
@@ -88,14 +91,16 @@ class _PathTable:
 # ----------------------------------------------------------------------------- dataset
 
 
-class PretrainingDataset(Dataset):
-    """Images under ``root`` with a two-view transform; items keyed by ``(index, epoch)``.
+class ImageDataset(Dataset):
+    """Images under ``root`` with a ``transform(pil_image, rng)``; items keyed by ``(index, epoch)``.
 
     ``dataset[(index, epoch)]`` (or ``dataset[index]``, epoch 0) returns
     ``(view_a, view_b, mask, n_skipped)``: the transform's outputs for the image at ``index``
     (or, if that one is unreadable, the next readable one) and how many unreadable files were
     skipped to get there. A transform returning a tuple gives ``(*outputs, n_skipped)``, one
     returning a single tensor ``(output, n_skipped)`` (the tokenizer's one-view training).
+    With ``return_labels`` (classification) an item is ``(output, label, n_skipped)``, the label
+    being that of the image actually loaded.
     """
 
     def __init__(
@@ -107,11 +112,12 @@ class PretrainingDataset(Dataset):
         seed: int = 0,
         layout: str = "image_folder",
         classes: Sequence[str] | None = None,
+        return_labels: bool = False,
     ) -> None:
         if len(relative_paths) != len(labels):
             raise ValueError("relative_paths and labels differ in length")
         if transform is None or not callable(transform):
-            raise TypeError("PretrainingDataset needs a transform(pil_image, rng) callable")
+            raise TypeError("ImageDataset needs a transform(pil_image, rng) callable")
         self.root = Path(root)
         self._paths = _PathTable(relative_paths)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -119,6 +125,7 @@ class PretrainingDataset(Dataset):
         self.seed = int(seed)
         self.layout = layout
         self.classes = list(classes) if classes is not None else None
+        self.return_labels = bool(return_labels)
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -135,7 +142,7 @@ class PretrainingDataset(Dataset):
 
     def __repr__(self) -> str:
         return (
-            f"PretrainingDataset({self.layout} at {self.root}, {len(self)} images, "
+            f"ImageDataset({self.layout} at {self.root}, {len(self)} images, "
             f"{self.num_classes} classes, seed={self.seed},\n  transform={self.transform!r})"
         )
 
@@ -153,7 +160,8 @@ class PretrainingDataset(Dataset):
         rng = self.rng(index, epoch)
         tries = min(MAX_CONSECUTIVE_BAD, n)
         for skipped in range(tries):
-            path = self.path((index + skipped) % n)
+            loaded = (index + skipped) % n
+            path = self.path(loaded)
             try:
                 image = load_rgb_image(path)
             except MemoryError:
@@ -163,6 +171,8 @@ class PretrainingDataset(Dataset):
                 last_error = f"{path}: {error}"
                 continue
             out = self.transform(image, rng)
+            if self.return_labels:
+                return out, int(self.labels[loaded]), skipped
             return (*out, skipped) if isinstance(out, tuple) else (out, skipped)
         raise RuntimeError(
             f"{tries} consecutive images from index {index} under {self.root} could not be "
@@ -198,9 +208,9 @@ def _image_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     return _relative([p for p, _ in samples], root), [c for _, c in samples], classes
 
 
-def _list_file(data_path: Path) -> tuple[Path, list[str], list[int]]:
-    """(image base folder, relative paths, labels) from ``<data_path>/train_map.txt``."""
-    map_file = data_path / LIST_FILE
+def _list_file(data_path: Path, name: str = LIST_FILE, split: str = "train") -> tuple[Path, list[str], list[int]]:
+    """(image base folder, relative paths, labels) from ``<data_path>/<name>`` (default train_map.txt)."""
+    map_file = data_path / name
     paths: list[str] = []
     labels: list[int] = []
     with open(map_file, encoding="utf-8") as lines:
@@ -220,9 +230,9 @@ def _list_file(data_path: Path) -> tuple[Path, list[str], list[int]]:
                 )
             paths.append(parts[0])
             labels.append(label)
-    base = data_path / "train"
+    base = data_path / split
     if paths and not (base / paths[0]).exists() and (data_path / paths[0]).exists():
-        logger.info("%s: paths are relative to %s, not to train/", map_file, data_path)
+        logger.info("%s: paths are relative to %s, not to %s/", map_file, data_path, split)
         base = data_path
     return base, paths, labels
 
@@ -242,7 +252,7 @@ def build_pretraining_dataset(
     data_set: str | None,
     transform: Callable[[Image.Image, np.random.Generator], Any],
     seed: int = 0,
-) -> PretrainingDataset:
+) -> ImageDataset:
     """The pre-training dataset of ``--data_path``/``--data_set`` (see the module docstring).
 
     data_path None: the embedded generated dataset. data_set: ``IMNET`` (list file
@@ -301,9 +311,117 @@ def build_pretraining_dataset(
             f"no images found for the {layout} layout at {root} (extensions: "
             f"{', '.join(IMG_EXTENSIONS)}); check --data_path"
         )
-    dataset = PretrainingDataset(root, paths, labels, transform, seed, layout, classes)
+    dataset = ImageDataset(root, paths, labels, transform, seed, layout, classes)
     logger.info(
         "data: %s layout at %s (%s): %d images, %d classes",
         layout, root, reason, len(dataset), dataset.num_classes,
     )
+    return dataset
+
+
+# ----------------------------------------------------------------------------- classification
+
+SPLITS = ("train", "val")
+
+
+class CifarDataset(Dataset):
+    """CIFAR-100 from its python files under ``root`` (torchvision's layout; never downloaded),
+    with the same item format as :class:`ImageDataset` with ``return_labels``."""
+
+    def __init__(self, root: str | os.PathLike, train: bool, transform, seed: int = 0) -> None:
+        from torchvision.datasets import CIFAR100
+
+        try:
+            base = CIFAR100(str(root), train=train, download=False)
+        except RuntimeError as error:
+            raise FileNotFoundError(
+                f"--data_set CIFAR: no CIFAR-100 python files under {root} ({error}). Put the extracted "
+                f"cifar-100-python/ folder there (nothing is downloaded at run time)") from None
+        self.data, self.labels = base.data, np.asarray(base.targets, dtype=np.int64)
+        self.classes, self.transform, self.seed = list(base.classes), transform, int(seed)
+        self.root, self.layout = Path(root), "CIFAR"
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, (tuple, list)) else (key, 0)
+        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
+        return self.transform(Image.fromarray(self.data[index]), rng), int(self.labels[index]), 0
+
+
+def build_classification_dataset(
+    data_path: str | os.PathLike | None,
+    data_set: str | None,
+    split: str,
+    transform: Callable[[Image.Image, np.random.Generator], Any],
+    seed: int = 0,
+    eval_data_path: str | os.PathLike | None = None,
+):
+    """The ``split`` ('train' or 'val') of a labelled dataset, items ``(image, label, n_skipped)``.
+
+    - no ``data_path``: the embedded dataset's ``train/`` or ``val/``;
+    - ``IMNET`` (the original's default): ``<data_path>/<split>/`` as class folders, or the list
+      layout ``<data_path>/<split>_map.txt`` with images under ``<data_path>/<split>/``;
+    - ``image_folder``: class folders at ``data_path`` for training and ``eval_data_path`` for
+      evaluation (as the original);
+    - ``CIFAR``: CIFAR-100's python files under ``data_path``;
+    - ``None``: IMNET when ``<data_path>/train`` (or ``train_map.txt``) exists, else image_folder.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if data_set is not None:
+        matches = [d for d in DATA_SETS if d.lower() == str(data_set).lower()]
+        if not matches:
+            raise ValueError(f"unknown data_set {data_set!r}: choose one of {', '.join(DATA_SETS)}")
+        data_set = matches[0]
+    if data_path is None:
+        root = embedded_dataset_root() / split
+        paths, labels, classes = _image_folder(root)
+        layout = "embedded"
+    else:
+        data_path = Path(data_path).expanduser()
+        if not data_path.is_dir():
+            raise FileNotFoundError(f"--data_path {data_path} is not an existing folder")
+        if data_set == "CIFAR":
+            dataset = CifarDataset(data_path, split == "train", transform, seed)
+            logger.info("data (%s): CIFAR-100 at %s: %d images, 100 classes", split, data_path, len(dataset))
+            return dataset
+        if data_set is None:
+            data_set = ("IMNET" if (data_path / split).is_dir() or (data_path / f"{split}_map.txt").is_file()
+                        else "image_folder")
+        list_file = data_path / f"{split}_map.txt"
+        if data_set == "IMNET" and list_file.is_file():
+            root, paths, labels = _list_file(data_path, list_file.name, split)
+            classes, layout = None, "IMNET list"
+        elif data_set == "IMNET":
+            root = data_path / split
+            if not root.is_dir():
+                raise FileNotFoundError(
+                    f"--data_set IMNET reads {root}/ (class folders) or {list_file}; neither exists. For one "
+                    f"folder of classes per split use --data_set image_folder (with --eval_data_path)")
+            paths, labels, classes = _image_folder(root)
+            layout = "IMNET"
+        else:
+            if split == "train":
+                root = data_path
+            elif eval_data_path is None:
+                raise SystemExit("--data_set image_folder evaluates on --eval_data_path, which is not given; "
+                                 "pass it, or --disable_eval_during_finetuning")
+            else:
+                root = Path(eval_data_path).expanduser()
+                if not root.is_dir():
+                    raise FileNotFoundError(f"--eval_data_path {root} is not an existing folder")
+            paths, labels, classes = _image_folder(root)
+            layout = "image_folder"
+    if not paths:
+        raise FileNotFoundError(f"no images found for the {split} split at {root} (extensions: "
+                                f"{', '.join(IMG_EXTENSIONS)})")
+    dataset = ImageDataset(root, paths, labels, transform, seed, layout, classes, return_labels=True)
+    logger.info("data (%s): %s layout at %s: %d images, %d classes", split, layout, root, len(dataset),
+                dataset.num_classes)
     return dataset

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sized
 
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-__all__ = ["EpochTaggedSampler", "build_train_loader"]
+__all__ = ["EpochTaggedSampler", "ShardSampler", "build_eval_loader", "build_train_loader"]
 
 
 class EpochTaggedSampler(Sampler[tuple[int, int]]):
@@ -40,20 +40,43 @@ class EpochTaggedSampler(Sampler[tuple[int, int]]):
 
 
 def build_train_loader(dataset, batch_size: int, num_workers: int, pin_memory: bool, seed: int, world_size: int,
-                       rank: int) -> tuple[DataLoader, EpochTaggedSampler, int]:
+                       rank: int, batches_per_step: int = 1) -> tuple[DataLoader, EpochTaggedSampler, int]:
     """Shuffled, rank-sharded, epoch-tagged loader of whole batches; returns (loader, sampler, steps per epoch).
 
-    Every rank gets ``len(dataset) // (batch_size * world_size)`` full batches (the rest of the
-    epoch is dropped, as the originals do). Fewer images than one batch per rank is an error that
-    says what to change.
+    A step is ``batches_per_step`` batches per rank (gradient accumulation, ``--update_freq``);
+    an epoch is ``len(dataset) // (batch_size * batches_per_step * world_size)`` steps (the rest
+    is dropped, as the originals do). Fewer images than one step is an error that says what to change.
     """
-    steps = len(dataset) // (batch_size * world_size)
+    steps = len(dataset) // (batch_size * batches_per_step * world_size)
     if steps == 0:
-        raise SystemExit(f"the dataset has {len(dataset)} images, fewer than one batch of {batch_size} "
-                         f"per process x {world_size} processes; lower --batch_size or add images")
+        raise SystemExit(f"the dataset has {len(dataset)} images, fewer than one step of {batch_size} per batch "
+                         f"x {batches_per_step} batches per step x {world_size} processes; lower --batch_size "
+                         "(or --update_freq) or add images")
     sampler = EpochTaggedSampler(DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                     seed=seed, drop_last=True))
     workers = max(0, num_workers)
     loader = DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
                         drop_last=True, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     return loader, sampler, steps
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...`` in order: every sample exactly once over all ranks
+    (unlike ``DistributedSampler``, which pads with duplicates), for exact distributed evaluation."""
+
+    def __init__(self, length: int, world_size: int, rank: int) -> None:
+        self.length, self.world_size, self.rank = int(length), int(world_size), int(rank)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def build_eval_loader(dataset, batch_size: int, num_workers: int, pin_memory: bool, world_size: int = 1,
+                      rank: int = 0) -> DataLoader:
+    """In-order loader of ``dataset`` (this rank's shard when ``world_size`` > 1), all samples kept."""
+    workers = max(0, num_workers)
+    return DataLoader(dataset, sampler=ShardSampler(len(dataset), world_size, rank), batch_size=batch_size,
+                      num_workers=workers, pin_memory=pin_memory, drop_last=False)

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from mcbeit.data.datasets import (
     MAX_CONSECUTIVE_BAD,
-    PretrainingDataset,
+    ImageDataset,
     build_pretraining_dataset,
     load_rgb_image,
 )
@@ -184,7 +184,7 @@ def test_all_bad_files_raise_instead_of_looping(tmp_path):
     dataset = build_pretraining_dataset(tmp_path / "bad", None, mean_colour_transform, 0)
     with pytest.raises(RuntimeError, match=f"{MAX_CONSECUTIVE_BAD} consecutive"):
         dataset[0]
-    small = PretrainingDataset(folder, ["000.jpg", "001.jpg"], [0, 0], mean_colour_transform)
+    small = ImageDataset(folder, ["000.jpg", "001.jpg"], [0, 0], mean_colour_transform)
     with pytest.raises(RuntimeError, match="2 consecutive"):
         small[(1, 3)]
 
