@@ -17,7 +17,7 @@ from mcbeit.engine.distributed import DistInfo, all_reduce_sum
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.meter import StepMeter
 from mcbeit.engine.optim import backward_and_step
-from mcbeit.engine.schedules import apply_schedules
+from mcbeit.engine.schedules import apply_schedules, lr_stats
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,6 @@ def pretrain_step(state: PretrainState, batch: Sequence[torch.Tensor], temp: flo
             "grad_norm": grad_norm.detach().float(), "loss_scale": loss_scale.float()}
 
 
-def _lr_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    wds = [g["weight_decay"] for g in optimizer.param_groups if g["weight_decay"] > 0]
-    return {"lr": max(lrs), "min_lr": min(lrs), "weight_decay": wds[-1] if wds else 0.0}
-
-
 def train_one_epoch(state: PretrainState, loader: Iterable, epoch: int, start_step: int, temp: float,
                     steps_per_epoch: int, last_good_checkpoint: str | None = None) -> dict[str, Any]:
     """Run one epoch; return the epoch's averaged statistics (means over ranks)."""
@@ -108,7 +102,7 @@ def train_one_epoch(state: PretrainState, loader: Iterable, epoch: int, start_st
             break
         it = start_step + step
         apply_schedules(state.optimizer, float(state.lr_schedule[it]), float(state.wd_schedule[it]))
-        meter.add(pretrain_step(state, batch, temp), _lr_stats(state.optimizer), batch[0].shape[0],
+        meter.add(pretrain_step(state, batch, temp), lr_stats(state.optimizer), batch[0].shape[0],
                   skipped=batch[3].sum() if len(batch) > 3 else 0)
         if meter.steps % state.print_freq == 0:
             meter.flush()

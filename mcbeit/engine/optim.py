@@ -193,21 +193,27 @@ def grad_norm_of(params: Sequence[nn.Parameter], clip: float | None) -> torch.Te
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())  # only without parameters
 
 
-def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                      params: Sequence[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """zero_grad, backward (through the fp16 scaler when there is one), clip, step.
-
-    Returns (grad_norm, loss_scale) as device tensors; the norm is of the unscaled gradients.
-    """
-    optimizer.zero_grad(set_to_none=True)
+def clip_and_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                  params: Sequence[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """After backward: unscale (fp16), clip, step. Returns (grad_norm of the unscaled gradients,
+    loss_scale) as device tensors (no host sync)."""
     if scaler is None:
-        loss.backward()
         norm = grad_norm_of(params, clip)
         optimizer.step()
-        return norm.detach().float(), torch.ones((), device=loss.device)
-    scaler.scale(loss).backward()
+        return norm.detach().float(), torch.ones((), device=norm.device)
     scaler.unscale_(optimizer)
     norm = grad_norm_of(params, clip)
     scaler.step(optimizer)
     scaler.update()
     return norm.detach().float(), scaler._get_scale_async().detach().reshape(()).float()  # device tensor: no sync
+
+
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                      params: Sequence[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """zero_grad, backward (through the fp16 scaler when there is one), clip, step: one update per call.
+
+    Returns (grad_norm, loss_scale) as device tensors; the norm is of the unscaled gradients.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    return clip_and_step(optimizer, scaler, params, clip)

@@ -65,3 +65,10 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float | None, wd: floa
             group["lr"] = float(lr) * group.get("lr_scale", 1.0)
         if wd is not None and group["weight_decay"] > 0:
             group["weight_decay"] = float(wd)
+
+
+def lr_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Largest and smallest group lr (layer decay spreads them) and the decayed groups' weight decay."""
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    wds = [g["weight_decay"] for g in optimizer.param_groups if g["weight_decay"] > 0]
+    return {"lr": max(lrs), "min_lr": min(lrs), "weight_decay": wds[-1] if wds else 0.0}

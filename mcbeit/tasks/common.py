@@ -96,3 +96,49 @@ def log_plan(args: argparse.Namespace, info: DistInfo, steps_per_epoch: int, amp
     if start_epoch >= args.epochs:
         log.warning("nothing to do: %s already finished epoch %d of %d; pass --epochs N, --no_auto_resume "
                     "or another --output_dir to train again", resumed_from, start_epoch - 1, args.epochs)
+
+
+def add_optimizer_arguments(p: argparse.ArgumentParser, *, opt_betas, min_lr: float, warmup_epochs_help: str,
+                            lr: float = 5e-4) -> None:
+    """The optimiser and schedule flags shared by pre-training and fine-tuning (the originals' names)."""
+    p.add_argument("--opt", default="adamw", type=str, help="any optimizer timm knows")
+    p.add_argument("--opt_eps", default=1e-8, type=float)
+    p.add_argument("--opt_betas", default=opt_betas, type=float, nargs="+",
+                   help="optimizer betas (default: the optimizer's own)" if opt_betas is None else None)
+    p.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (default: no clipping)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--weight_decay_end", type=float, default=None,
+                   help="final weight decay of the cosine schedule (default: = --weight_decay)")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup_lr", type=float, default=1e-6,
+                   help="accepted for compatibility: the original's warm-up starts at 0 and never reads it")
+    p.add_argument("--min_lr", type=float, default=min_lr)
+    p.add_argument("--warmup_epochs", type=int, default=None, help=warmup_epochs_help)
+    p.add_argument("--warmup_steps", type=int, default=-1, help="LR warm-up in steps; overrides --warmup_epochs if > 0")
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser, *, output_dir: str, print_freq: int = 20) -> None:
+    """Output, resume, device, precision, loader and launcher flags shared by the long-running commands."""
+    p.add_argument("--output_dir", default=output_dir, help="where checkpoints and log.txt go; '' writes nothing")
+    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <output_dir>/tensorboard)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--resume", default="", help="resume from this checkpoint")
+    p.add_argument("--auto_resume", action="store_true", help="resume from the newest checkpoint in --output_dir (default)")
+    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
+    p.set_defaults(auto_resume=True)
+    p.add_argument("--debug", action="store_true", help="debug logging")
+    p.add_argument("--start_epoch", default=0, type=int)
+    p.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    p.add_argument("--pin_mem", action="store_true", help="pin host memory (default on; used with CUDA only)")
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    p.set_defaults(pin_mem=True)
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+                   help="mixed precision; default bf16 on CUDA (fp16 where bf16 is unsupported), off on CPU")
+    p.add_argument("--print_freq", default=print_freq, type=int, help="steps between progress/TensorBoard updates")
+    p.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
+    p.add_argument("--local_rank", "--local-rank", default=-1, type=int, dest="local_rank",
+                   help="set by torch.distributed.launch; torchrun uses LOCAL_RANK")
+    p.add_argument("--dist_on_itp", action="store_true")
+    p.add_argument("--dist_url", default="env://", help="url used to set up distributed training")

@@ -33,8 +33,8 @@ from mcbeit.engine.schedules import cosine_scheduler, temperature_schedule
 from mcbeit.models.beit import BeitForMaskedImageModeling
 from mcbeit.models.checkpoint import filter_pretraining_state_dict, load_into
 from mcbeit.objectives import build_objective
-from mcbeit.tasks.common import (amp_settings, log_plan, resume_path, save_due, seed_everything, start_run,
-                                 warmup_steps)
+from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, log_plan,
+                                 resume_path, save_due, seed_everything, start_run, warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 
 log = logging.getLogger("mcbeit.pretrain")
@@ -94,21 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="image size for the tokenizer; default 112" + emb.format(EMBEDDED_DEFAULTS["second_input_size"]))
     p.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
     # optimisation
-    p.add_argument("--opt", default="adamw", type=str, help="any optimizer timm knows")
-    p.add_argument("--opt_eps", default=1e-8, type=float)
-    p.add_argument("--opt_betas", default=[0.9, 0.98], type=float, nargs="+")
-    p.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (default: no clipping)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--weight_decay_end", type=float, default=None,
-                   help="final weight decay of the cosine schedule (default: = --weight_decay)")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup_lr", type=float, default=1e-6,
-                   help="accepted for compatibility: the original's warm-up starts at 0 and never reads it")
-    p.add_argument("--min_lr", type=float, default=1e-5)
-    p.add_argument("--warmup_epochs", type=int, default=None,
-                   help="LR warm-up epochs; default 5" + emb.format(EMBEDDED_DEFAULTS["warmup_epochs"]))
-    p.add_argument("--warmup_steps", type=int, default=-1, help="LR warm-up in steps; overrides --warmup_epochs if > 0")
+    add_optimizer_arguments(p, opt_betas=[0.9, 0.98], min_lr=1e-5,
+                            warmup_epochs_help="LR warm-up epochs; default 5" + emb.format(EMBEDDED_DEFAULTS["warmup_epochs"]))
     p.add_argument("--no_loss_masked", action="store_true",
                    help="accepted for compatibility; the original never reads it")
     # objective
@@ -126,32 +113,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_path", default=None, type=str,
                    help="dataset folder (ImageFolder tree, or train/ + train_map.txt); default: the embedded images")
     p.add_argument("--imagenet_default_mean_and_std", default=False, action="store_true")
-    p.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
-                   help="where checkpoints and log.txt go; '' writes nothing")
     p.add_argument("--data_set", default=None, choices=["CIFAR", "IMNET", "image_folder"],
                    help="dataset layout; default: detected from the folder (and said in the log)")
-    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <output_dir>/tensorboard)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--resume", default="", help="resume from this checkpoint")
-    p.add_argument("--auto_resume", action="store_true", help="resume from the newest checkpoint in --output_dir (default)")
-    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
-    p.set_defaults(auto_resume=True)
-    p.add_argument("--debug", action="store_true", help="debug logging")
-    p.add_argument("--start_epoch", default=0, type=int)
-    p.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
-    p.add_argument("--pin_mem", action="store_true", help="pin host memory (default on; used with CUDA only)")
-    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    p.set_defaults(pin_mem=True)
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
-                   help="mixed precision; default bf16 on CUDA (fp16 where bf16 is unsupported), off on CPU")
-    p.add_argument("--print_freq", default=20, type=int, help="steps between progress/TensorBoard updates")
-    # distributed
-    p.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
-    p.add_argument("--local_rank", "--local-rank", default=-1, type=int, dest="local_rank",
-                   help="set by torch.distributed.launch; torchrun uses LOCAL_RANK")
-    p.add_argument("--dist_on_itp", action="store_true")
-    p.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    add_runtime_arguments(p, output_dir=DEFAULT_OUTPUT_DIR)
     p.set_defaults(default_vae_type="vqgan")
     return p
 
