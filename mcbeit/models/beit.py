@@ -273,12 +273,14 @@ def beit_large_patch16_224_8k_vocab(pretrained: bool = False, **kwargs) -> BeitF
 
 
 def _create_classifier(variant: str, pretrained: bool = False, **kwargs) -> Beit:
-    """Plain timm ``Beit`` (same builder arguments as timm's own BEiT entrypoints)."""
-    if pretrained:
-        raise ValueError(_NO_DOWNLOAD)
+    """Plain timm ``Beit`` (same builder arguments as timm's own BEiT entrypoints).
+
+    ``pretrained=True`` loads only weights the caller names on this machine
+    (``pretrained_cfg_overlay=dict(file=...)``, ``'local-dir:DIR'``): the default cfg has no url.
+    """
     out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(
-        Beit, variant, pretrained=False,
+        Beit, variant, pretrained=pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
