@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -40,18 +40,18 @@ def plain_args(args: argparse.Namespace | dict) -> dict[str, Any]:
     return out
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save into a temporary file beside `path`, fsync, then rename over it.
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """``write(file)`` into a temporary file beside ``path``, fsync, then rename over it (and fsync the folder).
 
     A crash or a full disk leaves either the old file or the new one, never half of one; the
-    temporary file is removed when the save fails, and the error propagates.
+    temporary file is removed when the write fails, and the error propagates.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -65,6 +65,11 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`write_atomic`: the old checkpoint or the new one, never half of one."""
+    return write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -35,13 +35,14 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from mcbeit.engine.checkpoint import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -379,17 +380,7 @@ class DeepSpeedTrainer:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # --------------------------------------------------------------------------------- finding checkpoints

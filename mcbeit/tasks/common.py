@@ -142,3 +142,11 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, output_dir: str, print_
                    help="set by torch.distributed.launch; torchrun uses LOCAL_RANK")
     p.add_argument("--dist_on_itp", action="store_true")
     p.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+
+
+def fill_defaults(args: argparse.Namespace, embedded: dict, real: dict) -> None:
+    """Flags left at None take the embedded run's value without --data_path, the real run's with it."""
+    table = embedded if args.data_path is None else real
+    for key, value in table.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)

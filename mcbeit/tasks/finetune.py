@@ -32,8 +32,8 @@ from mcbeit.engine.optim import optimizer_from_args
 from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.models.checkpoint import load_into
 from mcbeit.models.classifier import build_classifier
-from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, log_plan, resume_path,
-                                 save_due, seed_everything, start_run, warmup_steps)
+from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults, log_plan,
+                                 resume_path, save_due, seed_everything, start_run, warmup_steps)
 
 log = logging.getLogger("mcbeit.finetune")
 
@@ -132,10 +132,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    table = EMBEDDED_DEFAULTS if args.data_path is None else ORIGINAL_DEFAULTS
-    for key, value in table.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, EMBEDDED_DEFAULTS, ORIGINAL_DEFAULTS)
     if args.weight_decay_end is None:
         args.weight_decay_end = args.weight_decay
     if args.log_dir is None and args.output_dir:

@@ -33,7 +33,7 @@ from mcbeit.engine.schedules import cosine_scheduler, temperature_schedule
 from mcbeit.models.beit import BeitForMaskedImageModeling
 from mcbeit.models.checkpoint import filter_pretraining_state_dict, load_into
 from mcbeit.objectives import build_objective
-from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, log_plan,
+from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults, log_plan,
                                  resume_path, save_due, seed_everything, start_run, warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 
@@ -131,10 +131,7 @@ def get_beit_args_parser() -> argparse.ArgumentParser:
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags whose default depends on whether the run uses the embedded data."""
-    table = EMBEDDED_DEFAULTS if args.data_path is None else ORIGINAL_DEFAULTS
-    for key, value in table.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, EMBEDDED_DEFAULTS, ORIGINAL_DEFAULTS)
     if args.discrete_vae_type is None:
         args.discrete_vae_type = args.default_vae_type if args.discrete_vae_weight_path else "customized"
     if args.weight_decay_end is None:

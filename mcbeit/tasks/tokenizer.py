@@ -36,7 +36,8 @@ from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.models.checkpoint import load_into
-from mcbeit.tasks.common import amp_settings, log_plan, resume_path, save_due, seed_everything, start_run, warmup_steps
+from mcbeit.tasks.common import (amp_settings, fill_defaults, log_plan, resume_path, save_due, seed_everything,
+                                 start_run, warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 from mcbeit.tokenizers.custom import (TOKENIZER_EXPORT_NAME, VQ_DEFAULT_EMBED_DIM, VQ_DEFAULT_LOGIT_SCALE,
                                       CustomTokenizer, custom_tokenizer_payload)
@@ -128,10 +129,7 @@ _TRAIN_DESCRIPTION = (
 
 
 def resolve_train_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    table = EMBEDDED_DEFAULTS if args.data_path is None else DATASET_DEFAULTS
-    for key, value in table.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, EMBEDDED_DEFAULTS, DATASET_DEFAULTS)
     if args.log_dir is None and args.output_dir:
         args.log_dir = os.path.join(args.output_dir, "tensorboard")
     for name in ("batch_size", "epochs", "save_ckpt_freq", "embed_dim", "hidden", "blocks_per_group", "print_freq"):
