@@ -49,9 +49,10 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, pin_memory: b
     """
     steps = len(dataset) // (batch_size * batches_per_step * world_size)
     if steps == 0:
-        raise SystemExit(f"the dataset has {len(dataset)} images, fewer than one step of {batch_size} per batch "
-                         f"x {batches_per_step} batches per step x {world_size} processes; lower --batch_size "
-                         "(or --update_freq) or add images")
+        step = f"one batch of {batch_size} per process" + (
+            f" x {batches_per_step} accumulated batches (--update_freq)" if batches_per_step > 1 else "")
+        raise SystemExit(f"the dataset has {len(dataset)} images, fewer than {step} x {world_size} processes; "
+                         f"lower --batch_size{' or --update_freq' if batches_per_step > 1 else ''} or add images")
     sampler = EpochTaggedSampler(DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                     seed=seed, drop_last=True))
     workers = max(0, num_workers)
