@@ -32,6 +32,7 @@ from mcbeit.engine.optim import optimizer_from_args
 from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.models.checkpoint import load_into
 from mcbeit.models.classifier import build_classifier
+from mcbeit.models.linear_probe import LinearProbe
 from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults, log_plan,
                                  resume_path, save_due, seed_everything, start_run, warmup_steps)
 
@@ -124,6 +125,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist_eval", action="store_true", default=False,
                    help="evaluate a shard per process (every image exactly once)")
     add_runtime_arguments(p, output_dir=DEFAULT_OUTPUT_DIR)
+    # linear probing
+    p.add_argument("--linear_probe", action="store_true",
+                   help="train only BatchNorm(affine=False) + a linear head on frozen features (mcbeit-linprobe)")
+    p.add_argument("--probe_layer", type=int, default=None, help="block whose features are probed, 1-based (default: last)")
+    p.add_argument("--probe_pool", default="avg", choices=["avg", "cls"], help="mean patch token or CLS token")
+    p.add_argument("--blr", type=float, default=0.1,
+                   help="linear probing without --lr: lr = blr x total batch size / 256 (MAE's convention)")
     # DeepSpeed
     p.add_argument("--enable_deepspeed", action="store_true", default=False)
     p.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2],
@@ -131,8 +139,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Linear probing (MAE / BEiT v2 protocol): light augmentation, no mixup / smoothing / erasing /
+# drop-path, no weight decay, LARS; applied to the flags the user did not set (mcbeit-linprobe).
+LINEAR_PROBE_DEFAULTS = {"linear_probe": True, "aa": "", "reprob": 0.0, "smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0,
+                         "color_jitter": 0.0, "drop_path": 0.0, "weight_decay": 0.0, "layer_decay": 1.0,
+                         "opt": "lars", "output_dir": "./output/mcbeit_linprobe"}
+
+
+def get_linprobe_parser() -> argparse.ArgumentParser:
+    """`mcbeit-linprobe`: the fine-tuning flags with linear-probing defaults."""
+    p = get_args_parser()
+    p.prog = "mcbeit-linprobe"
+    p.description = ("Linear probing of a pre-trained BEiT: frozen backbone, features of --probe_layer, "
+                     "BatchNorm without affine + a linear head. The flags of mcbeit-finetune.")
+    p.set_defaults(**LINEAR_PROBE_DEFAULTS)
+    return p
+
+
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    lr_given = args.lr is not None
     fill_defaults(args, EMBEDDED_DEFAULTS, ORIGINAL_DEFAULTS)
+    if args.linear_probe and not lr_given:
+        args.lr = args.blr * args.batch_size * args.update_freq * args.world_size / 256
+        log.info("linear probing: lr %.4g = --blr %g x %d images per step / 256", args.lr, args.blr,
+                 args.batch_size * args.update_freq * args.world_size)
     if args.weight_decay_end is None:
         args.weight_decay_end = args.weight_decay
     if args.log_dir is None and args.output_dir:
@@ -140,6 +170,11 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("batch_size", "epochs", "update_freq", "save_ckpt_freq", "print_freq", "input_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.linear_probe and (args.enable_deepspeed or args.model_ema):
+        raise SystemExit("--linear_probe trains one linear layer: run it without --enable_deepspeed / --model_ema")
+    if args.linear_probe and args.layer_decay < 1.0:
+        log.info("--linear_probe: --layer_decay %s ignored (only the head trains)", args.layer_decay)
+        args.layer_decay = 1.0
     if not 0.0 < args.layer_decay <= 1.0:
         raise SystemExit(f"--layer_decay must lie in (0, 1], got {args.layer_decay}")
     if args.data_path is None and not args.finetune and not args.eval and not args.resume:
@@ -188,7 +223,9 @@ def build_data(args, info: DistInfo):
 
 
 def build_model(args) -> torch.nn.Module:
-    return build_classifier(args.model, nb_classes=args.nb_classes, input_size=args.input_size,
+    """The classifier; with --linear_probe, the backbone alone (no head) for :class:`LinearProbe`."""
+    return build_classifier(args.model, nb_classes=0 if args.linear_probe else args.nb_classes,
+                            input_size=args.input_size,
                             use_mean_pooling=args.use_mean_pooling, init_scale=args.init_scale,
                             rel_pos_bias=args.rel_pos_bias, abs_pos_emb=args.abs_pos_emb,
                             layer_scale_init_value=args.layer_scale_init_value, drop=args.drop,
@@ -280,10 +317,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from mcbeit.models.finetune_checkpoint import load_for_finetuning
 
         load_for_finetuning(args.finetune, model, model_key=args.model_key, model_prefix=args.model_prefix)
+    elif args.linear_probe:
+        log.warning("--linear_probe without --finetune probes a RANDOMLY initialised backbone")
+    if args.linear_probe:
+        model = LinearProbe(model, args.nb_classes, args.probe_layer, args.probe_pool)
     model.to(info.device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("model %s: %.2fM parameters, %d classes, %s pooling", args.model, n_parameters / 1e6, args.nb_classes,
-             "mean" if args.use_mean_pooling else "CLS")
+    log.info("model %s: %.2fM trainable parameters, %d classes, %s", args.model, n_parameters / 1e6, args.nb_classes,
+             f"linear probe of block {model.layer} ({args.probe_pool} pooling)" if args.linear_probe else
+             ("mean" if args.use_mean_pooling else "CLS") + " pooling")
     model_ema = None
     if args.model_ema:
         from timm.utils import ModelEmaV3
@@ -366,7 +408,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    return _main(get_args_parser(), argv)
+
+
+def main_linprobe(argv: Sequence[str] | None = None) -> int:
+    return _main(get_linprobe_parser(), argv)
+
+
+def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
     try:
         run(args)
     finally:

@@ -199,3 +199,43 @@ def test_seed_002_command_runs_with_small_data(data, tmp_path):
     log = _log(tmp_path / "ft22k")
     assert [r["epoch"] for r in log] == [0, 1] and "test_acc1" not in log[0]   # --disable_eval_during_finetuning
     assert all(r["train_steps"] == 2 for r in log)                            # 32 / (4 x update_freq 2 x 2 ranks)
+
+
+def test_finetune_at_a_larger_size_interpolates_the_pretrained_tables(data, tmp_path):
+    """A 64 px pre-training checkpoint (4x4 patches) fine-tuned at 96 px (6x6): every block's table is the
+    shared table interpolated by the original's rule (lr ~ 0, so one epoch leaves it as loaded)."""
+    from mcbeit.models.finetune_checkpoint import interpolate_rel_pos_table
+
+    pre = _pretrained_checkpoint(tmp_path / "pre.pth", input_size=64)
+    out = tmp_path / "big"
+    assert finetune.main(["--data_path", str(data), "--output_dir", str(out), *FAST, "--input_size", "96",
+                          "--finetune", str(tmp_path / "pre.pth"), "--epochs", "1", "--lr", "1e-12", "--min_lr", "0",
+                          "--disable_eval_during_finetuning"]) == 0
+    sd = torch.load(out / "checkpoint-0.pth", weights_only=True)["model"]
+    shared = pre.state_dict()["rel_pos_bias.relative_position_bias_table"]                 # (7*7+3, heads)
+    expected = interpolate_rel_pos_table(shared, (2 * 6 - 1) ** 2 + 3, (6, 6))
+    assert expected.shape == (124, 3)
+    for i in range(12):
+        torch.testing.assert_close(sd[f"blocks.{i}.attn.relative_position_bias_table"], expected, atol=1e-6, rtol=0)
+
+
+def test_linear_probe_trains_only_the_head(data, tmp_path):
+    pre = _pretrained_checkpoint(tmp_path / "pre.pth")
+    out = tmp_path / "lp"
+    assert finetune.main_linprobe(["--data_path", str(data), "--output_dir", str(out), *FAST, "--epochs", "3",
+                                   "--finetune", str(tmp_path / "pre.pth"), "--probe_layer", "9"]) == 0
+    log = _log(out)
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    ckpt = torch.load(out / "checkpoint-2.pth", weights_only=True)
+    assert ckpt["args"]["linear_probe"] and ckpt["args"]["opt"] == "lars" and ckpt["args"]["lr"] == 0.1 * 8 / 256
+    sd = ckpt["model"]
+    assert set(k for k in sd if not k.startswith("backbone.")) == {
+        "bn.running_mean", "bn.running_var", "bn.num_batches_tracked", "head.weight", "head.bias"}  # no BN affine
+    for name, value in pre.state_dict().items():                                             # the backbone is frozen
+        if f"backbone.{name}" in sd:
+            assert torch.equal(sd[f"backbone.{name}"], value), name
+    assert sd["bn.num_batches_tracked"] == 12 and sd["head.weight"].shape == (4, 192)
+    stats = finetune.run(finetune.get_linprobe_parser().parse_args(
+        ["--data_path", str(data), "--output_dir", str(out), *FAST, "--eval", "--probe_layer", "9"]))
+    finetune.cleanup()
+    assert stats["test_acc1"] == pytest.approx(log[-1]["test_acc1"])
