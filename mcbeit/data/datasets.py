@@ -237,6 +237,16 @@ def _list_file(data_path: Path, name: str = LIST_FILE, split: str = "train") -> 
     return base, paths, labels
 
 
+def _canonical_data_set(data_set: str | None) -> str | None:
+    """``--data_set`` in its canonical spelling (case-insensitive), None kept, anything else an error."""
+    if data_set is None:
+        return None
+    matches = [d for d in DATA_SETS if d.lower() == str(data_set).lower()]
+    if not matches:
+        raise ValueError(f"unknown data_set {data_set!r}: choose one of {', '.join(DATA_SETS)}")
+    return matches[0]
+
+
 def _detect_layout(data_path: Path) -> tuple[str, Path, str]:
     """(layout, image root, reason) for ``--data_set`` left unset."""
     if (data_path / LIST_FILE).is_file():
@@ -259,11 +269,7 @@ def build_pretraining_dataset(
     ``train_map.txt`` with images under ``train/``), ``image_folder`` or ``CIFAR`` (an
     ImageFolder tree at data_path, as the original pre-training read both), or None to detect.
     """
-    if data_set is not None:
-        matches = [d for d in DATA_SETS if d.lower() == str(data_set).lower()]
-        if not matches:
-            raise ValueError(f"unknown data_set {data_set!r}: choose one of {', '.join(DATA_SETS)}")
-        data_set = matches[0]
+    data_set = _canonical_data_set(data_set)
 
     if data_path is None:
         root = embedded_dataset_root() / "train"
@@ -374,11 +380,7 @@ def build_classification_dataset(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if data_set is not None:
-        matches = [d for d in DATA_SETS if d.lower() == str(data_set).lower()]
-        if not matches:
-            raise ValueError(f"unknown data_set {data_set!r}: choose one of {', '.join(DATA_SETS)}")
-        data_set = matches[0]
+    data_set = _canonical_data_set(data_set)
     if data_path is None:
         root = embedded_dataset_root() / split
         paths, labels, classes = _image_folder(root)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -150,3 +151,25 @@ def fill_defaults(args: argparse.Namespace, embedded: dict, real: dict) -> None:
     for key, value in table.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+
+
+def finish_log(stats: dict, started: float, output_dir: str) -> None:
+    """The run's last line: how long it took and where its files are."""
+    if stats:
+        log.info("done in %.1f s; checkpoints and log.txt in %s", time.perf_counter() - started,
+                 os.path.abspath(output_dir) if output_dir else "(nowhere: --output_dir '')")
+
+
+def run_main(parser: argparse.ArgumentParser, argv, run: Callable[[argparse.Namespace], object],
+             on_exit: Callable[[argparse.Namespace], None] | None = None) -> int:
+    """Parse, run, and always leave the process group (and whatever ``on_exit`` releases)."""
+    from mcbeit.engine.distributed import cleanup
+
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    finally:
+        if on_exit is not None:
+            on_exit(args)
+        cleanup()
+    return 0

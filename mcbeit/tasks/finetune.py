@@ -25,7 +25,7 @@ from mcbeit.data.datasets import build_classification_dataset
 from mcbeit.data.samplers import build_eval_loader, build_train_loader
 from mcbeit.data.transforms import build_classification_transform
 from mcbeit.engine import checkpoint as ckpt_io
-from mcbeit.engine.distributed import DistInfo, cleanup
+from mcbeit.engine.distributed import DistInfo
 from mcbeit.engine.finetune_loop import FinetuneState, evaluate, train_one_epoch
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.optim import optimizer_from_args
@@ -33,8 +33,9 @@ from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.models.checkpoint import load_into
 from mcbeit.models.classifier import build_classifier
 from mcbeit.models.linear_probe import LinearProbe
-from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults, log_plan,
-                                 resume_path, save_due, seed_everything, start_run, warmup_steps)
+from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults,
+                                 finish_log, log_plan, resume_path, run_main, save_due, seed_everything, start_run,
+                                 warmup_steps)
 
 log = logging.getLogger("mcbeit.finetune")
 
@@ -401,9 +402,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      f"; val acc1 {stats['test_acc1']:.2f}%, acc5 {stats['test_acc5']:.2f}% (best {max_accuracy:.2f}%)")
     finally:
         writer.close()
-    if stats:
-        log.info("done in %.1f s; checkpoints and log.txt in %s", time.perf_counter() - started,
-                 os.path.abspath(args.output_dir) if args.output_dir else "(nowhere: --output_dir '')")
+    finish_log(stats, started, args.output_dir)
     return stats
 
 
@@ -415,15 +414,13 @@ def main_linprobe(argv: Sequence[str] | None = None) -> int:
     return _main(get_linprobe_parser(), argv)
 
 
+def _release_deepspeed(args: argparse.Namespace) -> None:
+    if args.enable_deepspeed and "mcbeit.engine.deepspeed" in sys.modules:
+        sys.modules["mcbeit.engine.deepspeed"].release_process_group()
+
+
 def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    finally:
-        if args.enable_deepspeed and "mcbeit.engine.deepspeed" in sys.modules:
-            sys.modules["mcbeit.engine.deepspeed"].release_process_group()
-        cleanup()
-    return 0
+    return run_main(parser, argv, run, on_exit=_release_deepspeed)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from mcbeit.data.masking import build_mask_generator
 from mcbeit.data.samplers import build_train_loader
 from mcbeit.data.transforms import TwoViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
-from mcbeit.engine.distributed import DistInfo, cleanup
+from mcbeit.engine.distributed import DistInfo
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.loop import PretrainState, train_one_epoch
 from mcbeit.engine.optim import build_optimizer
@@ -33,8 +33,9 @@ from mcbeit.engine.schedules import cosine_scheduler, temperature_schedule
 from mcbeit.models.beit import BeitForMaskedImageModeling
 from mcbeit.models.checkpoint import filter_pretraining_state_dict, load_into
 from mcbeit.objectives import build_objective
-from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults, log_plan,
-                                 resume_path, save_due, seed_everything, start_run, warmup_steps)
+from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults,
+                                 finish_log, log_plan, resume_path, run_main, save_due, seed_everything, start_run,
+                                 warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 
 log = logging.getLogger("mcbeit.pretrain")
@@ -267,9 +268,7 @@ def run(args: argparse.Namespace) -> dict:
                      stats["train_mlm_acc"], stats["train_lr"], stats["train_skipped_images"])
     finally:
         writer.close()
-    if stats:
-        log.info("done in %.1f s; checkpoints and log.txt in %s", time.perf_counter() - started,
-                 os.path.abspath(args.output_dir) if args.output_dir else "(nowhere: --output_dir '')")
+    finish_log(stats, started, args.output_dir)
     return stats
 
 
@@ -282,12 +281,7 @@ def main_beit(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    finally:
-        cleanup()
-    return 0
+    return run_main(parser, argv, run)
 
 
 if __name__ == "__main__":

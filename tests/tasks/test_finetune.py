@@ -12,6 +12,7 @@ import timm
 import torch
 
 import mcbeit.models.classifier  # noqa: F401  (registers the tiny and small sizes)
+from mcbeit.engine.distributed import cleanup
 from mcbeit.tasks import finetune
 from tests.tasks.conftest import PYTHON, make_image_folder, run_cli
 
@@ -137,7 +138,7 @@ def test_finetune_resume_best_and_eval(data, tmp_path):
     stats = finetune.run(finetune.get_args_parser().parse_args(
         [*common, "--eval", "--resume", str(out / "checkpoint-best.pth")]))
     assert stats["test_acc1"] == pytest.approx(best["max_accuracy"]) and stats["test_images"] == 15
-    finetune.cleanup()
+    cleanup()
 
 
 def test_accumulation_mixup_and_cls_pooling_run(data, tmp_path):
@@ -158,7 +159,7 @@ def test_distributed_eval_counts_every_image_once(data, tmp_path):
     assert finetune.main(["--data_path", str(data), "--output_dir", str(out), *FAST, "--epochs", "1"]) == 0
     single = finetune.run(finetune.get_args_parser().parse_args(
         ["--data_path", str(data), "--output_dir", str(out), *FAST, "--eval"]))
-    finetune.cleanup()
+    cleanup()
     proc = run_cli([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                     f"--master_port={_free_port()}", "run_class_finetuning.py", "--data_path", str(data),
                     "--output_dir", str(out), *FAST, "--eval", "--dist_eval"], tmp_path)
@@ -237,5 +238,5 @@ def test_linear_probe_trains_only_the_head(data, tmp_path):
     assert sd["bn.num_batches_tracked"] == 12 and sd["head.weight"].shape == (4, 192)
     stats = finetune.run(finetune.get_linprobe_parser().parse_args(
         ["--data_path", str(data), "--output_dir", str(out), *FAST, "--eval", "--probe_layer", "9"]))
-    finetune.cleanup()
+    cleanup()
     assert stats["test_acc1"] == pytest.approx(log[-1]["test_acc1"])
