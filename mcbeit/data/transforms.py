@@ -300,11 +300,11 @@ def _allow_zero_bit_posterize(transform) -> None:
 def build_classification_transform(is_train: bool, input_size: int, *, mean: Sequence[float], std: Sequence[float],
                                    color_jitter: float = 0.4, aa: str | None = "rand-m9-mstd0.5-inc1",
                                    train_interpolation: str = "bicubic", reprob: float = 0.25,
-                                   remode: str = "pixel", recount: int = 1, crop_pct: float | None = None
-                                   ) -> SeededTransform:
+                                   remode: str = "pixel", recount: int = 1, crop_pct: float | None = None,
+                                   crop_min_scale: float = 0.08) -> SeededTransform:
     """The original fine-tuning transforms, through timm and torchvision.
 
-    Training: timm's ``create_transform`` (random-resized crop, flip, colour jitter or RandAugment
+    Training: timm's ``create_transform`` (random-resized crop of scale (``crop_min_scale``, 1), flip, colour jitter or RandAugment
     ``--aa``, random erasing ``--reprob/--remode/--recount``); inputs of 32 px or less use a padded
     random crop instead of the resized crop (CIFAR). Evaluation: resize the short side to
     ``input_size / crop_pct`` (bicubic; crop_pct 224/256 below 384 px, 1.0 from 384) and centre crop;
@@ -317,7 +317,8 @@ def build_classification_transform(is_train: bool, input_size: int, *, mean: Seq
         aa = None if aa in (None, "", "none", "None") else aa
         transform = create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
                                      auto_augment=aa, interpolation=train_interpolation, re_prob=reprob,
-                                     re_mode=remode, re_count=recount, mean=tuple(mean), std=tuple(std))
+                                     re_mode=remode, re_count=recount, mean=tuple(mean), std=tuple(std),
+                                     scale=(crop_min_scale, 1.0))
         if input_size <= 32:
             transform.transforms[0] = T.RandomCrop(input_size, padding=4)
         _allow_zero_bit_posterize(transform)

@@ -47,9 +47,11 @@ BEST_NAME = "checkpoint-best.pth"
 # Defaults of the no-argument run on the embedded images (only when --data_path is absent and the
 # flag is not given); with --data_path the original's defaults apply.
 EMBEDDED_DEFAULTS = {"model": "beit_tiny_patch16_224", "epochs": 3, "batch_size": 32, "warmup_epochs": 1,
-                     "save_ckpt_freq": 1, "input_size": 112, "lr": 2e-3, "layer_decay": 0.75}
+                     "save_ckpt_freq": 1, "input_size": 112, "lr": 2e-3, "layer_decay": 0.75,
+                     "crop_min_scale": 0.35}
 ORIGINAL_DEFAULTS = {"model": "beit_base_patch16_224", "epochs": 30, "batch_size": 64, "warmup_epochs": 5,
-                     "save_ckpt_freq": 5, "input_size": 224, "lr": 5e-4, "layer_decay": 0.9}
+                     "save_ckpt_freq": 5, "input_size": 224, "lr": 5e-4, "layer_decay": 0.9,
+                     "crop_min_scale": 0.08}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,6 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     p.add_argument("--train_interpolation", type=str, default="bicubic")
     p.add_argument("--crop_pct", type=float, default=None, help="evaluation crop (224/256 below 384 px, else 1)")
+    p.add_argument("--crop_min_scale", type=float, default=None,
+                   help=orig("crop_min_scale", "smallest area fraction of the training random-resized crop; "))
     p.add_argument("--reprob", type=float, default=0.25, help="random erase probability")
     p.add_argument("--remode", type=str, default="pixel")
     p.add_argument("--recount", type=int, default=1)
@@ -197,7 +201,8 @@ def build_data(args, info: DistInfo):
     mean, std = _mean_std(args)
     train_tf = build_classification_transform(True, args.input_size, mean=mean, std=std, color_jitter=args.color_jitter,
                                               aa=args.aa, train_interpolation=args.train_interpolation,
-                                              reprob=args.reprob, remode=args.remode, recount=args.recount)
+                                              reprob=args.reprob, remode=args.remode, recount=args.recount,
+                                              crop_min_scale=args.crop_min_scale)
     eval_tf = build_classification_transform(False, args.input_size, mean=mean, std=std, crop_pct=args.crop_pct)
     train_set = None if args.eval else build_classification_dataset(args.data_path, args.data_set, "train", train_tf,
                                                                      args.seed, args.eval_data_path)
@@ -270,6 +275,26 @@ def restore(args, model, optimizer, scaler, model_ema) -> tuple[int, float, str 
     return start, float(ckpt.get("max_accuracy", 0.0)), path
 
 
+def _restore_for_eval(args, model, model_ema) -> None:
+    """--eval: the weights of --resume (a .pth or a DeepSpeed folder), else of the newest checkpoint in
+    --output_dir, else those --finetune loaded; with none of these there is nothing to evaluate."""
+    if args.resume and os.path.isdir(args.resume) or (not args.resume and args.enable_deepspeed):
+        from mcbeit.engine.deepspeed import resume_checkpoint
+        from mcbeit.models.finetune_checkpoint import read_checkpoint, resolve_source, select_state_dict
+
+        folder = resume_checkpoint(args.resume, args.auto_resume, args.output_dir)
+        if folder is not None:
+            state, _, _ = select_state_dict(read_checkpoint(resolve_source(str(folder))), "module|model")
+            load_into(model, state, strict=True)
+            log.info("evaluating %s (DeepSpeed)", folder)
+            return
+    elif restore(args, model, None, None, model_ema)[2] is not None:
+        return
+    if not args.finetune:
+        raise SystemExit("--eval: nothing to evaluate; pass --resume CHECKPOINT, --finetune WEIGHTS, or an "
+                         "--output_dir that holds checkpoints")
+
+
 def save(args, epoch: int | str, model, optimizer, scaler, model_ema, max_accuracy: float) -> Path:
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
@@ -336,7 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sharded = args.dist_eval and info.world_size > 1
 
     if args.eval:
-        restore(args, model, None, None, model_ema)
+        _restore_for_eval(args, model, model_ema)
         stats = evaluate(model, val_loader, info.device, amp_dtype, sharded)
         log.info("accuracy of the network on the %d test images: acc1 %.2f%%, acc5 %.2f%%, loss %.4f",
                  stats["images"], stats["acc1"], stats["acc5"], stats["loss"])

@@ -240,3 +240,19 @@ def test_linear_probe_trains_only_the_head(data, tmp_path):
         ["--data_path", str(data), "--output_dir", str(out), *FAST, "--eval", "--probe_layer", "9"]))
     cleanup()
     assert stats["test_acc1"] == pytest.approx(log[-1]["test_acc1"])
+
+
+def test_eval_reads_deepspeed_folders_and_refuses_to_evaluate_nothing(data, tmp_path):
+    out = tmp_path / "ds"
+    common = ["--data_path", str(data), "--output_dir", str(out), *FAST]
+    assert finetune.main([*common, "--epochs", "1", "--enable_deepspeed"]) == 0
+    (row,) = _log(out)
+    assert (out / "checkpoint-0").is_dir() and (out / "checkpoint-best").is_dir()
+    for extra in (["--enable_deepspeed"], ["--resume", str(out / "checkpoint-best")]):
+        stats = finetune.run(finetune.get_args_parser().parse_args([*common, "--eval", *extra]))
+        cleanup()
+        assert stats["test_acc1"] == pytest.approx(row["test_acc1"]) and stats["test_loss"] == pytest.approx(row["test_loss"])
+    with pytest.raises(SystemExit, match="nothing to evaluate"):
+        finetune.run(finetune.get_args_parser().parse_args(
+            ["--data_path", str(data), "--output_dir", str(tmp_path / "empty"), *FAST, "--eval"]))
+    cleanup()
