@@ -42,7 +42,7 @@ from torch import nn
 from mcbeit.models.checkpoint import compare_state_dict
 
 from .base import Normalize, check_token_ids
-from .dalle import DallEConv2d, DallEEncoder, DallEEncoderBlock
+from .dalle import DallEConv2d, DallEEncoder, DallEEncoderBlock, upsampling_groups
 
 CUSTOM_FORMAT_VERSION = 2
 CUSTOM_DEFAULT_CONFIG: Dict[str, int] = dict(
@@ -69,21 +69,12 @@ class CustomDecoder(nn.Module):
 
     def __init__(self, embed_dim: int, group_count: int, n_hid: int, n_blk_per_group: int, output_channels: int = 3):
         super().__init__()
-        n_layers = group_count * n_blk_per_group
         width_in = n_hid * 2 ** (group_count - 1)
         layers: "OrderedDict[str, nn.Module]" = OrderedDict()
         layers["input"] = DallEConv2d(embed_dim, width_in, 1)
-        for g in range(group_count):
-            width_out = n_hid * 2 ** (group_count - 1 - g)
-            group: "OrderedDict[str, nn.Module]" = OrderedDict()
-            for i in range(n_blk_per_group):
-                group[f"block_{i + 1}"] = DallEEncoderBlock(width_in if i == 0 else width_out, width_out, n_layers)
-            if g != group_count - 1:
-                group["upsample"] = nn.Upsample(scale_factor=2, mode="nearest")
-            layers[f"group_{g + 1}"] = nn.Sequential(group)
-            width_in = width_out
+        layers.update(upsampling_groups(DallEEncoderBlock, width_in, n_hid, group_count, n_blk_per_group))
         layers["output"] = nn.Sequential(
-            OrderedDict([("relu", nn.ReLU()), ("conv", DallEConv2d(width_in, output_channels, 3))])
+            OrderedDict([("relu", nn.ReLU()), ("conv", DallEConv2d(n_hid, output_channels, 3))])
         )
         self.blocks = nn.Sequential(layers)
 

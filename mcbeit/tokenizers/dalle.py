@@ -208,6 +208,25 @@ class DallEEncoder(Tokenizer):
         return self.decoder.decode(ids)
 
 
+def upsampling_groups(block, width_in: int, n_hid: int, group_count: int,
+                      n_blk_per_group: int) -> "OrderedDict[str, nn.Module]":
+    """``group_1`` .. ``group_<count>`` of a DALL-E-style decoder: ``n_blk_per_group`` residual
+    ``block(in, out, n_layers)`` per group, widths 2^(g-1) n_hid ... n_hid, and a nearest 2x
+    upsampling after every group but the last (DALL-E's decoder, and the customized VQ decoder)."""
+    n_layers = group_count * n_blk_per_group
+    groups: "OrderedDict[str, nn.Module]" = OrderedDict()
+    for g in range(group_count):
+        width_out = n_hid * 2 ** (group_count - 1 - g)  # 8, 4, 2, 1 x n_hid for 4 groups
+        group: "OrderedDict[str, nn.Module]" = OrderedDict()
+        for i in range(n_blk_per_group):
+            group[f"block_{i + 1}"] = block(width_in if i == 0 else width_out, width_out, n_layers)
+        if g != group_count - 1:
+            group["upsample"] = nn.Upsample(scale_factor=2, mode="nearest")
+        groups[f"group_{g + 1}"] = nn.Sequential(group)
+        width_in = width_out
+    return groups
+
+
 class DallEDecoder(nn.Module):
     """OpenAI's DALL-E decoder (defaults: the released 8192-word model), parameter names as in ``decoder.pkl``.
 
@@ -238,21 +257,11 @@ class DallEDecoder(nn.Module):
         self.vocab_size = int(vocab_size)
         self.upsample = 2 ** (group_count - 1)
 
-        n_layers = group_count * n_blk_per_group
         layers: "OrderedDict[str, nn.Module]" = OrderedDict()
         layers["input"] = DallEConv2d(vocab_size, n_init, 1)
-        width_in = n_init
-        for g in range(group_count):
-            width_out = n_hid * 2 ** (group_count - 1 - g)  # 8, 4, 2, 1 x n_hid for 4 groups
-            group: "OrderedDict[str, nn.Module]" = OrderedDict()
-            for i in range(n_blk_per_group):
-                group[f"block_{i + 1}"] = DallEDecoderBlock(width_in if i == 0 else width_out, width_out, n_layers)
-            if g != group_count - 1:
-                group["upsample"] = nn.Upsample(scale_factor=2, mode="nearest")
-            layers[f"group_{g + 1}"] = nn.Sequential(group)
-            width_in = width_out
+        layers.update(upsampling_groups(DallEDecoderBlock, n_init, n_hid, group_count, n_blk_per_group))
         layers["output"] = nn.Sequential(
-            OrderedDict([("relu", nn.ReLU()), ("conv", DallEConv2d(width_in, 2 * output_channels, 1))])
+            OrderedDict([("relu", nn.ReLU()), ("conv", DallEConv2d(n_hid, 2 * output_channels, 1))])
         )
         self.blocks = nn.Sequential(layers)
 
