@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mcbeit.tokenizers import DallEDecoder, DallEEncoder, MapPixels, build_tokenizer, unmap_pixels
+from tests.tokenizers.checks import check_inference_mode_and_bf16
 
 # sha256 of "name:shape" lines, sorted by name, of dall_e.encoder.Encoder().state_dict()
 OPENAI_ENCODER_DIGEST = "c3db94ea22947e722dab2dff6c8cd6351937a1219f91d0e0ae4c5ea9d855ebdc"
@@ -173,25 +174,10 @@ def test_encoder_accepts_matching_decoder_only():
 
 # --------------------------------------------------------------------------- inference mode, bf16
 def test_full_size_inference_mode_and_bf16(full_dalle):
-    """Pre-training runs tokenizers under inference_mode (bf16 autocast where asked), then uses the
-    logits outside inference mode under no_grad: softmax, argmax, boolean indexing."""
+    """Inference mode and bf16 as pre-training runs it (tests/tokenizers/checks.py)."""
     dec = DallEDecoder().eval()
     full_dalle.attach_decoder(dec)
     try:
-        x = full_dalle.input_transform(torch.rand(1, 3, 16, 16))
-        with torch.inference_mode():
-            ref = full_dalle(x)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            low = full_dalle(x)
-            images = full_dalle.decode(ref.argmax(1))
-        assert ref.dtype == low.dtype == images.dtype == torch.float32
-        assert ref.shape == low.shape == (1, 8192, 2, 2) and images.shape == (1, 3, 16, 16)
-        assert (low - ref).abs().max() <= 0.05 * ref.abs().max()
-        assert images.min() >= 0 and images.max() <= 1
-        with torch.no_grad():
-            probs = torch.softmax(ref / 4.0, dim=1)
-            ids = ref.argmax(dim=1)
-            rows = ref.flatten(2).transpose(1, 2)[torch.tensor([[True, False, True, True]])]
-        assert torch.allclose(probs.sum(1), torch.ones(1, 2, 2)) and ids.shape == (1, 2, 2) and rows.shape == (3, 8192)
+        check_inference_mode_and_bf16(full_dalle)
     finally:
         full_dalle.decoder = None

@@ -20,6 +20,7 @@ import yaml
 
 from mcbeit.tokenizers import GumbelVQGANTokenizer, Normalize, build_tokenizer
 from mcbeit.tokenizers.taming_modules import AttnBlock, Downsample
+from tests.tokenizers.checks import check_inference_mode_and_bf16
 
 # sha256 of "name:shape" lines, sorted by name, of taming's encoder.* + quant_conv.* + quantize.*
 TAMING_F8_DIGEST = "7ed4d7226cd685741b95f212a22be80be6816a9cd36c07ecd33cfd69f2c64d80"
@@ -337,18 +338,4 @@ def test_full_size_with_decoder_inference_mode_and_bf16():
     sd = {k: v for k, v in tok.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
     assert len(sd) == 170 and sum(v.numel() for v in sd.values()) == 38_381_955
     assert digest(sd) == TAMING_F8_DECODER_DIGEST
-    x = tok.input_transform(torch.rand(1, 3, 16, 16))
-    with torch.inference_mode():
-        ref = tok(x)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        low = tok(x)
-        images = tok.decode(ref.argmax(1))
-    assert ref.dtype == low.dtype == images.dtype == torch.float32
-    assert ref.shape == low.shape == (1, 8192, 2, 2) and images.shape == (1, 3, 16, 16)
-    assert (low - ref).abs().max() <= 0.05 * ref.abs().max()
-    assert images.min() >= 0 and images.max() <= 1
-    with torch.no_grad():
-        probs = torch.softmax(ref / 4.0, dim=1)
-        ids = ref.argmax(dim=1)
-        rows = ref.flatten(2).transpose(1, 2)[torch.tensor([[True, False, True, True]])]
-    assert torch.allclose(probs.sum(1), torch.ones(1, 2, 2)) and ids.shape == (1, 2, 2) and rows.shape == (3, 8192)
+    check_inference_mode_and_bf16(tok)
