@@ -91,6 +91,12 @@ class _PathTable:
 # ----------------------------------------------------------------------------- dataset
 
 
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one sample: a pure function of (seed, epoch, index), whichever worker loads it."""
+    mask64 = (1 << 64) - 1  # SeedSequence wants non-negative entropy
+    return np.random.default_rng([int(seed) & mask64, int(epoch) & mask64, int(index)])
+
+
 class ImageDataset(Dataset):
     """Images under ``root`` with a ``transform(pil_image, rng)``; items keyed by ``(index, epoch)``.
 
@@ -148,8 +154,7 @@ class ImageDataset(Dataset):
 
     def rng(self, index: int, epoch: int) -> np.random.Generator:
         """The generator of sample ``index`` in ``epoch`` (a pure function of seed, epoch, index)."""
-        mask64 = (1 << 64) - 1  # SeedSequence wants non-negative entropy
-        return np.random.default_rng([self.seed & mask64, int(epoch) & mask64, int(index)])
+        return sample_rng(self.seed, epoch, index)
 
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, (tuple, list)) else (key, 0)
@@ -356,8 +361,8 @@ class CifarDataset(Dataset):
 
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, (tuple, list)) else (key, 0)
-        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
-        return self.transform(Image.fromarray(self.data[index]), rng), int(self.labels[index]), 0
+        return (self.transform(Image.fromarray(self.data[index]), sample_rng(self.seed, epoch, index)),
+                int(self.labels[index]), 0)
 
 
 def build_classification_dataset(

@@ -278,7 +278,8 @@ def restore(args, model, optimizer, scaler, model_ema) -> tuple[int, float, str 
 def _restore_for_eval(args, model, model_ema) -> None:
     """--eval: the weights of --resume (a .pth or a DeepSpeed folder), else of the newest checkpoint in
     --output_dir, else those --finetune loaded; with none of these there is nothing to evaluate."""
-    if args.resume and os.path.isdir(args.resume) or (not args.resume and args.enable_deepspeed):
+    deepspeed_folder = os.path.isdir(args.resume) if args.resume else args.enable_deepspeed
+    if deepspeed_folder:
         from mcbeit.engine.deepspeed import resume_checkpoint
         from mcbeit.models.finetune_checkpoint import read_checkpoint, resolve_source, select_state_dict
 

@@ -36,8 +36,8 @@ from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.models.checkpoint import load_into
-from mcbeit.tasks.common import (amp_settings, fill_defaults, log_plan, resume_path, save_due, seed_everything,
-                                 start_run, warmup_steps)
+from mcbeit.tasks.common import (add_runtime_arguments, amp_settings, fill_defaults, log_plan, resume_path, save_due,
+                                 seed_everything, start_run, warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 from mcbeit.tokenizers.custom import (TOKENIZER_EXPORT_NAME, VQ_DEFAULT_EMBED_DIM, VQ_DEFAULT_LOGIT_SCALE,
                                       CustomTokenizer, custom_tokenizer_payload)
@@ -62,9 +62,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="dataset folder (ImageFolder tree, or train/ + train_map.txt); default: the embedded images")
     p.add_argument("--data_set", default=None, choices=["CIFAR", "IMNET", "image_folder"],
                    help="dataset layout; default: detected from the folder (and said in the log)")
-    p.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
-                   help="where checkpoints, tokenizer.pth and log.txt go; '' writes nothing")
-    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <output_dir>/tensorboard)")
     p.add_argument("--input_size", default=112, type=int, help="training crop size (a multiple of 8: tokens = size / 8)")
     p.add_argument("--vocab_size", default=None, type=int,
                    help="codebook size; default 8192" + emb.format(EMBEDDED_DEFAULTS["vocab_size"]))
@@ -93,27 +90,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--clip_grad", default=None, type=float, help="clip the gradient norm (default: no clipping)")
     p.add_argument("--save_ckpt_freq", default=None, type=int,
                    help="save every N epochs (and at the end); default 10" + emb.format(EMBEDDED_DEFAULTS["save_ckpt_freq"]))
-    p.add_argument("--resume", default="", help="resume from this checkpoint")
-    p.add_argument("--auto_resume", action="store_true", help="resume from the newest checkpoint in --output_dir (default)")
-    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
-    p.set_defaults(auto_resume=True)
-    p.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
-    p.add_argument("--pin_mem", action="store_true", help="pin host memory (default on; used with CUDA only)")
-    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    p.set_defaults(pin_mem=True)
-    p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
-                   help="mixed precision; default bf16 on CUDA, off on CPU")
-    p.add_argument("--print_freq", default=10, type=int, help="steps between progress/TensorBoard updates")
     p.add_argument("--image_freq", default=0, type=int,
                    help="also write an input/reconstruction grid to TensorBoard every N steps (0: at epoch ends only)")
-    p.add_argument("--debug", action="store_true", help="debug logging")
-    p.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
-    p.add_argument("--local_rank", "--local-rank", default=-1, type=int, dest="local_rank",
-                   help="set by torch.distributed.launch; torchrun uses LOCAL_RANK")
-    p.add_argument("--dist_on_itp", action="store_true")
-    p.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    add_runtime_arguments(p, output_dir=DEFAULT_OUTPUT_DIR, print_freq=10)  # output, resume, device, amp, launcher
     return p
 
 
@@ -167,7 +146,7 @@ def restore(args: argparse.Namespace, vq: VQVAETraining, optimizer, scaler) -> t
     """Load --resume (or the newest checkpoint with --auto_resume); return (start_epoch, path)."""
     path = resume_path(args)
     if path is None:
-        return 0, None
+        return args.start_epoch, None
     ckpt = ckpt_io.load_training_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"--resume {path} is not a checkpoint of mcbeit-tokenizer train "
