@@ -42,6 +42,7 @@ log = logging.getLogger("mcbeit.finetune")
 CHECKPOINT_FORMAT = "mcbeit-finetune-v1"
 DEFAULT_OUTPUT_DIR = "./output/mcbeit_finetuned"
 PRETRAINED_OUTPUT_DIR = "./output/mcbeit_pretrained"  # where `mcbeit-pretrain` writes by default
+RANDOM_INIT = ("none", "random")  # --finetune values that mean: start from random weights
 BEST_NAME = "checkpoint-best.pth"
 
 # Defaults of the no-argument run on the embedded images (only when --data_path is absent and the
@@ -107,7 +108,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup_switch_prob", type=float, default=0.5)
     p.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"])
     # fine-tuning source
-    p.add_argument("--finetune", default="", help="pre-trained checkpoint: a file, a DeepSpeed folder or an https URL")
+    p.add_argument("--finetune", default="",
+                   help="pre-trained checkpoint: a file, a DeepSpeed folder or an https URL; 'none' trains from "
+                        "random initialisation (on the embedded data, where no --finetune picks the newest "
+                        "checkpoint of mcbeit-pretrain)")
     p.add_argument("--model_key", default="model|module", type=str)
     p.add_argument("--model_prefix", default="", type=str)
     p.add_argument("--init_scale", default=0.001, type=float, help="scale of the head's initial weights")
@@ -182,7 +186,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.layer_decay = 1.0
     if not 0.0 < args.layer_decay <= 1.0:
         raise SystemExit(f"--layer_decay must lie in (0, 1], got {args.layer_decay}")
-    if args.data_path is None and not args.finetune and not args.eval and not args.resume:
+    if args.finetune.strip().lower() in RANDOM_INIT:
+        args.finetune = ""  # explicit: random initialisation, no checkpoint picked for us
+    elif args.data_path is None and not args.finetune and not args.eval and not args.resume:
         latest = ckpt_io.latest_checkpoint(PRETRAINED_OUTPUT_DIR)
         if latest is not None:
             args.finetune = str(latest)
@@ -346,6 +352,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_for_finetuning(args.finetune, model, model_key=args.model_key, model_prefix=args.model_prefix)
     elif args.linear_probe:
         log.warning("--linear_probe without --finetune probes a RANDOMLY initialised backbone")
+    elif not args.resume and not args.eval:
+        log.info("no --finetune: training from RANDOM initialisation")
     if args.linear_probe:
         model = LinearProbe(model, args.nb_classes, args.probe_layer, args.probe_pool)
     model.to(info.device)

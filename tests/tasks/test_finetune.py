@@ -256,3 +256,18 @@ def test_eval_reads_deepspeed_folders_and_refuses_to_evaluate_nothing(data, tmp_
         finetune.run(finetune.get_args_parser().parse_args(
             ["--data_path", str(data), "--output_dir", str(tmp_path / "empty"), *FAST, "--eval"]))
     cleanup()
+
+
+def test_embedded_run_picks_the_newest_pretrained_checkpoint_unless_told_none(tmp_path, monkeypatch):
+    """No --data_path and no --finetune: the newest ./output/mcbeit_pretrained checkpoint; --finetune none: random init."""
+    monkeypatch.chdir(tmp_path)
+    parse = lambda *argv: finetune.resolve_defaults(finetune.get_args_parser().parse_args(list(argv)))  # noqa: E731
+    assert parse().finetune == ""                                    # nothing pre-trained yet: random init
+    out = tmp_path / "output" / "mcbeit_pretrained"
+    out.mkdir(parents=True)
+    for epoch in (1, 3, 10):
+        (out / f"checkpoint-{epoch}.pth").write_bytes(b"")
+    assert parse().finetune == str(finetune.Path(finetune.PRETRAINED_OUTPUT_DIR) / "checkpoint-10.pth")
+    assert parse("--finetune", "none").finetune == "" and parse("--finetune", "Random").finetune == ""
+    assert parse("--finetune", "w.pth").finetune == "w.pth"
+    assert parse("--data_path", str(tmp_path)).finetune == ""      # real data: never a checkpoint we were not given
