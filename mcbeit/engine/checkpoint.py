@@ -2,14 +2,22 @@
 
 A checkpoint holds plain containers only (tensors, numbers, strings, lists, dicts): `args` is
 stored as a dict, so `torch.load(path, weights_only=True)` reads it with no allow-list.
+
+Writes go to a temporary file that is fsynced and renamed over the target, so a crash, a kill or
+a full disk leaves the previous file whole; a failed write says which checkpoint survived.
+Auto-resume verifies the newest checkpoint (the CRC of every record of torch's zip format) and
+falls back to the previous good one with a warning; ``--keep_last K`` prunes older ones only
+after a new one is safely on disk.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -55,9 +63,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _write_failure(exc)
+        if cause is not None:
+            kept = f"the previous {path.name} is untouched" if path.exists() else f"no {path.name} was written"
+            raise CheckpointWriteError(f"could not write {path}: {cause}; {kept} (the partial file was removed). "
+                                       "Free space or raise the limit, then run again (auto-resume continues "
+                                       "from the newest good checkpoint)") from exc
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -65,6 +79,21 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     finally:
         os.close(dir_fd)
     return path
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (full disk, file-size limit, I/O error); nothing older was harmed."""
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """A readable cause when ``exc`` is a failed write (torch wraps the OSError in a RuntimeError)."""
+    for err in (exc, exc.__cause__, exc.__context__):
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            return {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                    errno.EFBIG: "file too large (a file-size limit)", errno.EIO: "I/O error"}[err.errno]
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "file write failed" in str(exc)):
+        return f"the write failed ({str(exc).splitlines()[0][:120]}), most likely a full disk"
+    return None
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
@@ -84,6 +113,53 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a whole checkpoint file (None when it is): empty, truncated, or a record
+    whose CRC does not match. Reads the file once without unpickling anything."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file"
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "not a torch.save archive (no data.pkl)"
+            bad = archive.testzip()
+    except zipfile.BadZipFile as exc:
+        return f"truncated or not a zip archive ({exc})"
+    except (OSError, EOFError, zipfile.LargeZipFile) as exc:
+        return f"unreadable ({exc})"
+    return f"record {bad} is corrupt (CRC mismatch)" if bad is not None else None
+
+
+def latest_good_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest `checkpoint-<epoch>.pth` that is whole; each newer damaged one is named in a warning
+    (and left in place: nothing written is deleted on suspicion)."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("auto-resume: skipping %s: %s; trying the previous checkpoint", path, problem)
+    return None
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int, written_epoch: int) -> list[Path]:
+    """After `checkpoint-<written_epoch>.pth` is safely on disk, delete all but the newest ``keep_last``
+    checkpoints up to that epoch (0 keeps all); returns the deleted paths.
+
+    Checkpoints of later epochs (left by a run that resumed from an earlier one) are not counted and
+    are overwritten as the run reaches them; `checkpoint-best.pth` and other names are never touched."""
+    if keep_last <= 0:
+        return []
+    upto = [path for epoch, path in list_checkpoints(output_dir) if epoch <= written_epoch]
+    old = upto[:-keep_last]
+    for path in old:
+        path.unlink(missing_ok=True)
+    if old:
+        log.info("--keep_last %d: removed %s", keep_last, ", ".join(p.name for p in old))
+    return old
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

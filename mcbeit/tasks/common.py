@@ -70,15 +70,28 @@ def seed_everything(seed: int) -> None:
 
 
 def resume_path(args: argparse.Namespace) -> str | None:
-    """``--resume``, else with ``--auto_resume`` the newest checkpoint in ``--output_dir``, else None."""
+    """``--resume``, else with ``--auto_resume`` the newest whole checkpoint in ``--output_dir`` (a damaged
+    newer one is skipped with a warning), else None. A damaged ``--resume`` file is an error."""
     path = args.resume
     if not path and args.auto_resume and args.output_dir:
-        latest = ckpt_io.latest_checkpoint(args.output_dir)
+        latest = ckpt_io.latest_good_checkpoint(args.output_dir)
+        if latest is None and ckpt_io.list_checkpoints(args.output_dir):
+            raise SystemExit(f"auto-resume: every checkpoint in {args.output_dir} is damaged (see the warnings); "
+                             "move them aside to start afresh, or pass --resume FILE")
         path = str(latest) if latest else ""
     if not path:
         return None
     if not os.path.isfile(path):
         raise SystemExit(f"--resume {path}: no such file")
+    if path.endswith(".pth") and (problem := ckpt_io.checkpoint_problem(path)) is not None:
+        raise SystemExit(f"--resume {path}: {problem}; pass an earlier checkpoint")
+    return path
+
+
+def save_checkpoint(args: argparse.Namespace, epoch: int, state: dict) -> Path:
+    """Write `checkpoint-<epoch>.pth` atomically into --output_dir, then apply --keep_last."""
+    path = ckpt_io.save_atomic(state, ckpt_io.checkpoint_path(args.output_dir, epoch))
+    ckpt_io.prune_checkpoints(args.output_dir, getattr(args, "keep_last", 0), epoch)
     return path
 
 
@@ -129,6 +142,9 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, output_dir: str, print_
     p.add_argument("--auto_resume", action="store_true", help="resume from the newest checkpoint in --output_dir (default)")
     p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
     p.set_defaults(auto_resume=True)
+    p.add_argument("--keep_last", default=0, type=int,
+                   help="keep only the newest K checkpoint-<epoch>.pth files (0 keeps all, as the original); "
+                        "older ones are removed only after a new one is safely written")
     p.add_argument("--debug", action="store_true", help="debug logging")
     p.add_argument("--start_epoch", default=0, type=int)
     p.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)

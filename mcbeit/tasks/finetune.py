@@ -34,7 +34,7 @@ from mcbeit.models.checkpoint import load_into
 from mcbeit.models.classifier import build_classifier
 from mcbeit.models.linear_probe import LinearProbe
 from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults,
-                                 finish_log, log_plan, resume_path, run_main, save_due, seed_everything, start_run,
+                                 finish_log, log_plan, resume_path, run_main, save_checkpoint, save_due, seed_everything, start_run,
                                  warmup_steps)
 
 log = logging.getLogger("mcbeit.finetune")
@@ -307,8 +307,9 @@ def save(args, epoch: int | str, model, optimizer, scaler, model_ema, max_accura
              "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
              "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
              "max_accuracy": max_accuracy, "args": ckpt_io.plain_args(args)}
-    path = Path(args.output_dir) / BEST_NAME if epoch == "best" else ckpt_io.checkpoint_path(args.output_dir, epoch)
-    return ckpt_io.save_atomic(state, path)
+    if epoch == "best":
+        return ckpt_io.save_atomic(state, Path(args.output_dir) / BEST_NAME)
+    return save_checkpoint(args, epoch, state)
 
 
 def _deepspeed_trainer(args, info: DistInfo, model, optimizer):

@@ -34,7 +34,7 @@ from mcbeit.models.beit import BeitForMaskedImageModeling
 from mcbeit.models.checkpoint import filter_pretraining_state_dict, load_into
 from mcbeit.objectives import build_objective
 from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults,
-                                 finish_log, log_plan, resume_path, run_main, save_due, seed_everything, start_run,
+                                 finish_log, log_plan, resume_path, run_main, save_checkpoint, save_due, seed_everything, start_run,
                                  warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 
@@ -211,7 +211,7 @@ def save(args, epoch: int, model, optimizer, scaler, global_step: int) -> Path:
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
              "global_step": global_step, "args": ckpt_io.plain_args(args)}
-    return ckpt_io.save_atomic(state, ckpt_io.checkpoint_path(args.output_dir, epoch))
+    return save_checkpoint(args, epoch, state)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -36,7 +36,7 @@ from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.models.checkpoint import load_into
-from mcbeit.tasks.common import (add_runtime_arguments, amp_settings, fill_defaults, log_plan, resume_path, save_due,
+from mcbeit.tasks.common import (add_runtime_arguments, amp_settings, fill_defaults, log_plan, resume_path, save_checkpoint, save_due,
                                  seed_everything, start_run, warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 from mcbeit.tokenizers.custom import (TOKENIZER_EXPORT_NAME, VQ_DEFAULT_EMBED_DIM, VQ_DEFAULT_LOGIT_SCALE,
@@ -167,7 +167,7 @@ def save(args: argparse.Namespace, epoch: int, vq: VQVAETraining, optimizer, sca
     state = {"format": CHECKPOINT_FORMAT, "model": vq.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
              "global_step": global_step, "args": ckpt_io.plain_args(args), "tokenizer": payload}
-    path = ckpt_io.save_atomic(state, ckpt_io.checkpoint_path(args.output_dir, epoch))
+    path = save_checkpoint(args, epoch, state)
     ckpt_io.save_atomic(payload, Path(args.output_dir) / TOKENIZER_EXPORT_NAME)
     return path
 

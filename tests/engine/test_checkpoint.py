@@ -1,4 +1,8 @@
 import argparse
+import errno
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -49,3 +53,98 @@ def test_load_training_checkpoint_rejects_other_files(tmp_path):
         ck.load_training_checkpoint(p)
     with pytest.raises(FileNotFoundError):
         ck.load_training_checkpoint(tmp_path / "nope.pth")
+
+
+def _state(seed: int) -> dict:
+    """A checkpoint-shaped dict big enough that the middle of the file is tensor data (~400 kB)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {"w": torch.randn(100_000, generator=g)}, "epoch": seed, "args": {"seed": seed}}
+
+
+def test_damaged_newest_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
+    for epoch in (1, 3, 5, 7):
+        ck.save_atomic(_state(epoch), ck.checkpoint_path(tmp_path, epoch))
+    assert ck.checkpoint_problem(ck.checkpoint_path(tmp_path, 7)) is None
+    # 7: truncated (a kill during a non-atomic copy); 5: one flipped byte in the tensor data; 3: empty.
+    seven = ck.checkpoint_path(tmp_path, 7)
+    seven.write_bytes(seven.read_bytes()[: seven.stat().st_size // 2])
+    five = ck.checkpoint_path(tmp_path, 5)
+    data = bytearray(five.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    five.write_bytes(bytes(data))
+    ck.checkpoint_path(tmp_path, 3).write_bytes(b"")
+    assert "truncated" in ck.checkpoint_problem(seven)
+    assert "CRC" in ck.checkpoint_problem(five)
+    assert ck.checkpoint_problem(ck.checkpoint_path(tmp_path, 3)) == "empty file"
+    with caplog.at_level("WARNING"):
+        good = ck.latest_good_checkpoint(tmp_path)
+    assert good == ck.checkpoint_path(tmp_path, 1)
+    assert torch.load(good, weights_only=True)["epoch"] == 1
+    skipped = [r.getMessage() for r in caplog.records if "auto-resume: skipping" in r.getMessage()]
+    assert [m.split()[2] for m in skipped] == [f"{tmp_path}/checkpoint-{e}.pth:" for e in (7, 5, 3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"checkpoint-{e}.pth" for e in (1, 3, 5, 7)]  # nothing deleted
+
+
+def test_resume_path_falls_back_and_refuses_a_damaged_explicit_file(tmp_path):
+    from mcbeit.tasks.common import resume_path
+
+    for epoch in (0, 1):
+        ck.save_atomic(_state(epoch), ck.checkpoint_path(tmp_path, epoch))
+    newest = ck.checkpoint_path(tmp_path, 1)
+    newest.write_bytes(newest.read_bytes()[:1000])
+    args = argparse.Namespace(resume="", auto_resume=True, output_dir=str(tmp_path))
+    assert resume_path(args) == str(ck.checkpoint_path(tmp_path, 0))
+    with pytest.raises(SystemExit, match=r"--resume .*checkpoint-1.pth: truncated.*pass an earlier checkpoint"):
+        resume_path(argparse.Namespace(resume=str(newest), auto_resume=True, output_dir=str(tmp_path)))
+    ck.checkpoint_path(tmp_path, 0).write_bytes(b"\0" * 10)
+    with pytest.raises(SystemExit, match="every checkpoint in .* is damaged"):
+        resume_path(args)
+
+
+def test_keep_last_prunes_only_after_a_safe_write_and_never_later_epochs(tmp_path):
+    from mcbeit.tasks.common import save_checkpoint
+
+    args = argparse.Namespace(output_dir=str(tmp_path), keep_last=2)
+    (tmp_path / "checkpoint-best.pth").write_bytes(b"best")
+    for epoch in range(5):
+        save_checkpoint(args, epoch, _state(epoch))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3.pth", "checkpoint-4.pth", "checkpoint-best.pth"]
+    # A run resumed from epoch 3 (4 was damaged) writes 4 again: 9 from an older run is left alone.
+    ck.save_atomic(_state(9), ck.checkpoint_path(tmp_path, 9))
+    save_checkpoint(args, 4, _state(4))
+    assert [e for e, _ in ck.list_checkpoints(tmp_path)] == [3, 4, 9]
+    save_checkpoint(argparse.Namespace(output_dir=str(tmp_path), keep_last=0), 5, _state(5))
+    assert [e for e, _ in ck.list_checkpoints(tmp_path)] == [3, 4, 5, 9]  # 0 keeps all
+
+
+def test_a_write_that_runs_out_of_space_says_so_and_keeps_the_old_file(tmp_path):
+    path = ck.checkpoint_path(tmp_path, 0)
+    ck.save_atomic(_state(0), path)
+    before = path.read_bytes()
+
+    def write_then_fill_the_disk(f):
+        f.write(b"x" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ck.CheckpointWriteError, match=r"no space left on the device; the previous checkpoint-0.pth "
+                                                       r"is untouched \(the partial file was removed\)"):
+        ck.write_atomic(path, write_then_fill_the_disk)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint-0.pth"]
+
+
+def test_a_real_process_hitting_a_file_size_limit_fails_loudly_and_harms_nothing(tmp_path):
+    """A real failing write: the saving process runs under RLIMIT_FSIZE, so the kernel refuses the write."""
+    path = ck.checkpoint_path(tmp_path, 2)
+    ck.save_atomic(_state(1), path)
+    before = path.read_bytes()
+    script = textwrap.dedent(f"""
+        import resource, signal, sys, torch
+        from mcbeit.engine import checkpoint as ck
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)    # get EFBIG from write() instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        ck.save_atomic({{"model": {{"w": torch.randn(200_000)}}, "epoch": 2}}, {str(path)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "CheckpointWriteError" in proc.stderr and "the previous checkpoint-2.pth is untouched" in proc.stderr
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint-2.pth"]

@@ -106,6 +106,22 @@ def test_resume_continues_epochs_and_temperature_warmup(image_folder, tmp_path):
     assert ckpt["global_step"] == 16
 
 
+def test_auto_resume_skips_a_truncated_newest_checkpoint_and_keep_last_prunes(image_folder, tmp_path, capfd):
+    """A real run whose newest checkpoint was cut short resumes from the one before it, with a warning."""
+    out = tmp_path / "run"
+    common = ["--batch_size", "16", "--save_ckpt_freq", "1", "--warmup_epochs", "0", "--keep_last", "2"]
+    pretrain.run(run_args(image_folder, out, "--epochs", "2", *common))
+    newest = out / "checkpoint-1.pth"
+    newest.write_bytes(newest.read_bytes()[:4096])  # the node died while a copy of it was being made
+    capfd.readouterr()
+    pretrain.run(run_args(image_folder, out, "--epochs", "3", *common))
+    err = capfd.readouterr().err
+    assert f"skipping {newest}: truncated" in err and f"resumed from {out / 'checkpoint-0.pth'}" in err
+    assert [r["epoch"] for r in read_log(out)] == [0, 1, 1, 2]  # epoch 1 trained again from checkpoint-0
+    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-1.pth", "checkpoint-2.pth"]
+    assert torch.load(out / "checkpoint-2.pth", weights_only=True)["global_step"] == 12
+
+
 def test_hard_targets_beit_loss_runs(image_folder, tmp_path):
     out = tmp_path / "run"
     pretrain.run(run_args(image_folder, out, "--batch_size", "16", "--epochs", "1", "--hard_targets",
