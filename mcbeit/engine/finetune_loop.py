@@ -46,6 +46,7 @@ class FinetuneState:
     model_ema: Any = None                     # timm ModelEmaV3
     writer: RunWriter | None = None
     params: Sequence[torch.nn.Parameter] = field(default_factory=list)
+    max_bad_steps: int = 20              # consecutive non-finite steps before the run stops
     deepspeed: Any = None                     # mcbeit.engine.deepspeed trainer when --enable_deepspeed
 
 
@@ -67,7 +68,8 @@ def train_one_epoch(state: FinetuneState, loader: Iterable, epoch: int, steps_pe
                       {"loss": ("loss", "{:.4f}"), "lr": ("lr", "{:.2e}")},
                       epoch=epoch, first_step=epoch * steps_per_epoch, total_steps=steps_per_epoch,
                       writer=state.writer, show=state.dist.is_main, last_good_checkpoint=last_good_checkpoint,
-                      stop_hint="Lower --lr, set --clip_grad, or use --amp bf16 / off")
+                      stop_hint="Lower --lr, set --clip_grad, or use --amp bf16 / off",
+                      max_bad_steps=state.max_bad_steps, scaler_active=state.scaler is not None)
     losses, hits, skipped, images = [], [], 0, 0
     for micro, batch in enumerate(loader):
         update, phase = divmod(micro, freq)
@@ -100,16 +102,17 @@ def train_one_epoch(state: FinetuneState, loader: Iterable, epoch: int, steps_pe
         if not last:
             continue
         if state.deepspeed is None:
-            grad_norm, loss_scale = clip_and_step(state.optimizer, state.scaler, state.params, state.clip_grad)
+            grad_norm, loss_scale, stepped = clip_and_step(state.optimizer, state.scaler, state.params,
+                                                           state.clip_grad)
         else:
-            loss_scale = torch.ones((), device=device)
+            loss_scale, stepped = torch.ones((), device=device), True  # DeepSpeed's own overflow handling
         if state.model_ema is not None:
             state.model_ema.update(state.model_without_ddp)
         values = {"loss": torch.stack(losses).mean(), "grad_norm": torch.as_tensor(grad_norm, device=device).float(),
                   "loss_scale": loss_scale}
         if hits:
             values["class_acc"] = torch.stack(hits).mean()
-        meter.add(values, lr_stats(state.optimizer), images, skipped=skipped)
+        meter.add(values, lr_stats(state.optimizer), images, skipped=skipped, stepped=stepped)
         losses, hits, skipped, images = [], [], 0, 0
         if meter.steps % state.print_freq == 0:
             meter.flush()

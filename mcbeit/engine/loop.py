@@ -48,6 +48,7 @@ class PretrainState:
     print_freq: int = 20
     writer: RunWriter | None = None
     params: Sequence[torch.nn.Parameter] = field(default_factory=list)
+    max_bad_steps: int = 20              # consecutive non-finite steps before the run stops
 
 
 def _masked_count_weight(mask: torch.Tensor, world_size: int) -> torch.Tensor | None:
@@ -63,8 +64,9 @@ def _masked_count_weight(mask: torch.Tensor, world_size: int) -> torch.Tensor | 
     return local * world_size / all_reduce_sum(local)
 
 
-def pretrain_step(state: PretrainState, batch: Sequence[torch.Tensor], temp: float) -> dict[str, torch.Tensor]:
-    """One optimisation step; returns detached metric tensors (no host sync)."""
+def pretrain_step(state: PretrainState, batch: Sequence[torch.Tensor], temp: float) -> dict[str, Any]:
+    """One optimisation step; returns detached metric tensors and ``stepped`` (False: the update was
+    skipped for a non-finite gradient)."""
     device = state.dist.device
     view_a, view_b, mask = (t.to(device, non_blocking=True) for t in batch[:3])
     bool_masked_pos = mask.flatten(1).bool()                                  # (B, N)
@@ -81,10 +83,10 @@ def pretrain_step(state: PretrainState, batch: Sequence[torch.Tensor], temp: flo
     weight = _masked_count_weight(bool_masked_pos, state.dist.world_size)
     backward_loss = loss * weight if weight is not None else loss
 
-    grad_norm, loss_scale = backward_and_step(backward_loss, state.optimizer, state.scaler, state.params,
-                                              state.clip_grad)
+    grad_norm, loss_scale, stepped = backward_and_step(backward_loss, state.optimizer, state.scaler, state.params,
+                                                       state.clip_grad)
     return {"loss": loss.detach().float(), "mlm_acc": out["mlm_acc"].detach().float(),
-            "grad_norm": grad_norm.detach().float(), "loss_scale": loss_scale.float()}
+            "grad_norm": grad_norm.detach().float(), "loss_scale": loss_scale.float(), "stepped": stepped}
 
 
 def train_one_epoch(state: PretrainState, loader: Iterable, epoch: int, start_step: int, temp: float,
@@ -96,14 +98,17 @@ def train_one_epoch(state: PretrainState, loader: Iterable, epoch: int, start_st
                       {"loss": ("loss", "{:.4f}"), "mlm_acc": ("mlm_acc", "{:.3f}"), "lr": ("lr", "{:.2e}")},
                       epoch=epoch, first_step=start_step, total_steps=steps_per_epoch, writer=state.writer,
                       show=state.dist.is_main, last_good_checkpoint=last_good_checkpoint,
-                      stop_hint="Lower --lr, set --clip_grad, or use --amp bf16 / off")
+                      stop_hint="Lower --lr, set --clip_grad, or use --amp bf16 / off",
+                      max_bad_steps=state.max_bad_steps, scaler_active=state.scaler is not None)
     for step, batch in enumerate(loader):
         if step >= steps_per_epoch:
             break
         it = start_step + step
         apply_schedules(state.optimizer, float(state.lr_schedule[it]), float(state.wd_schedule[it]))
-        meter.add(pretrain_step(state, batch, temp), lr_stats(state.optimizer), batch[0].shape[0],
-                  skipped=batch[3].sum() if len(batch) > 3 else 0)
+        metrics = pretrain_step(state, batch, temp)
+        stepped = metrics.pop("stepped")
+        meter.add(metrics, lr_stats(state.optimizer), batch[0].shape[0],
+                  skipped=batch[3].sum() if len(batch) > 3 else 0, stepped=stepped)
         if meter.steps % state.print_freq == 0:
             meter.flush()
 

@@ -3,8 +3,13 @@
 Every training loop (pre-training, tokenizer training) hands each step's metrics to a
 :class:`StepMeter` as device tensors plus a few host floats (the learning rate). Every
 ``print_freq`` steps :meth:`StepMeter.flush` stacks them, averages the chosen ones over ranks
-in ONE all-reduce, checks the loss is finite, writes one TensorBoard point per step, adds to the
-epoch totals and updates the progress bar: one host sync per interval, not per step.
+in ONE all-reduce, writes one TensorBoard point per step, adds to the epoch totals and updates
+the progress bar: one host sync per interval, not per step.
+
+Divergence: a step whose gradient was not finite was not applied (see
+:func:`mcbeit.engine.optim.clip_and_step`); the meter counts it, leaves it out of the means, and
+stops the run with :class:`DivergenceError` after ``max_bad_steps`` such steps in a row, naming
+the last good checkpoint.
 """
 from __future__ import annotations
 
@@ -23,7 +28,11 @@ log = logging.getLogger("mcbeit")
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A loss or gradient that is not finite stopped the run."""
+
+
+class DivergenceError(NonFiniteLossError):
+    """Too many consecutive steps had non-finite gradients (each was skipped)."""
 
 
 class StepMeter:
@@ -35,11 +44,14 @@ class StepMeter:
     postfix:        progress-bar label -> (name, format) shown after each flush.
     first_step:     the global step of this epoch's first step (TensorBoard's x axis).
     stop_hint:      appended to the error raised on a non-finite loss (what to change).
+    max_bad_steps:  stop after this many consecutive skipped (non-finite) steps.
+    scaler_active:  fp16 with a loss scaler: its overflow skips are routine and logged at INFO.
     """
 
     def __init__(self, metrics: Sequence[str], mean_over_ranks: Sequence[str], groups: Mapping[str, Sequence[str]],
                  postfix: Mapping[str, tuple[str, str]], *, epoch: int, first_step: int, total_steps: int,
-                 writer: RunWriter | None, show: bool, last_good_checkpoint: str | None, stop_hint: str):
+                 writer: RunWriter | None, show: bool, last_good_checkpoint: str | None, stop_hint: str,
+                 max_bad_steps: int = 20, scaler_active: bool = False):
         self.metrics = tuple(metrics)
         self.reduced = [self.metrics.index(k) for k in mean_over_ranks]
         self.groups, self.postfix = groups, postfix
@@ -50,20 +62,42 @@ class StepMeter:
                         mininterval=1.0)
         self.totals: dict[str, float] = {}
         self.steps = 0
+        self.max_bad_steps, self.scaler_active = max_bad_steps, scaler_active
+        self.bad_steps = 0            # skipped this epoch
+        self.consecutive_bad = 0
         self._pending: list[dict[str, torch.Tensor]] = []
         self._pending_host: list[dict[str, float]] = []
+        self._pending_ok: list[bool] = []
         self._images = 0
         self._skipped = torch.zeros((), dtype=torch.long)
         self._t0 = time.perf_counter()
 
     def add(self, values: Mapping[str, torch.Tensor], host: Mapping[str, float], images: int,
-            skipped: torch.Tensor | int = 0) -> None:
-        """Queue one step's metrics (no host sync); ``skipped``: unreadable images the batch replaced."""
+            skipped: torch.Tensor | int = 0, stepped: bool = True) -> None:
+        """Queue one step's metrics (no host sync); ``skipped``: unreadable images the batch replaced;
+        ``stepped``: False when the update was skipped for a non-finite gradient."""
         self._pending.append({k: values[k] for k in self.metrics})
         self._pending_host.append(dict(host))
+        self._pending_ok.append(stepped)
         self._images += images
         self._skipped += skipped
         self.steps += 1
+        if stepped:
+            self.consecutive_bad = 0
+            return
+        self.bad_steps += 1
+        self.consecutive_bad += 1
+        step = self.first_step + self.steps - 1
+        if self.consecutive_bad >= self.max_bad_steps:
+            raise DivergenceError(
+                f"{self.consecutive_bad} consecutive steps with a non-finite gradient (epoch {self.epoch}, last at "
+                f"step {step}); each was skipped, the weights are those of the last good step. Stopping. "
+                f"Last good checkpoint: {self.last_good_checkpoint or 'none written yet'}. {self.stop_hint}")
+        if self.scaler_active:
+            log.info("step %d: fp16 overflow, update skipped and loss scale lowered", step)
+        else:
+            log.warning("step %d: non-finite gradient, update skipped (%d in a row; the run stops at %d)", step,
+                        self.consecutive_bad, self.max_bad_steps)
 
     def flush(self) -> None:
         """Read back the queued steps: reduce, check, log (one all-reduce and one device-to-host copy)."""
@@ -76,6 +110,8 @@ class StepMeter:
         first = self.first_step + self.steps - len(self._pending)
         for i, host in enumerate(self._pending_host):
             step = {**{k: rows[k][i] for k in self.metrics}, **host}
+            if not self._pending_ok[i]:
+                continue  # a skipped update: counted in bad_steps, left out of the means and TensorBoard
             if not math.isfinite(step["loss"]):
                 raise NonFiniteLossError(
                     f"loss is {step['loss']} at epoch {self.epoch}, step {first + i}; stopping before it spreads. "
@@ -90,7 +126,8 @@ class StepMeter:
         self.bar.set_postfix({label: fmt.format(last[name]) for label, (name, fmt) in self.postfix.items()}
                              | {"img_s": f"{self._images / max(elapsed, 1e-9):.1f}"})
         self.bar.update(len(self._pending))
-        self._pending, self._pending_host, self._images, self._t0 = [], [], 0, time.perf_counter()
+        self._pending, self._pending_host, self._pending_ok = [], [], []
+        self._images, self._t0 = 0, time.perf_counter()
 
     def epoch_stats(self) -> dict[str, float]:
         """Flush and close the bar; return each metric's mean over the epoch's steps, the number of
@@ -100,8 +137,10 @@ class StepMeter:
         if self.steps == 0:
             raise RuntimeError("the data loader produced no batch this epoch: the dataset has fewer images than "
                                "--batch_size x number of processes; lower --batch_size or add images")
-        stats = {k: v / self.steps for k, v in self.totals.items()}
+        applied = self.steps - self.bad_steps
+        stats = {k: v / max(applied, 1) for k, v in self.totals.items()}
         stats["steps"] = self.steps
+        stats["skipped_steps"] = self.bad_steps
         stats["skipped_images"] = int(all_reduce_sum(self._skipped.to(torch.float64)).item())
         if stats["skipped_images"]:
             log.warning("epoch %d: %d unreadable images were skipped (see the warnings above for their paths)",

@@ -194,25 +194,33 @@ def grad_norm_of(params: Sequence[nn.Parameter], clip: float | None) -> torch.Te
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                  params: Sequence[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """After backward: unscale (fp16), clip, step. Returns (grad_norm of the unscaled gradients,
-    loss_scale) as device tensors (no host sync)."""
+                  params: Sequence[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """After backward: unscale (fp16), clip, and step unless a gradient is not finite.
+
+    Returns (grad_norm of the unscaled gradients, loss_scale) as device tensors and whether the
+    optimizer stepped. A non-finite gradient never reaches the weights: without a scaler the step
+    is skipped here; with one (fp16) the scaler skips it and lowers the scale, as usual. Deciding
+    costs one host read of the norm per step (the fp16 scaler reads its flag anyway); under DDP
+    every rank holds the same reduced gradients, so every rank decides the same.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = grad_norm_of(params, clip).detach().float()
+    finite = bool(torch.isfinite(norm))
     if scaler is None:
-        norm = grad_norm_of(params, clip)
-        optimizer.step()
-        return norm.detach().float(), torch.ones((), device=norm.device)
-    scaler.unscale_(optimizer)
-    norm = grad_norm_of(params, clip)
-    scaler.step(optimizer)
+        if finite:
+            optimizer.step()
+        return norm, torch.ones((), device=norm.device), finite
+    scaler.step(optimizer)  # skips by itself when unscale_ found an inf / nan
     scaler.update()
-    return norm.detach().float(), scaler._get_scale_async().detach().reshape(()).float()  # device tensor: no sync
+    return norm, scaler._get_scale_async().detach().reshape(()).float(), finite
 
 
 def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                      params: Sequence[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                      params: Sequence[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """zero_grad, backward (through the fp16 scaler when there is one), clip, step: one update per call.
 
-    Returns (grad_norm, loss_scale) as device tensors; the norm is of the unscaled gradients.
+    Returns :func:`clip_and_step`'s (grad_norm, loss_scale, stepped).
     """
     optimizer.zero_grad(set_to_none=True)
     (loss if scaler is None else scaler.scale(loss)).backward()

@@ -17,6 +17,7 @@ import torch
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.distributed import DistInfo, init_distributed
 from mcbeit.engine.logging import setup_logging
+from mcbeit.engine.meter import NonFiniteLossError
 
 log = logging.getLogger("mcbeit")
 
@@ -154,6 +155,8 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, output_dir: str, print_
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
                    help="mixed precision; default bf16 on CUDA (fp16 where bf16 is unsupported), off on CPU")
     p.add_argument("--print_freq", default=print_freq, type=int, help="steps between progress/TensorBoard updates")
+    p.add_argument("--max_bad_steps", default=20, type=int,
+                   help="a step with a non-finite gradient is skipped and counted; this many in a row stop the run")
     p.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
     p.add_argument("--local_rank", "--local-rank", default=-1, type=int, dest="local_rank",
                    help="set by torch.distributed.launch; torchrun uses LOCAL_RANK")
@@ -176,6 +179,9 @@ def finish_log(stats: dict, started: float, output_dir: str) -> None:
                  os.path.abspath(output_dir) if output_dir else "(nowhere: --output_dir '')")
 
 
+EXIT_DIVERGED = 3  # the run stopped on non-finite losses / gradients (its message names the last good checkpoint)
+
+
 def run_main(parser: argparse.ArgumentParser, argv, run: Callable[[argparse.Namespace], object],
              on_exit: Callable[[argparse.Namespace], None] | None = None) -> int:
     """Parse, run, and always leave the process group (and whatever ``on_exit`` releases)."""
@@ -184,6 +190,9 @@ def run_main(parser: argparse.ArgumentParser, argv, run: Callable[[argparse.Name
     args = parser.parse_args(argv)
     try:
         run(args)
+    except NonFiniteLossError as exc:  # the message says what happened and which checkpoint is good
+        log.error("%s", exc)
+        return EXIT_DIVERGED
     finally:
         if on_exit is not None:
             on_exit(args)

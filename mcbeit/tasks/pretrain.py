@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> dict:
     state = PretrainState(model=ddp_model, model_without_ddp=model, tokenizer=tokenizer, objective=objective,
                           optimizer=optimizer, scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
                           dist=info, amp_dtype=amp_dtype, clip_grad=args.clip_grad, print_freq=args.print_freq,
-                          writer=writer, params=[p for p in model.parameters() if p.requires_grad])
+                          max_bad_steps=args.max_bad_steps, writer=writer, params=[p for p in model.parameters() if p.requires_grad])
     log_plan(args, info, steps_per_epoch, amp_dtype, start_epoch, resumed_from)
 
     stats: dict = {}

@@ -135,7 +135,7 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
                     scaler: torch.amp.GradScaler | None, lr_schedule: np.ndarray, loader: Iterable, epoch: int,
                     steps_per_epoch: int, info: DistInfo, amp_dtype: torch.dtype | None, writer: RunWriter,
                     last_good_checkpoint: str | None, *, clip_grad: float | None = None, dead_code_steps: int = 20,
-                    print_freq: int = 10, image_freq: int = 0) -> dict[str, Any]:
+                    print_freq: int = 10, image_freq: int = 0, max_bad_steps: int = 20) -> dict[str, Any]:
     """One epoch of VQ-VAE training; ``model`` is ``vq`` or its DDP wrapper. Returns the epoch's statistics.
 
     Losses are means over ranks; codebook figures are of the global batch (their counts are summed
@@ -151,7 +151,8 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
                       {"rec": ("rec_loss", "{:.4f}"), "ppl": ("perplexity", "{:.0f}"), "used": ("code_usage", "{:.2f}")},
                       epoch=epoch, first_step=start_step, total_steps=steps_per_epoch, writer=writer,
                       show=info.is_main, last_good_checkpoint=last_good_checkpoint,
-                      stop_hint="Lower --lr or set --clip_grad")
+                      stop_hint="Lower --lr or set --clip_grad", max_bad_steps=max_bad_steps,
+                      scaler_active=scaler is not None)
     epoch_counts = torch.zeros(vq.tokenizer.vocab_size, dtype=torch.float64, device=device)
     last_images = last_recon = None
     for step, batch in enumerate(loader):
@@ -163,13 +164,18 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
         images = batch[0].to(device, non_blocking=True)                 # (B, 3, H, W), normalised
         with autocast_context(device, amp_dtype):
             out = model(images)
-        grad_norm, _ = backward_and_step(out["loss"], optimizer, scaler, params, clip_grad)
-        usage = vq.update_codebook(out["features"], out["ids"], dead_code_steps)
+        grad_norm, _, stepped = backward_and_step(out["loss"], optimizer, scaler, params, clip_grad)
+        if stepped:
+            usage = vq.update_codebook(out["features"], out["ids"], dead_code_steps)
+        else:  # a non-finite step (the same on every rank): keep its features out of the codebook too
+            zero = torch.zeros((), device=device)
+            usage = {"counts": torch.zeros_like(epoch_counts), "perplexity": zero, "code_usage": zero,
+                     "dead_codes_reinit": zero}
         epoch_counts += usage["counts"].to(torch.float64)
         meter.add({"loss": out["loss"].detach(), "grad_norm": grad_norm,
                    **{k: out[k] for k in ("rec_loss", "commit_loss")},
                    **{k: usage[k] for k in ("perplexity", "code_usage", "dead_codes_reinit")}},
-                  {"lr": lr}, images.shape[0], skipped=batch[1].sum() if len(batch) > 1 else 0)
+                  {"lr": lr}, images.shape[0], skipped=batch[1].sum() if len(batch) > 1 else 0, stepped=stepped)
         last_images, last_recon = images, out["recon"]
         if meter.steps % print_freq == 0:
             meter.flush()

@@ -38,6 +38,7 @@ def test_step_updates_weights_with_inference_mode_tokenizer(hard, amp, detach):
     state = _state(hard, amp, detach)
     before = {k: v.clone() for k, v in state.model.state_dict().items()}
     metrics = pretrain_step(state, _batch(), temp=4.0)
+    assert metrics.pop("stepped") is True
     assert set(metrics) == {"loss", "mlm_acc", "grad_norm", "loss_scale"}
     assert torch.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
     assert all(not t.is_inference() for t in metrics.values())
@@ -53,3 +54,19 @@ def test_clip_grad_bounds_the_update_and_reports_the_unclipped_norm():
     assert m_clip["grad_norm"] == pytest.approx(m_free["grad_norm"].item(), rel=1e-5)  # norm before clipping
     grads = [p.grad for p in clipped.params if p.grad is not None]
     assert torch.nn.utils.get_total_norm(grads) <= 1e-3 * 1.001
+
+
+def test_a_non_finite_gradient_is_skipped_and_leaves_weights_and_optimizer_untouched():
+    state = _state(False, None, False)
+    pretrain_step(state, _batch(), temp=4.0)                     # a good step: AdamW state exists
+    weights = {k: v.clone() for k, v in state.model.state_dict().items()}
+    moments = {k: v.clone() for k, v in state.optimizer.state_dict()["state"][0].items()}
+    with torch.no_grad():
+        state.model.lm_head.weight[0, 0] = float("inf")           # the next loss and gradients are not finite
+    poisoned = state.model.lm_head.weight.clone()
+    metrics = pretrain_step(state, _batch(), temp=4.0)
+    assert metrics["stepped"] is False and not torch.isfinite(metrics["grad_norm"])
+    assert torch.equal(state.model.lm_head.weight, poisoned)      # no update applied on top
+    assert all(torch.equal(v, weights[k]) for k, v in state.model.state_dict().items() if k != "lm_head.weight")
+    after = state.optimizer.state_dict()["state"][0]
+    assert all(torch.equal(after[k], v) for k, v in moments.items())  # moments and step count unchanged

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mcbeit.engine.logging import RunWriter
-from mcbeit.engine.meter import NonFiniteLossError, StepMeter
+from mcbeit.engine.meter import DivergenceError, NonFiniteLossError, StepMeter
 
 
 def read_scalars(folder):
@@ -24,10 +24,10 @@ def read_scalars(folder):
     return out
 
 
-def _meter(writer=None, last=None):
+def _meter(writer=None, last=None, max_bad_steps=20):
     return StepMeter(("loss", "acc"), ("loss", "acc"), {"loss": ("loss", "acc"), "opt": ("lr",)},
                      {"loss": ("loss", "{:.3f}")}, epoch=2, first_step=10, total_steps=4, writer=writer, show=False,
-                     last_good_checkpoint=last, stop_hint="Lower --lr.")
+                     last_good_checkpoint=last, stop_hint="Lower --lr.", max_bad_steps=max_bad_steps)
 
 
 def test_means_totals_and_one_tensorboard_point_per_step(tmp_path):
@@ -40,7 +40,8 @@ def test_means_totals_and_one_tensorboard_point_per_step(tmp_path):
             meter.flush()
     assert meter.steps == 4 and meter.totals["loss"] == 3.0                 # steps 0..2 flushed, step 3 pending
     stats = meter.epoch_stats()
-    assert stats == pytest.approx({"loss": 1.5, "acc": 0.5, "lr": 0.15, "steps": 4, "skipped_images": 2})
+    assert stats == pytest.approx({"loss": 1.5, "acc": 0.5, "lr": 0.15, "steps": 4, "skipped_images": 2,
+                                   "skipped_steps": 0})
     writer.close()
     scalars = read_scalars(tmp_path / "tb")
     assert [step for step, _ in scalars["loss/loss"]] == [10, 11, 12, 13]      # global steps from first_step
@@ -58,3 +59,18 @@ def test_non_finite_loss_names_the_step_and_the_last_good_checkpoint():
 def test_an_epoch_without_steps_says_what_to_do():
     with pytest.raises(RuntimeError, match="lower --batch_size"):
         _meter().epoch_stats()
+
+
+def test_skipped_steps_are_counted_left_out_of_the_means_and_stop_the_run_when_consecutive():
+    meter = _meter(last="/runs/a/checkpoint-1.pth", max_bad_steps=3)
+    nan = torch.tensor(float("nan"))
+    for loss, ok in ((1.0, True), (nan, False), (3.0, True), (nan, False), (nan, False)):
+        meter.add({"loss": torch.as_tensor(loss), "acc": torch.tensor(0.5)}, {"lr": 0.1}, images=8, stepped=ok)
+    stats = meter.epoch_stats()
+    assert stats["loss"] == 2.0 and stats["steps"] == 5 and stats["skipped_steps"] == 3  # mean of the applied two
+    meter = _meter(last="/runs/a/checkpoint-1.pth", max_bad_steps=3)
+    meter.add({"loss": torch.tensor(1.0), "acc": torch.tensor(0.5)}, {"lr": 0.1}, images=8)
+    for _ in range(2):
+        meter.add({"loss": nan, "acc": torch.tensor(0.5)}, {"lr": 0.1}, images=8, stepped=False)
+    with pytest.raises(DivergenceError, match=r"3 consecutive steps .*step 13.*checkpoint-1\.pth.*Lower --lr"):
+        meter.add({"loss": nan, "acc": torch.tensor(0.5)}, {"lr": 0.1}, images=8, stepped=False)

@@ -122,6 +122,26 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint_and_keep_last_prunes(im
     assert torch.load(out / "checkpoint-2.pth", weights_only=True)["global_step"] == 12
 
 
+def test_divergence_skips_bad_steps_then_stops_naming_the_last_good_checkpoint(image_folder, tmp_path, capfd):
+    """A real blow-up: resumed with an absurd learning rate, every step after the first is non-finite."""
+    from mcbeit.engine.meter import DivergenceError
+    from mcbeit.tasks.common import EXIT_DIVERGED
+
+    out = tmp_path / "run"
+    common = ["--batch_size", "16", "--save_ckpt_freq", "1", "--warmup_epochs", "0"]
+    pretrain.run(run_args(image_folder, out, "--epochs", "1", *common))
+    good = (out / "checkpoint-0.pth").read_bytes()
+    with pytest.raises(DivergenceError, match=rf"3 consecutive steps .*Last good checkpoint: {out / 'checkpoint-0.pth'}"):
+        pretrain.run(run_args(image_folder, out, "--epochs", "3", "--lr", "1e30", "--min_lr", "1e30",
+                              "--max_bad_steps", "3", *common))
+    assert "non-finite gradient, update skipped (1 in a row; the run stops at 3)" in capfd.readouterr().err
+    argv = ["--data_path", str(image_folder), "--output_dir", str(out), "--device", "cpu", *FAST, "--epochs", "3",
+            "--lr", "1e30", "--min_lr", "1e30", "--max_bad_steps", "2", *common]
+    assert pretrain.main(argv) == EXIT_DIVERGED                      # the command: a message, not a traceback
+    assert "2 consecutive steps with a non-finite gradient" in capfd.readouterr().err
+    assert (out / "checkpoint-0.pth").read_bytes() == good and not (out / "checkpoint-1.pth").exists()
+
+
 def test_hard_targets_beit_loss_runs(image_folder, tmp_path):
     out = tmp_path / "run"
     pretrain.run(run_args(image_folder, out, "--batch_size", "16", "--epochs", "1", "--hard_targets",
