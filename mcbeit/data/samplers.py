@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sized
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 __all__ = ["EpochTaggedSampler", "ShardSampler", "build_eval_loader", "build_train_loader"]
@@ -16,24 +17,28 @@ class EpochTaggedSampler(Sampler[tuple[int, int]]):
 
     ``set_epoch(e)`` must be called before each epoch (as for ``DistributedSampler``); it is
     forwarded to the wrapped sampler when that has ``set_epoch`` (so its shuffle changes too).
+    ``set_epoch(e, start=k)`` skips the first ``k`` indices of this rank's order for that epoch:
+    a run resumed mid-epoch continues with exactly the samples the uninterrupted run would see.
     """
 
     def __init__(self, sampler: Sampler[int] | Sized, epoch: int = 0) -> None:
         self.sampler = sampler
         self.epoch = int(epoch)
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(self.epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
-        for index in self.sampler:
-            yield int(index), epoch
+        for position, index in enumerate(self.sampler):
+            if position >= self.start:  # the order is computed whole (a permutation); skipping costs nothing
+                yield int(index), epoch
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return max(len(self.sampler) - self.start, 0)
 
     def __repr__(self) -> str:
         return f"EpochTaggedSampler({self.sampler.__class__.__name__}, epoch={self.epoch})"
@@ -56,8 +61,13 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, pin_memory: b
     sampler = EpochTaggedSampler(DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                     seed=seed, drop_last=True))
     workers = max(0, num_workers)
+    # Its own generator: starting an epoch's iterator then leaves the global torch RNG (drop path,
+    # dropout) alone, so a resumed run draws what the uninterrupted one drew. Samples do not depend
+    # on worker seeds (see EpochTaggedSampler).
+    generator = torch.Generator().manual_seed(int(seed) + 7919 * int(rank))
     loader = DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                        drop_last=True, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                        drop_last=True, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                        generator=generator)
     return loader, sampler, steps
 
 

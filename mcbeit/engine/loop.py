@@ -13,6 +13,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from mcbeit.engine.control import Preempted, RunControl
 from mcbeit.engine.distributed import DistInfo, all_reduce_sum
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.meter import StepMeter
@@ -90,17 +91,21 @@ def pretrain_step(state: PretrainState, batch: Sequence[torch.Tensor], temp: flo
 
 
 def train_one_epoch(state: PretrainState, loader: Iterable, epoch: int, start_step: int, temp: float,
-                    steps_per_epoch: int, last_good_checkpoint: str | None = None) -> dict[str, Any]:
-    """Run one epoch; return the epoch's averaged statistics (means over ranks)."""
+                    steps_per_epoch: int, last_good_checkpoint: str | None = None, *, first: int = 0,
+                    control: RunControl | None = None) -> dict[str, Any]:
+    """Run one epoch (from its step ``first`` when resumed mid-epoch; the loader then starts there too);
+    return the epoch's averaged statistics (means over ranks). ``start_step`` is the epoch's first
+    global step; ``control`` writes mid-epoch checkpoints and stops on signals."""
     state.model.train()
     meter = StepMeter(STEP_METRICS, ("loss", "mlm_acc"),
                       {"loss": ("loss", "mlm_acc"), "opt": ("lr", "min_lr", "weight_decay", "grad_norm", "loss_scale")},
                       {"loss": ("loss", "{:.4f}"), "mlm_acc": ("mlm_acc", "{:.3f}"), "lr": ("lr", "{:.2e}")},
-                      epoch=epoch, first_step=start_step, total_steps=steps_per_epoch, writer=state.writer,
+                      epoch=epoch, first_step=start_step + first, total_steps=steps_per_epoch - first,
+                      writer=state.writer,
                       show=state.dist.is_main, last_good_checkpoint=last_good_checkpoint,
                       stop_hint="Lower --lr, set --clip_grad, or use --amp bf16 / off",
                       max_bad_steps=state.max_bad_steps, scaler_active=state.scaler is not None)
-    for step, batch in enumerate(loader):
+    for step, batch in enumerate(loader, start=first):
         if step >= steps_per_epoch:
             break
         it = start_step + step
@@ -111,5 +116,12 @@ def train_one_epoch(state: PretrainState, loader: Iterable, epoch: int, start_st
                   skipped=batch[3].sum() if len(batch) > 3 else 0, stepped=stepped)
         if meter.steps % state.print_freq == 0:
             meter.flush()
+        if control is not None:
+            try:
+                control.after_step(epoch, step + 1, it + 1)
+            except Preempted:
+                meter.epoch_stats()  # every rank got here together: the pending steps are logged, the bar closed
+                raise
+            meter.last_good_checkpoint = control.last_checkpoint or meter.last_good_checkpoint
 
     return meter.epoch_stats()

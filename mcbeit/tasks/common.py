@@ -17,6 +17,7 @@ import torch
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.distributed import DistInfo, init_distributed
 from mcbeit.engine.logging import setup_logging
+from mcbeit.engine.control import EXIT_PREEMPTED, Preempted
 from mcbeit.engine.meter import NonFiniteLossError
 
 log = logging.getLogger("mcbeit")
@@ -96,10 +97,15 @@ def save_checkpoint(args: argparse.Namespace, epoch: int, state: dict) -> Path:
     return path
 
 
+def epoch_save_due(args: argparse.Namespace, epoch: int) -> bool:
+    """Whether a checkpoint is written after ``epoch`` (the same answer on every rank): every
+    --save_ckpt_freq epochs and after the last."""
+    return bool(args.output_dir) and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs)
+
+
 def save_due(args: argparse.Namespace, epoch: int, info: DistInfo) -> bool:
-    """Whether this rank writes a checkpoint after ``epoch``: rank 0, every --save_ckpt_freq epochs and the last."""
-    return bool(args.output_dir) and info.is_main and (
-        (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs)
+    """Whether this rank writes a checkpoint after ``epoch``: rank 0, when :func:`epoch_save_due`."""
+    return info.is_main and epoch_save_due(args, epoch)
 
 
 def log_plan(args: argparse.Namespace, info: DistInfo, steps_per_epoch: int, amp_dtype: torch.dtype | None,
@@ -143,6 +149,11 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, output_dir: str, print_
     p.add_argument("--auto_resume", action="store_true", help="resume from the newest checkpoint in --output_dir (default)")
     p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
     p.set_defaults(auto_resume=True)
+    p.add_argument("--save_ckpt_steps", default=0, type=int,
+                   help="also write a checkpoint every N optimizer steps, inside epochs (0: only at epoch ends); "
+                        "a preempted run then loses at most N steps")
+    p.add_argument("--save_ckpt_minutes", default=0.0, type=float,
+                   help="also write a checkpoint when this many minutes passed since the last one (0: off)")
     p.add_argument("--keep_last", default=0, type=int,
                    help="keep only the newest K checkpoint-<epoch>.pth files (0 keeps all, as the original); "
                         "older ones are removed only after a new one is safely written")
@@ -193,6 +204,9 @@ def run_main(parser: argparse.ArgumentParser, argv, run: Callable[[argparse.Name
     except NonFiniteLossError as exc:  # the message says what happened and which checkpoint is good
         log.error("%s", exc)
         return EXIT_DIVERGED
+    except Preempted as exc:
+        log.warning("%s", exc)
+        return EXIT_PREEMPTED
     finally:
         if on_exit is not None:
             on_exit(args)

@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 import timm
@@ -25,6 +24,7 @@ from mcbeit.data.masking import build_mask_generator
 from mcbeit.data.samplers import build_train_loader
 from mcbeit.data.transforms import TwoViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
+from mcbeit.engine.control import RunControl, gather_rng, restore_rank_rng
 from mcbeit.engine.distributed import DistInfo
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.loop import PretrainState, train_one_epoch
@@ -34,7 +34,7 @@ from mcbeit.models.beit import BeitForMaskedImageModeling
 from mcbeit.models.checkpoint import filter_pretraining_state_dict, load_into
 from mcbeit.objectives import build_objective
 from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults,
-                                 finish_log, log_plan, resume_path, run_main, save_checkpoint, save_due, seed_everything, start_run,
+                                 epoch_save_due, finish_log, log_plan, resume_path, run_main, save_checkpoint, seed_everything, start_run,
                                  warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 
@@ -186,11 +186,14 @@ def build_data(args: argparse.Namespace, window: tuple[int, int], tokenizer, inf
     return loader, sampler, steps
 
 
-def restore(args, model: BeitForMaskedImageModeling, optimizer, scaler) -> tuple[int, str | None]:
-    """Load --resume (or the newest checkpoint with --auto_resume); return (start_epoch, path)."""
+def restore(args, model: BeitForMaskedImageModeling, optimizer, scaler, steps_per_epoch: int,
+            info: DistInfo) -> tuple[int, int, str | None]:
+    """Load --resume (or the newest whole checkpoint with --auto_resume); return (start_epoch,
+    steps already done in it, path). Our checkpoints also restore this rank's random generators, so
+    the run continues bit for bit as if it had not stopped."""
     path = resume_path(args)
     if path is None:
-        return args.start_epoch, None
+        return args.start_epoch, 0, None
     ckpt = ckpt_io.load_training_checkpoint(path)
     state = filter_pretraining_state_dict(ckpt["model"], model)
     load_into(model, state, strict=True)
@@ -202,16 +205,36 @@ def restore(args, model: BeitForMaskedImageModeling, optimizer, scaler) -> tuple
     elif "optimizer" in ckpt:
         log.warning("%s was not written by mcbeit: its weights are loaded, its optimizer state is not "
                     "(parameter order differs between implementations)", path)
-    start = int(ckpt["epoch"]) + 1 if "epoch" in ckpt else args.start_epoch
-    log.info("resumed from %s: continuing at epoch %d", path, start)
-    return start, path
+    if "epoch" not in ckpt:
+        return args.start_epoch, 0, path
+    epoch, done = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", steps_per_epoch))
+    written_spe = int(ckpt.get("steps_per_epoch", steps_per_epoch))
+    if done >= written_spe:
+        start, first = epoch + 1, 0
+    elif written_spe != steps_per_epoch:
+        log.warning("%s stopped at step %d of %d in epoch %d, but this run has %d steps per epoch (another batch "
+                    "size or number of processes): epoch %d restarts from its beginning", path, done, written_spe,
+                    epoch, steps_per_epoch, epoch)
+        start, first = epoch, 0
+    else:
+        start, first = epoch, done
+    if ours:
+        restore_rank_rng(ckpt.get("rng"), info, path)
+    log.info("resumed from %s: continuing at epoch %d%s", path, start, f", step {first}" if first else "")
+    return start, first, path
 
 
-def save(args, epoch: int, model, optimizer, scaler, global_step: int) -> Path:
+def save(args, info: DistInfo, epoch: int, steps_done: int, steps_per_epoch: int, model, optimizer, scaler) -> str | None:
+    """Checkpoint after ``steps_done`` steps of ``epoch`` (all of them at an epoch end). Every rank
+    calls it (their random states are gathered); rank 0 writes. Returns the path on rank 0."""
+    rng = gather_rng(info)
+    if not info.is_main:
+        return None
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
-             "global_step": global_step, "args": ckpt_io.plain_args(args)}
-    return save_checkpoint(args, epoch, state)
+             "step_in_epoch": steps_done, "steps_per_epoch": steps_per_epoch,
+             "global_step": epoch * steps_per_epoch + steps_done, "rng": rng, "args": ckpt_io.plain_args(args)}
+    return os.path.abspath(save_checkpoint(args, epoch, state))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -239,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
                                    warmup_epochs=args.warmup_epochs, warmup_steps=warmup_steps(args, steps_per_epoch))
     wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
     temps = temperature_schedule(args.temp_warmup, args.temp, args.epochs, args.temp_warmup_epochs)
-    start_epoch, resumed_from = restore(args, model, optimizer, scaler)
+    start_epoch, first, resumed_from = restore(args, model, optimizer, scaler, steps_per_epoch, info)
 
     ddp_model = DistributedDataParallel(model) if info.world_size > 1 else model
     writer = RunWriter(args.output_dir, args.log_dir, enabled=info.is_main and bool(args.output_dir))
@@ -253,19 +276,27 @@ def run(args: argparse.Namespace) -> dict:
     stats: dict = {}
     last_ckpt = resumed_from
     started = time.perf_counter()
+    saving = bool(args.output_dir)
+    control = RunControl(info, (lambda e, done: save(args, info, e, done, steps_per_epoch, model, optimizer, scaler))
+                         if saving else None, save_every_steps=args.save_ckpt_steps,
+                         save_every_minutes=args.save_ckpt_minutes, steps_per_epoch=steps_per_epoch)
     try:
-        for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            stats = train_one_epoch(state, loader, epoch, epoch * steps_per_epoch, float(temps[epoch]),
-                                    steps_per_epoch, last_good_checkpoint=last_ckpt)
-            if save_due(args, epoch, info):
-                last_ckpt = os.path.abspath(save(args, epoch, model, optimizer, scaler, (epoch + 1) * steps_per_epoch))
-                log.info("saved %s", last_ckpt)
-            stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
-                     "temp": float(temps[epoch]), "n_parameters": n_parameters}
-            writer.epoch(stats)
-            log.info("epoch %d: loss %.4f, mlm_acc %.4f, lr %.2e, %d skipped images", epoch, stats["train_loss"],
-                     stats["train_mlm_acc"], stats["train_lr"], stats["train_skipped_images"])
+        with control:
+            for epoch in range(start_epoch, args.epochs):
+                sampler.set_epoch(epoch, start=first * args.batch_size)
+                stats = train_one_epoch(state, loader, epoch, epoch * steps_per_epoch, float(temps[epoch]),
+                                        steps_per_epoch, last_good_checkpoint=last_ckpt, first=first, control=control)
+                first = 0
+                last_ckpt = control.last_checkpoint or last_ckpt
+                if epoch_save_due(args, epoch):
+                    last_ckpt = save(args, info, epoch, steps_per_epoch, steps_per_epoch, model, optimizer, scaler)
+                    if last_ckpt:
+                        log.info("saved %s", last_ckpt)
+                stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                         "temp": float(temps[epoch]), "n_parameters": n_parameters}
+                writer.epoch(stats)
+                log.info("epoch %d: loss %.4f, mlm_acc %.4f, lr %.2e, %d skipped images", epoch,
+                         stats["train_loss"], stats["train_mlm_acc"], stats["train_lr"], stats["train_skipped_images"])
     finally:
         writer.close()
     finish_log(stats, started, args.output_dir)

@@ -1,0 +1,121 @@
+"""Exact resume and preemption (issue 6, items 1-3): a stopped and resumed run equals the uninterrupted one.
+
+Bitwise on CPU fp32: every step's loss and the final weights and optimizer state. Drop path is on,
+so the random generators must be restored too; the stops land mid-epoch.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+
+from mcbeit.engine.control import EXIT_PREEMPTED
+from mcbeit.tasks import pretrain
+from tests.engine.test_meter import read_scalars
+from tests.tasks.conftest import FAST, PYTHON, REPO, cli_env
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 64 images / batch 8 = 8 steps per epoch; drop path draws from torch's generator every step.
+COMMON = ["--batch_size", "8", "--drop_path", "0.1", "--warmup_epochs", "0", "--print_freq", "1", *FAST]
+
+
+def _args(image_folder, out, *extra):
+    argv = ["--data_path", str(image_folder), "--output_dir", str(out), "--device", "cpu", *COMMON, *extra]
+    return pretrain.get_args_parser().parse_args(argv)
+
+
+def _losses(out):
+    """{global step: loss} from the run's TensorBoard events (one point per step)."""
+    return dict(read_scalars(out / "tensorboard")["loss/loss"])
+
+
+def _assert_same_state(a, b):
+    """Model and optimizer state of two checkpoints, bit for bit."""
+    ca, cb = (torch.load(p, weights_only=True) for p in (a, b))
+    assert ca["global_step"] == cb["global_step"] and ca["epoch"] == cb["epoch"]
+    for key, value in ca["model"].items():
+        assert torch.equal(value, cb["model"][key]), key
+    for index, state in ca["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, cb["optimizer"]["state"][index][name]), (index, name)
+
+
+def test_resuming_from_a_mid_epoch_checkpoint_continues_bit_for_bit(image_folder, tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    # Mid-epoch checkpoints every 5 steps: after step 5 of epoch 0, epoch 0's file holds that position.
+    extra = ["--epochs", "2", "--save_ckpt_steps", "5", "--save_ckpt_freq", "5"]
+    pretrain.run(_args(image_folder, whole, *extra))
+    mid = torch.load(whole / "checkpoint-0.pth", weights_only=True)
+    assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (0, 5, 5) and len(mid["rng"]) == 1
+    resumed.mkdir()
+    shutil.copy(whole / "checkpoint-0.pth", resumed / "checkpoint-0.pth")
+    pretrain.run(_args(image_folder, resumed, *extra))                    # auto-resume: epoch 0, step 5
+
+    a, b = _losses(whole), _losses(resumed)
+    assert sorted(a) == list(range(16)) and sorted(b) == list(range(5, 16))
+    assert all(a[step] == b[step] for step in b), {s: (a[s], b[s]) for s in b if a[s] != b[s]}
+    _assert_same_state(whole / "checkpoint-1.pth", resumed / "checkpoint-1.pth")
+
+
+def _cmd(image_folder, out, nproc: int):
+    launcher = [PYTHON] if nproc == 1 else [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                                             "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    batch = str(8 // nproc)  # the same 8 steps per epoch in 1 and in 2 processes
+    return [*launcher, "run_mcbeit_pretraining.py", "--data_path", str(image_folder), "--output_dir", str(out),
+            "--device", "cpu", *COMMON, "--batch_size", batch, "--epochs", "3", "--save_ckpt_freq", "1"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("nproc, sig", [(1, "USR1"), (2, "TERM")])
+def test_a_real_signal_saves_exits_75_and_the_rerun_ends_where_the_uninterrupted_run_does(image_folder, tmp_path,
+                                                                                         nproc, sig):
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    env = cli_env(tmp_path)
+    done = subprocess.run(_cmd(image_folder, whole, nproc), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen(_cmd(image_folder, stopped, nproc), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (stopped / "checkpoint-0.pth").exists():      # epoch 0 is over: the run is inside epoch 1
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    # SLURM signals every task; here only ONE process gets it (with 2: a worker, not the launcher), and
+    # the others must still stop with it rather than hang in the next collective.
+    target = proc.pid if nproc == 1 else _children(proc.pid)[-1]
+    subprocess.run(["kill", f"-{sig}", str(target)], check=True)
+    _, err = proc.communicate(timeout=300)
+    if nproc == 1:
+        assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    else:
+        assert proc.returncode != 0 and f"exitcode  : {EXIT_PREEMPTED}" in err, err[-3000:]
+    assert f"SIG{sig} received: finishing this step" in err and "continue with the same command" in err
+    newest = max(stopped.glob("checkpoint-*.pth"), key=lambda p: int(p.stem.split("-")[1]))
+    position = torch.load(newest, weights_only=True)
+    assert position["global_step"] < 24 and len(position["rng"]) == nproc
+
+    again = subprocess.run(_cmd(image_folder, stopped, nproc), cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {newest}" in again.stderr
+    _assert_same_state(whole / "checkpoint-2.pth", stopped / "checkpoint-2.pth")
+    a, b = _losses(whole), _losses(stopped)
+    assert all(a[step] == b[step] for step in b)
+
