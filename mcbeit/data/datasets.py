@@ -3,8 +3,22 @@ CIFAR-100's python files, and the embedded default.
 
 Every sample's randomness comes from ``numpy.random.default_rng([seed, epoch, index])``: the
 crop, flip and mask of an image depend on its index and the epoch, never on which data-loader
-worker loads it. Unreadable files are skipped (the next index is used), warned about and
-counted, so a bad file never stops a run of weeks.
+worker loads it.
+
+Bad data never stops a run of weeks, but is never silently trained on either:
+
+- images that decode are converted to 8-bit RGB: grayscale, palette, alpha, CMYK, and 16-bit or
+  float images (rescaled from their value range, not clipped);
+- files that do not decode (corrupt, truncated, zero-byte, not an image, or larger than
+  ``MAX_PIXELS``, checked before any pixel is decoded) are skipped: the next index is used, the
+  path and the reason are warned about once per run, and the item counts them (``n_skipped``);
+- list-file lines naming a missing file, or with a bad label or the wrong shape, are left out
+  when the dataset is built, with one warning naming the lines (``dataset.dropped_entries``);
+- :func:`check_bad_fraction` turns a skip rate above ``--max_bad_fraction`` into a clear error,
+  and ``MAX_CONSECUTIVE_BAD`` unreadable files in a row stop the run as well.
+
+Truncated files must fail to decode, so Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept off
+(if another library turns it on, loading turns it off again, with a warning).
 """
 
 from __future__ import annotations
@@ -12,11 +26,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+import torch
+from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
@@ -31,12 +47,21 @@ __all__ = [
     "load_rgb_image",
     "DATA_SETS",
     "MAX_CONSECUTIVE_BAD",
+    "MAX_PIXELS",
+    "BadListFileError",
+    "DroppedEntries",
+    "TooManyBadImagesError",
+    "check_bad_fraction",
 ]
 
 logger = logging.getLogger(__name__)
 
 DATA_SETS = ("IMNET", "image_folder", "CIFAR")  # None: detect the layout
 MAX_CONSECUTIVE_BAD = 50  # give up (clearly) after this many unreadable files in a row
+# Images with more pixels are not decoded (a decompression bomb: a small file that decodes to
+# gigabytes). Pillow's own limit, read at import; Pillow itself refuses twice as many in
+# Image.open and only warns below that, hence the check here. None disables it.
+MAX_PIXELS: int | None = Image.MAX_IMAGE_PIXELS
 LIST_FILE = "train_map.txt"
 _SPLIT_NAMES = {"train", "val", "validation", "test"}
 
@@ -44,29 +69,69 @@ _SPLIT_NAMES = {"train", "val", "validation", "test"}
 # ----------------------------------------------------------------------------- image loading
 
 
+def _high_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float single-channel image as 8-bit grayscale ("L").
+
+    16-bit modes map their full range 0..65535 onto 0..255. Modes "I" and "F" do not say what
+    range their values use, so it is guessed: 0..1 (floats) or 0..255 are taken as they are,
+    0..65535 as 16-bit, anything else (negative, larger, a depth map) is stretched min..max.
+    """
+    array = np.asarray(image, dtype=np.float32)  # numpy reads the big-endian I;16B too
+    if image.mode.startswith("I;16"):
+        array = array * np.float32(255.0 / 65535.0)
+    elif array.size:
+        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(array.min()), float(array.max())
+        if image.mode == "F" and low >= 0.0 and high <= 1.0:
+            array = array * np.float32(255.0)
+        elif low >= 0.0 and high <= 255.0:
+            pass
+        elif low >= 0.0 and high <= 65535.0:
+            array = array * np.float32(255.0 / 65535.0)
+        else:
+            array = (array - np.float32(low)) * np.float32(255.0 / (high - low))
+    return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8))
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any decoded PIL image as 8-bit RGB (16-bit and float images rescaled, not clipped)."""
+    """Any decoded PIL image as 8-bit RGB (16-bit and float images rescaled, not clipped;
+    transparency dropped, CMYK and other colour spaces converted)."""
     mode = image.mode
     if mode == "RGB":
         return image
     if mode.startswith("I;16") or mode in ("I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        if mode.startswith("I;16"):
-            array = array / 257.0
-        elif mode == "I" and array.size and array.max() > 255:
-            array = array / 257.0 if array.max() <= 65535 else array * (255.0 / array.max())
-        elif mode == "F" and array.size and array.max() <= 1.0:
-            array = array * 255.0
-        gray = Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8))
-        return gray.convert("RGB")
+        return _high_depth_to_8bit(image).convert("RGB")
     if mode in ("P", "PA") and (mode == "PA" or "transparency" in image.info):
         image = image.convert("RGBA")  # avoids Pillow's palette-transparency warning
-    return image.convert("RGB")
+    return image.convert("RGB")  # a mode Pillow cannot convert raises: the file is skipped
+
+
+def _keep_truncated_images_failing() -> None:
+    """Turn Pillow's ``LOAD_TRUNCATED_IMAGES`` back off if something turned it on: with it, a
+    truncated file decodes with its missing part filled grey, and would be trained on."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        logger.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was turned on (by another library or a script); "
+            "mcbeit turns it off so that truncated images are skipped, not trained on half grey"
+        )
 
 
 def load_rgb_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file fully and return it as RGB; raises if it is not a decodable image."""
+    """Decode an image file fully and return it as RGB; raises if it is not a decodable image.
+
+    Raises (among others) ``PIL.UnidentifiedImageError`` for zero-byte and non-image files,
+    ``OSError`` for truncated or corrupt ones, and ``PIL.Image.DecompressionBombError`` for
+    images of more than ``MAX_PIXELS`` pixels, before their pixels are decoded.
+    """
+    _keep_truncated_images_failing()
     with Image.open(path) as image:
+        width, height = image.size
+        if MAX_PIXELS is not None and width * height > MAX_PIXELS:
+            raise Image.DecompressionBombError(
+                f"{width}x{height} = {width * height:,} pixels, more than the limit of {MAX_PIXELS:,} "
+                "(a possible decompression bomb); not decoded"
+            )
         image.load()
         return _to_rgb(image)
 
@@ -86,6 +151,62 @@ class _PathTable:
 
     def __getitem__(self, i: int) -> str:
         return os.fsdecode(self._buffer[self._offsets[i] : self._offsets[i + 1]].tobytes())
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+class TooManyBadImagesError(RuntimeError):
+    """More unreadable images than a run accepts: ``--max_bad_fraction`` of an epoch, or
+    ``MAX_CONSECUTIVE_BAD`` in a row."""
+
+
+class BadListFileError(ValueError):
+    """A list file (``train_map.txt``, ``<split>_map.txt``) of which no line is usable."""
+
+
+@dataclass(frozen=True)
+class DroppedEntries:
+    """The list-file lines a dataset left out: how many, why, and which (the first ones).
+
+    ``reasons`` counts them by reason ("missing file", "bad label", "malformed");
+    ``line_numbers`` holds the first ``MAX_REPORTED`` of them (1-based), ``examples`` a few
+    lines with their reason. A dataset that is not read from a list file has ``count`` 0.
+    """
+
+    MAX_REPORTED = 1000
+
+    source: str = ""
+    count: int = 0
+    total: int = 0  # non-blank lines read, kept and dropped
+    reasons: dict[str, int] = field(default_factory=dict)
+    line_numbers: tuple[int, ...] = ()
+    examples: tuple[str, ...] = ()
+
+
+def check_bad_fraction(skipped: int, seen: int, max_fraction: float, where: str = "in this epoch") -> None:
+    """Raise :class:`TooManyBadImagesError` when too large a share of the images read was unreadable.
+
+    ``skipped``: the unreadable files skipped (the sum of the items' ``n_skipped``); ``seen``:
+    the samples delivered, each one readable image. Of the ``skipped + seen`` files read, the
+    share ``skipped / (skipped + seen)`` may be at most ``max_fraction``; reaching it exactly is
+    fine, 0 allows no bad file and 1 disables the check. ``where`` completes "N of M images ..."
+    in the message (e.g. "in epoch 3"). Call it with the same (all-reduced) counts on every
+    rank, so that all of them stop together.
+    """
+    if not 0.0 <= max_fraction <= 1.0:  # also refuses NaN
+        raise ValueError(f"--max_bad_fraction must be between 0 and 1, got {max_fraction}")
+    if skipped < 0 or seen < 0:
+        raise ValueError(f"image counts cannot be negative (skipped={skipped}, seen={seen})")
+    total = skipped + seen
+    if max_fraction >= 1.0 or skipped == 0 or skipped / total <= max_fraction:
+        return  # skipped / total is correctly rounded: 29 of 100 equals 0.29 exactly
+    scope = f" {where}" if where else ""
+    raise TooManyBadImagesError(
+        f"{skipped} of {total} images{scope} ({100.0 * skipped / total:.3g}%) were unreadable, more than "
+        f"--max_bad_fraction {max_fraction:g}; the skipped files are listed in the warnings above: fix or "
+        "remove them, or raise --max_bad_fraction (1 disables this check)"
+    )
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -119,6 +240,7 @@ class ImageDataset(Dataset):
         layout: str = "image_folder",
         classes: Sequence[str] | None = None,
         return_labels: bool = False,
+        dropped_entries: DroppedEntries | None = None,
     ) -> None:
         if len(relative_paths) != len(labels):
             raise ValueError("relative_paths and labels differ in length")
@@ -132,7 +254,8 @@ class ImageDataset(Dataset):
         self.layout = layout
         self.classes = list(classes) if classes is not None else None
         self.return_labels = bool(return_labels)
-        self._warned: set[str] = set()
+        self.dropped_entries = dropped_entries if dropped_entries is not None else DroppedEntries()
+        self._warned = _shared_flags(len(self._paths))
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -172,23 +295,40 @@ class ImageDataset(Dataset):
             except MemoryError:
                 raise
             except Exception as error:  # noqa: BLE001 - any decoder failure means "bad file"
-                self._warn_unreadable(path, error)
-                last_error = f"{path}: {error}"
+                self._warn_unreadable(loaded, path, error)
+                last_error = f"{path} ({_reason(error)})"
                 continue
             out = self.transform(image, rng)
             if self.return_labels:
                 return out, int(self.labels[loaded]), skipped
             return (*out, skipped) if isinstance(out, tuple) else (out, skipped)
-        raise RuntimeError(
-            f"{tries} consecutive images from index {index} under {self.root} could not be "
-            f"read (last: {last_error}); check the files, their permissions, or --data_path"
+        raise TooManyBadImagesError(
+            f"{tries} consecutive images could not be read, from {self.path(index)} (index {index}) to "
+            f"{last_error}: this many in a row means a broken data folder or list file rather than a "
+            f"few bad files; check the files under {self.root}, their permissions, and --data_path"
         )
 
-    def _warn_unreadable(self, path: Path, error: Exception) -> None:
-        key = str(path)
-        if key not in self._warned:  # once per file and process: counts still go up each time
-            self._warned.add(key)
-            logger.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)
+    def _warn_unreadable(self, index: int, path: Path, error: Exception) -> None:
+        """Warn about an unreadable file once per run: the flags are shared by the data-loader
+        workers (the counts in ``n_skipped`` still go up each time it is skipped)."""
+        if not self._warned[index]:
+            self._warned[index] = 1
+            logger.warning("skipping unreadable image %s: %s", path, _reason(error))
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _shared_flags(length: int) -> torch.Tensor:
+    """One byte per image, in shared memory where possible so that forked (or spawned)
+    data-loader workers, persistent or not, see each other's writes."""
+    flags = torch.zeros(max(length, 1), dtype=torch.uint8)
+    try:
+        return flags.share_memory_()
+    except (RuntimeError, OSError) as error:  # e.g. no /dev/shm: warn once per worker instead
+        logger.debug("unreadable-image warnings not shared between workers (%s)", error)
+        return flags
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -213,33 +353,127 @@ def _image_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     return _relative([p for p, _ in samples], root), [c for _, c in samples], classes
 
 
-def _list_file(data_path: Path, name: str = LIST_FILE, split: str = "train") -> tuple[Path, list[str], list[int]]:
-    """(image base folder, relative paths, labels) from ``<data_path>/<name>`` (default train_map.txt)."""
+def _parse_list_line(text: str) -> tuple[str, int | None, str]:
+    """(path, label or None, what is wrong) of one non-blank line ``<relative/path> <label>``.
+    The label is the last field, so paths may hold spaces."""
+    parts = text.rsplit(None, 1)
+    if len(parts) != 2:
+        return text, None, "malformed"
+    path, label = parts
+    try:
+        value = int(label)
+    except ValueError:
+        return path, None, "bad label"
+    return (path, value, "") if value >= 0 else (path, None, "bad label")
+
+
+def _existing(base: Path, paths: Sequence[str]) -> np.ndarray:
+    """Which ``base/path`` exist, as a boolean array.
+
+    One ``os.scandir`` per distinct folder instead of a ``stat`` per file: ImageNet's 1.28 M
+    lines cost about a thousand directory listings (cheap on network file systems too) and
+    memory for one folder's names at a time. A name the listing lacks is confirmed with
+    ``os.path.exists`` (case-insensitive file systems, paths with ``..``); a folder that does
+    not exist marks its paths missing without a ``stat`` each.
+    """
+    folder_ids: dict[str, int] = {}
+    ids = np.empty(len(paths), dtype=np.int64)
+    for i, path in enumerate(paths):
+        ids[i] = folder_ids.setdefault(os.path.dirname(path), len(folder_ids))
+    exists = np.zeros(len(paths), dtype=bool)
+    order = np.argsort(ids, kind="stable")
+    ends = np.cumsum(np.bincount(ids, minlength=len(folder_ids)))
+    start = 0
+    for folder, end in zip(folder_ids, ends):
+        try:
+            names = {entry.name for entry in os.scandir(os.path.join(base, folder))}
+        except (FileNotFoundError, NotADirectoryError):
+            start = end
+            continue
+        except OSError:  # e.g. a folder that may be traversed but not listed
+            names = set()
+        for i in order[start:end]:
+            exists[i] = os.path.basename(paths[i]) in names or os.path.exists(os.path.join(base, paths[i]))
+        start = end
+    return exists
+
+
+def _list_base(data_path: Path, split: str, paths: Sequence[str]) -> Path:
+    """The folder a list file's paths are relative to: ``<data_path>/<split>/`` as the original,
+    or ``data_path`` itself where the first few paths exist only there."""
+    base = data_path / split
+    sample = paths[:16]
+    if sample and not any((base / p).exists() for p in sample) and any((data_path / p).exists() for p in sample):
+        return data_path
+    return base
+
+
+def _describe(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in reasons.items() if count)
+
+
+def _list_file(
+    data_path: Path, name: str = LIST_FILE, split: str = "train"
+) -> tuple[Path, list[str], list[int], DroppedEntries]:
+    """(image base folder, relative paths, labels, dropped lines) from ``<data_path>/<name>``.
+
+    Lines are ``<path relative to <data_path>/<split>/> <integer label >= 0>``; blank lines are
+    ignored. Lines that are malformed, have a bad label or name a missing file are left out with
+    one warning naming them; a list of which no line is usable raises :class:`BadListFileError`.
+    """
     map_file = data_path / name
     paths: list[str] = []
     labels: list[int] = []
-    with open(map_file, encoding="utf-8") as lines:
+    line_numbers: list[int] = []  # of the kept lines, until the existence check
+    bad: list[tuple[int, str, str]] = []  # (line number, line, reason)
+    with open(map_file, encoding="utf-8-sig", errors="surrogateescape") as lines:
         for line_number, line in enumerate(lines, start=1):
             text = line.strip()
             if not text:
                 continue
-            parts = text.rsplit(None, 1)
-            try:
-                label = int(parts[1]) if len(parts) == 2 else None
-            except ValueError:
-                label = None
-            if label is None:
-                raise ValueError(
-                    f"{map_file}, line {line_number}: expected '<relative/path> <integer label>', "
-                    f"got {text!r}"
-                )
-            paths.append(parts[0])
-            labels.append(label)
-    base = data_path / split
-    if paths and not (base / paths[0]).exists() and (data_path / paths[0]).exists():
+            path, label, problem = _parse_list_line(text)
+            if problem:
+                bad.append((line_number, text, problem))
+            else:
+                paths.append(path)
+                labels.append(label)
+                line_numbers.append(line_number)
+    base = _list_base(data_path, split, paths)
+    if base == data_path:
         logger.info("%s: paths are relative to %s, not to %s/", map_file, data_path, split)
-        base = data_path
-    return base, paths, labels
+    exists = _existing(base, paths)
+    if not exists.all():
+        for i in np.flatnonzero(~exists):
+            bad.append((line_numbers[i], f"{paths[i]} {labels[i]}", "missing file"))
+        bad.sort()
+        paths = [p for p, ok in zip(paths, exists) if ok]
+        labels = [label for label, ok in zip(labels, exists) if ok]
+
+    reasons = {r: sum(1 for *_, reason in bad if reason == r) for r in ("missing file", "bad label", "malformed")}
+    dropped = DroppedEntries(
+        source=str(map_file),
+        count=len(bad),
+        total=len(bad) + len(paths),
+        reasons={r: c for r, c in reasons.items() if c},
+        line_numbers=tuple(n for n, _, _ in bad[: DroppedEntries.MAX_REPORTED]),
+        examples=tuple(f"line {n}: {text!r} ({reason})" for n, text, reason in bad[:5]),
+    )
+    expected = f"'<path relative to {base}/> <integer label >= 0>'"
+    if bad and not paths:
+        raise BadListFileError(
+            f"{map_file}: none of its {len(bad)} lines is usable ({_describe(reasons)}), e.g. "
+            f"{'; '.join(dropped.examples[:3])}. Each line must be {expected}; fix the list file, "
+            "or point --data_path at the folder holding it and the images"
+        )
+    if bad:
+        shown = ", ".join(str(n) for n in dropped.line_numbers[:20])
+        more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+        logger.warning(
+            "%s: left out %d of %d lines (%s): line%s %s%s; e.g. %s. Lines must be %s",
+            map_file, len(bad), dropped.total, _describe(reasons), "s" if len(bad) > 1 else "", shown, more,
+            "; ".join(dropped.examples), expected,
+        )
+    return base, paths, labels, dropped
 
 
 def _canonical_data_set(data_set: str | None) -> str | None:
@@ -275,6 +509,7 @@ def build_pretraining_dataset(
     ImageFolder tree at data_path, as the original pre-training read both), or None to detect.
     """
     data_set = _canonical_data_set(data_set)
+    dropped = None
 
     if data_path is None:
         root = embedded_dataset_root() / "train"
@@ -306,7 +541,7 @@ def build_pretraining_dataset(
             layout, root, reason = "image_folder", data_path, f"--data_set {data_set}"
 
         if layout == "IMNET":
-            root, paths, labels = _list_file(data_path)
+            root, paths, labels, dropped = _list_file(data_path)
             classes = None
         else:
             paths, labels, classes = _image_folder(root)
@@ -322,7 +557,7 @@ def build_pretraining_dataset(
             f"no images found for the {layout} layout at {root} (extensions: "
             f"{', '.join(IMG_EXTENSIONS)}); check --data_path"
         )
-    dataset = ImageDataset(root, paths, labels, transform, seed, layout, classes)
+    dataset = ImageDataset(root, paths, labels, transform, seed, layout, classes, dropped_entries=dropped)
     logger.info(
         "data: %s layout at %s (%s): %d images, %d classes",
         layout, root, reason, len(dataset), dataset.num_classes,
@@ -338,6 +573,8 @@ SPLITS = ("train", "val")
 class CifarDataset(Dataset):
     """CIFAR-100 from its python files under ``root`` (torchvision's layout; never downloaded),
     with the same item format as :class:`ImageDataset` with ``return_labels``."""
+
+    dropped_entries = DroppedEntries()  # no list file: nothing left out
 
     def __init__(self, root: str | os.PathLike, train: bool, transform, seed: int = 0) -> None:
         from torchvision.datasets import CIFAR100
@@ -386,6 +623,7 @@ def build_classification_dataset(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     data_set = _canonical_data_set(data_set)
+    dropped = None
     if data_path is None:
         root = embedded_dataset_root() / split
         paths, labels, classes = _image_folder(root)
@@ -403,7 +641,7 @@ def build_classification_dataset(
                         else "image_folder")
         list_file = data_path / f"{split}_map.txt"
         if data_set == "IMNET" and list_file.is_file():
-            root, paths, labels = _list_file(data_path, list_file.name, split)
+            root, paths, labels, dropped = _list_file(data_path, list_file.name, split)
             classes, layout = None, "IMNET list"
         elif data_set == "IMNET":
             root = data_path / split
@@ -428,7 +666,8 @@ def build_classification_dataset(
     if not paths:
         raise FileNotFoundError(f"no images found for the {split} split at {root} (extensions: "
                                 f"{', '.join(IMG_EXTENSIONS)})")
-    dataset = ImageDataset(root, paths, labels, transform, seed, layout, classes, return_labels=True)
+    dataset = ImageDataset(root, paths, labels, transform, seed, layout, classes, return_labels=True,
+                           dropped_entries=dropped)
     logger.info("data (%s): %s layout at %s: %d images, %d classes", split, layout, root, len(dataset),
                 dataset.num_classes)
     return dataset

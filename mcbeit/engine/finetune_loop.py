@@ -47,6 +47,7 @@ class FinetuneState:
     writer: RunWriter | None = None
     params: Sequence[torch.nn.Parameter] = field(default_factory=list)
     max_bad_steps: int = 20              # consecutive non-finite steps before the run stops
+    max_bad_fraction: float = 1.0        # share of unreadable images in an epoch before the run stops
     deepspeed: Any = None                     # mcbeit.engine.deepspeed trainer when --enable_deepspeed
 
 
@@ -69,7 +70,8 @@ def train_one_epoch(state: FinetuneState, loader: Iterable, epoch: int, steps_pe
                       epoch=epoch, first_step=epoch * steps_per_epoch, total_steps=steps_per_epoch,
                       writer=state.writer, show=state.dist.is_main, last_good_checkpoint=last_good_checkpoint,
                       stop_hint="Lower --lr, set --clip_grad, or use --amp bf16 / off",
-                      max_bad_steps=state.max_bad_steps, scaler_active=state.scaler is not None)
+                      max_bad_steps=state.max_bad_steps, scaler_active=state.scaler is not None,
+                      max_bad_fraction=state.max_bad_fraction)
     losses, hits, skipped, images = [], [], 0, 0
     for micro, batch in enumerate(loader):
         update, phase = divmod(micro, freq)

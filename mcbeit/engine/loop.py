@@ -50,6 +50,7 @@ class PretrainState:
     writer: RunWriter | None = None
     params: Sequence[torch.nn.Parameter] = field(default_factory=list)
     max_bad_steps: int = 20              # consecutive non-finite steps before the run stops
+    max_bad_fraction: float = 1.0        # share of unreadable images in an epoch before the run stops
 
 
 def _masked_count_weight(mask: torch.Tensor, world_size: int) -> torch.Tensor | None:
@@ -104,7 +105,8 @@ def train_one_epoch(state: PretrainState, loader: Iterable, epoch: int, start_st
                       writer=state.writer,
                       show=state.dist.is_main, last_good_checkpoint=last_good_checkpoint,
                       stop_hint="Lower --lr, set --clip_grad, or use --amp bf16 / off",
-                      max_bad_steps=state.max_bad_steps, scaler_active=state.scaler is not None)
+                      max_bad_steps=state.max_bad_steps, scaler_active=state.scaler is not None,
+                      max_bad_fraction=state.max_bad_fraction)
     for step, batch in enumerate(loader, start=first):
         if step >= steps_per_epoch:
             break

@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import torch
 from tqdm import tqdm
 
+from mcbeit.data.datasets import check_bad_fraction
 from mcbeit.engine.distributed import all_reduce_mean, all_reduce_sum
 from mcbeit.engine.logging import RunWriter
 
@@ -46,12 +47,14 @@ class StepMeter:
     stop_hint:      appended to the error raised on a non-finite loss (what to change).
     max_bad_steps:  stop after this many consecutive skipped (non-finite) steps.
     scaler_active:  fp16 with a loss scaler: its overflow skips are routine and logged at INFO.
+    max_bad_fraction: at the epoch's end, stop when a larger share of the image files read (on all
+                    ranks) was unreadable (1 disables the check).
     """
 
     def __init__(self, metrics: Sequence[str], mean_over_ranks: Sequence[str], groups: Mapping[str, Sequence[str]],
                  postfix: Mapping[str, tuple[str, str]], *, epoch: int, first_step: int, total_steps: int,
                  writer: RunWriter | None, show: bool, last_good_checkpoint: str | None, stop_hint: str,
-                 max_bad_steps: int = 20, scaler_active: bool = False):
+                 max_bad_steps: int = 20, scaler_active: bool = False, max_bad_fraction: float = 1.0):
         self.metrics = tuple(metrics)
         self.reduced = [self.metrics.index(k) for k in mean_over_ranks]
         self.groups, self.postfix = groups, postfix
@@ -63,6 +66,8 @@ class StepMeter:
         self.totals: dict[str, float] = {}
         self.steps = 0
         self.max_bad_steps, self.scaler_active = max_bad_steps, scaler_active
+        self.max_bad_fraction = max_bad_fraction
+        self._seen = 0                # images delivered this epoch (this rank)
         self.bad_steps = 0            # skipped this epoch
         self.consecutive_bad = 0
         self._pending: list[dict[str, torch.Tensor]] = []
@@ -80,6 +85,7 @@ class StepMeter:
         self._pending_host.append(dict(host))
         self._pending_ok.append(stepped)
         self._images += images
+        self._seen += images
         self._skipped += skipped
         self.steps += 1
         if stepped:
@@ -141,8 +147,11 @@ class StepMeter:
         stats = {k: v / max(applied, 1) for k, v in self.totals.items()}
         stats["steps"] = self.steps
         stats["skipped_steps"] = self.bad_steps
-        stats["skipped_images"] = int(all_reduce_sum(self._skipped.to(torch.float64)).item())
-        if stats["skipped_images"]:
+        counts = torch.stack([self._skipped.to(torch.float64), torch.tensor(float(self._seen), dtype=torch.float64)])
+        skipped, seen = (int(v) for v in all_reduce_sum(counts).tolist())
+        stats["skipped_images"] = skipped
+        if skipped:
             log.warning("epoch %d: %d unreadable images were skipped (see the warnings above for their paths)",
-                        self.epoch, stats["skipped_images"])
+                        self.epoch, skipped)
+        check_bad_fraction(skipped, seen, self.max_bad_fraction, f"in epoch {self.epoch}")
         return stats

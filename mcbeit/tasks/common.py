@@ -14,10 +14,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mcbeit.data.datasets import TooManyBadImagesError
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.distributed import DistInfo, init_distributed
 from mcbeit.engine.logging import setup_logging
-from mcbeit.engine.control import EXIT_PREEMPTED, Preempted
+from mcbeit.engine.control import EXIT_PREEMPTED, Preempted, gather_rng, restore_rank_rng
 from mcbeit.engine.meter import NonFiniteLossError
 
 log = logging.getLogger("mcbeit")
@@ -88,6 +89,37 @@ def resume_path(args: argparse.Namespace) -> str | None:
     if path.endswith(".pth") and (problem := ckpt_io.checkpoint_problem(path)) is not None:
         raise SystemExit(f"--resume {path}: {problem}; pass an earlier checkpoint")
     return path
+
+
+def position_state(info: DistInfo, epoch: int, steps_done: int, steps_per_epoch: int) -> dict:
+    """The checkpoint entries that place a run: epoch, steps done in it, and every rank's random
+    states. A collective (all ranks call it at the same step); rank 0 writes the result."""
+    return {"epoch": epoch, "step_in_epoch": steps_done, "steps_per_epoch": steps_per_epoch,
+            "global_step": epoch * steps_per_epoch + steps_done, "rng": gather_rng(info)}
+
+
+def resume_position(ckpt: dict, path: str, steps_per_epoch: int, info: DistInfo, start_epoch: int,
+                    restore_random_state: bool = True) -> tuple[int, int]:
+    """(epoch to continue, steps of it already done) from a checkpoint's :func:`position_state`,
+    restoring this rank's random generators so the run goes on bit for bit. A checkpoint without a
+    position (released files, older ones) counts as the end of its epoch."""
+    if "epoch" not in ckpt:
+        return start_epoch, 0
+    epoch, done = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", steps_per_epoch))
+    written_spe = int(ckpt.get("steps_per_epoch", steps_per_epoch))
+    if done >= written_spe:
+        start, first = epoch + 1, 0
+    elif written_spe != steps_per_epoch:
+        log.warning("%s stopped at step %d of %d in epoch %d, but this run has %d steps per epoch (another batch "
+                    "size or number of processes): epoch %d restarts from its beginning", path, done, written_spe,
+                    epoch, steps_per_epoch, epoch)
+        start, first = epoch, 0
+    else:
+        start, first = epoch, done
+    if restore_random_state:
+        restore_rank_rng(ckpt.get("rng"), info, path)
+    log.info("resumed from %s: continuing at epoch %d%s", path, start, f", step {first}" if first else "")
+    return start, first
 
 
 def save_checkpoint(args: argparse.Namespace, epoch: int, state: dict) -> Path:
@@ -166,6 +198,9 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, output_dir: str, print_
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
                    help="mixed precision; default bf16 on CUDA (fp16 where bf16 is unsupported), off on CPU")
     p.add_argument("--print_freq", default=print_freq, type=int, help="steps between progress/TensorBoard updates")
+    p.add_argument("--max_bad_fraction", default=0.01, type=float,
+                   help="unreadable images (skipped, counted, logged by path) may be at most this share of an "
+                        "epoch's files; more stops the run (1 disables the check)")
     p.add_argument("--max_bad_steps", default=20, type=int,
                    help="a step with a non-finite gradient is skipped and counted; this many in a row stop the run")
     p.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
@@ -191,6 +226,7 @@ def finish_log(stats: dict, started: float, output_dir: str) -> None:
 
 
 EXIT_DIVERGED = 3  # the run stopped on non-finite losses / gradients (its message names the last good checkpoint)
+EXIT_BAD_DATA = 4  # too many unreadable images (their paths are in the warnings)
 
 
 def run_main(parser: argparse.ArgumentParser, argv, run: Callable[[argparse.Namespace], object],
@@ -204,6 +240,9 @@ def run_main(parser: argparse.ArgumentParser, argv, run: Callable[[argparse.Name
     except NonFiniteLossError as exc:  # the message says what happened and which checkpoint is good
         log.error("%s", exc)
         return EXIT_DIVERGED
+    except TooManyBadImagesError as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_DATA
     except Preempted as exc:
         log.warning("%s", exc)
         return EXIT_PREEMPTED

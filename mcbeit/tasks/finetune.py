@@ -396,7 +396,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           criterion=build_criterion(args, mixup_fn), lr_schedule=lr_schedule,
                           wd_schedule=wd_schedule, dist=info, scaler=scaler, amp_dtype=amp_dtype,
                           clip_grad=args.clip_grad, update_freq=args.update_freq, print_freq=args.print_freq,
-                          max_bad_steps=args.max_bad_steps, mixup_fn=mixup_fn, model_ema=model_ema, writer=writer,
+                          max_bad_steps=args.max_bad_steps, max_bad_fraction=args.max_bad_fraction,
+                          mixup_fn=mixup_fn, model_ema=model_ema, writer=writer,
                           params=[p for p in model.parameters() if p.requires_grad], deepspeed=trainer)
     log_plan(args, info, steps_per_epoch, amp_dtype, start_epoch, resumed_from)
 

@@ -24,7 +24,7 @@ from mcbeit.data.masking import build_mask_generator
 from mcbeit.data.samplers import build_train_loader
 from mcbeit.data.transforms import TwoViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
-from mcbeit.engine.control import RunControl, gather_rng, restore_rank_rng
+from mcbeit.engine.control import RunControl
 from mcbeit.engine.distributed import DistInfo
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.loop import PretrainState, train_one_epoch
@@ -34,7 +34,8 @@ from mcbeit.models.beit import BeitForMaskedImageModeling
 from mcbeit.models.checkpoint import filter_pretraining_state_dict, load_into
 from mcbeit.objectives import build_objective
 from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults,
-                                 epoch_save_due, finish_log, log_plan, resume_path, run_main, save_checkpoint, seed_everything, start_run,
+                                 epoch_save_due, finish_log, log_plan, position_state, resume_path, resume_position, run_main,
+                                 save_checkpoint, seed_everything, start_run,
                                  warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 
@@ -205,35 +206,19 @@ def restore(args, model: BeitForMaskedImageModeling, optimizer, scaler, steps_pe
     elif "optimizer" in ckpt:
         log.warning("%s was not written by mcbeit: its weights are loaded, its optimizer state is not "
                     "(parameter order differs between implementations)", path)
-    if "epoch" not in ckpt:
-        return args.start_epoch, 0, path
-    epoch, done = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", steps_per_epoch))
-    written_spe = int(ckpt.get("steps_per_epoch", steps_per_epoch))
-    if done >= written_spe:
-        start, first = epoch + 1, 0
-    elif written_spe != steps_per_epoch:
-        log.warning("%s stopped at step %d of %d in epoch %d, but this run has %d steps per epoch (another batch "
-                    "size or number of processes): epoch %d restarts from its beginning", path, done, written_spe,
-                    epoch, steps_per_epoch, epoch)
-        start, first = epoch, 0
-    else:
-        start, first = epoch, done
-    if ours:
-        restore_rank_rng(ckpt.get("rng"), info, path)
-    log.info("resumed from %s: continuing at epoch %d%s", path, start, f", step {first}" if first else "")
+    start, first = resume_position(ckpt, path, steps_per_epoch, info, args.start_epoch, restore_random_state=ours)
     return start, first, path
 
 
 def save(args, info: DistInfo, epoch: int, steps_done: int, steps_per_epoch: int, model, optimizer, scaler) -> str | None:
     """Checkpoint after ``steps_done`` steps of ``epoch`` (all of them at an epoch end). Every rank
     calls it (their random states are gathered); rank 0 writes. Returns the path on rank 0."""
-    rng = gather_rng(info)
+    position = position_state(info, epoch, steps_done, steps_per_epoch)
     if not info.is_main:
         return None
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
-             "step_in_epoch": steps_done, "steps_per_epoch": steps_per_epoch,
-             "global_step": epoch * steps_per_epoch + steps_done, "rng": rng, "args": ckpt_io.plain_args(args)}
+             "scaler": scaler.state_dict() if scaler is not None else None, **position,
+             "args": ckpt_io.plain_args(args)}
     return os.path.abspath(save_checkpoint(args, epoch, state))
 
 
@@ -270,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
     state = PretrainState(model=ddp_model, model_without_ddp=model, tokenizer=tokenizer, objective=objective,
                           optimizer=optimizer, scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
                           dist=info, amp_dtype=amp_dtype, clip_grad=args.clip_grad, print_freq=args.print_freq,
-                          max_bad_steps=args.max_bad_steps, writer=writer, params=[p for p in model.parameters() if p.requires_grad])
+                          max_bad_steps=args.max_bad_steps, max_bad_fraction=args.max_bad_fraction, writer=writer, params=[p for p in model.parameters() if p.requires_grad])
     log_plan(args, info, steps_per_epoch, amp_dtype, start_epoch, resumed_from)
 
     stats: dict = {}

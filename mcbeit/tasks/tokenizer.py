@@ -204,7 +204,8 @@ def run_train(args: argparse.Namespace) -> dict:
             stats = train_one_epoch(ddp_model, vq, optimizer, scaler, lr_schedule, loader, epoch, steps_per_epoch,
                                     info, amp_dtype, writer, last_ckpt, clip_grad=args.clip_grad,
                                     dead_code_steps=args.dead_code_steps, print_freq=args.print_freq,
-                                    image_freq=args.image_freq, max_bad_steps=args.max_bad_steps)
+                                    image_freq=args.image_freq, max_bad_steps=args.max_bad_steps,
+                                    max_bad_fraction=args.max_bad_fraction)
             check_codebook_replicas(vq)
             if save_due(args, epoch, info):
                 last_ckpt = os.path.abspath(save(args, epoch, vq, optimizer, scaler, (epoch + 1) * steps_per_epoch))

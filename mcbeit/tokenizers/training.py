@@ -135,7 +135,8 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
                     scaler: torch.amp.GradScaler | None, lr_schedule: np.ndarray, loader: Iterable, epoch: int,
                     steps_per_epoch: int, info: DistInfo, amp_dtype: torch.dtype | None, writer: RunWriter,
                     last_good_checkpoint: str | None, *, clip_grad: float | None = None, dead_code_steps: int = 20,
-                    print_freq: int = 10, image_freq: int = 0, max_bad_steps: int = 20) -> dict[str, Any]:
+                    print_freq: int = 10, image_freq: int = 0, max_bad_steps: int = 20,
+                    max_bad_fraction: float = 1.0) -> dict[str, Any]:
     """One epoch of VQ-VAE training; ``model`` is ``vq`` or its DDP wrapper. Returns the epoch's statistics.
 
     Losses are means over ranks; codebook figures are of the global batch (their counts are summed
@@ -152,7 +153,7 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
                       epoch=epoch, first_step=start_step, total_steps=steps_per_epoch, writer=writer,
                       show=info.is_main, last_good_checkpoint=last_good_checkpoint,
                       stop_hint="Lower --lr or set --clip_grad", max_bad_steps=max_bad_steps,
-                      scaler_active=scaler is not None)
+                      scaler_active=scaler is not None, max_bad_fraction=max_bad_fraction)
     epoch_counts = torch.zeros(vq.tokenizer.vocab_size, dtype=torch.float64, device=device)
     last_images = last_recon = None
     for step, batch in enumerate(loader):

@@ -90,29 +90,29 @@ def write_list_layout(root: Path, lines: list[str], images: dict[str, tuple]):
     (root / "train_map.txt").write_text("\n".join(lines) + "\n")
 
 
-def test_list_layout_detected_and_missing_file_skipped(tmp_path, caplog):
+def test_list_layout_detected_and_missing_file_dropped(tmp_path, caplog):
     images = {"n01/a.JPEG": (255, 0, 0), "n01/b.JPEG": (250, 0, 0), "n02/c.JPEG": (0, 0, 255)}
     lines = ["n01/a.JPEG 0", "", "n01/b.JPEG 0", "n02/missing.JPEG 1", "n02/c.JPEG 1", "   "]
     write_list_layout(tmp_path, lines, images)
     with caplog.at_level(logging.INFO):
         dataset = build_pretraining_dataset(tmp_path, None, mean_colour_transform, 0)
     assert "IMNET" in caplog.text and "train_map.txt" in caplog.text
-    assert dataset.layout == "IMNET" and len(dataset) == 4
-    assert list(dataset.labels) == [0, 0, 1, 1] and dataset.num_classes == 2
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        colour, _, _, skipped = dataset[2]
-    assert skipped == 1 and colour[2] > 150  # the next image (c, blue) was used
-    assert "missing.JPEG" in caplog.text
-    assert [dataset[i][3] for i in (0, 1, 3)] == [0, 0, 0]
-    explicit = build_pretraining_dataset(tmp_path, "imnet", mean_colour_transform, 0)
-    assert len(explicit) == 4
+    assert dataset.layout == "IMNET" and len(dataset) == 3
+    assert list(dataset.labels) == [0, 0, 1] and dataset.num_classes == 2
+    assert "line 4" in caplog.text and "missing.JPEG" in caplog.text and dataset.dropped_entries.count == 1
+    assert [dataset[i][3] for i in range(3)] == [0, 0, 0]  # dropped when built: nothing to skip
+    assert dataset[2][0][2] > 150  # c, blue
+    assert len(build_pretraining_dataset(tmp_path, "imnet", mean_colour_transform, 0)) == 3
 
 
 @pytest.mark.parametrize("bad_line", ["n01/a.JPEG", "n01/a.JPEG zero"])
-def test_list_layout_malformed_line_names_the_line(tmp_path, bad_line):
+def test_list_layout_malformed_line_dropped_and_named(tmp_path, bad_line, caplog):
     write_list_layout(tmp_path, ["n01/b.JPEG 0", "", bad_line], {"n01/b.JPEG": (1, 1, 1)})
-    with pytest.raises(ValueError, match="line 3"):
+    with caplog.at_level(logging.WARNING):
+        dataset = build_pretraining_dataset(tmp_path, "IMNET", mean_colour_transform, 0)
+    assert len(dataset) == 1 and "line 3" in caplog.text
+    write_list_layout(tmp_path, [bad_line], {})  # no usable line left: an error naming it
+    with pytest.raises(ValueError, match="line 1"):
         build_pretraining_dataset(tmp_path, "IMNET", mean_colour_transform, 0)
 
 

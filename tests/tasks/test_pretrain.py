@@ -207,13 +207,20 @@ def test_wrong_architecture_checkpoint_names_the_mismatch(image_folder, tmp_path
                               "--resume", str(bad)))
 
 
-def test_unreadable_images_are_skipped_and_counted_in_the_epoch_log(tmp_path):
+def test_unreadable_images_are_skipped_and_counted_and_too_many_stop_the_run(tmp_path, capfd):
     from tests.tasks.conftest import make_image_folder
+    from mcbeit.tasks.common import EXIT_BAD_DATA
 
     data = make_image_folder(tmp_path / "data", n_per_class=4)
     (data / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (data / "class_1" / "empty.jpg").write_bytes(b"")
     out = tmp_path / "run"
-    pretrain.run(run_args(data, out, "--batch_size", "6", "--epochs", "1"))  # 18 files: 3 steps, 2 bad
+    pretrain.run(run_args(data, out, "--batch_size", "6", "--epochs", "1", "--max_bad_fraction", "0.2"))  # 2 of 18
     (rec,) = read_log(out)
     assert rec["train_skipped_images"] == 2 and rec["train_steps"] == 3
+    err = capfd.readouterr().err
+    assert "broken.jpg" in err and "empty.jpg" in err                     # each named, with its reason
+    argv = ["--data_path", str(data), "--output_dir", str(tmp_path / "strict"), "--device", "cpu", *FAST,
+            "--batch_size", "6", "--epochs", "1"]                          # the default: at most 1 %
+    assert pretrain.main(argv) == EXIT_BAD_DATA
+    assert "images in epoch 0 (" in capfd.readouterr().err and not (tmp_path / "strict" / "checkpoint-0.pth").exists()
