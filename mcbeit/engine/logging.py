@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -47,7 +48,9 @@ class RunWriter:
             from tensorboardX import SummaryWriter
 
             os.makedirs(log_dir, exist_ok=True)
-            self.tb = SummaryWriter(logdir=log_dir)
+            # tensorboardX names event files by the second and the host: a run resumed within the
+            # same second would overwrite the stopped run's file; the pid keeps both.
+            self.tb = SummaryWriter(logdir=log_dir, filename_suffix=f".{os.getpid()}.{time.time_ns()}")
 
     def scalars(self, step: int, values: Mapping[str, float], head: str) -> None:
         if self.tb is None:

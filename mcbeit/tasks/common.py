@@ -231,10 +231,16 @@ EXIT_BAD_DATA = 4  # too many unreadable images (their paths are in the warnings
 
 def run_main(parser: argparse.ArgumentParser, argv, run: Callable[[argparse.Namespace], object],
              on_exit: Callable[[argparse.Namespace], None] | None = None) -> int:
-    """Parse, run, and always leave the process group (and whatever ``on_exit`` releases)."""
+    """Parse, then :func:`run_parsed`."""
+    return run_parsed(parser.parse_args(argv), run, on_exit)
+
+
+def run_parsed(args: argparse.Namespace, run: Callable[[argparse.Namespace], object],
+               on_exit: Callable[[argparse.Namespace], None] | None = None) -> int:
+    """Run, turn the stops that explain themselves into a message and an exit status (divergence 3,
+    bad data 4, preemption 75), and always leave the process group (and what ``on_exit`` releases)."""
     from mcbeit.engine.distributed import cleanup
 
-    args = parser.parse_args(argv)
     try:
         run(args)
     except NonFiniteLossError as exc:  # the message says what happened and which checkpoint is good

@@ -31,12 +31,14 @@ from mcbeit.data.datasets import build_pretraining_dataset
 from mcbeit.data.samplers import build_train_loader
 from mcbeit.data.transforms import OneViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
-from mcbeit.engine.distributed import DistInfo, cleanup, resolve_device
+from mcbeit.engine.control import RunControl
+from mcbeit.engine.distributed import DistInfo, resolve_device
 from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.models.checkpoint import load_into
-from mcbeit.tasks.common import (add_runtime_arguments, amp_settings, fill_defaults, log_plan, resume_path, save_checkpoint, save_due,
+from mcbeit.tasks.common import (add_runtime_arguments, amp_settings, fill_defaults, epoch_save_due, log_plan, position_state, resume_path,
+                                 resume_position, run_parsed, save_checkpoint,
                                  seed_everything, start_run, warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 from mcbeit.tokenizers.custom import (TOKENIZER_EXPORT_NAME, VQ_DEFAULT_EMBED_DIM, VQ_DEFAULT_LOGIT_SCALE,
@@ -142,11 +144,13 @@ def build_train_data(args: argparse.Namespace, tokenizer: CustomTokenizer, info:
     return loader, sampler, steps
 
 
-def restore(args: argparse.Namespace, vq: VQVAETraining, optimizer, scaler) -> tuple[int, str | None]:
-    """Load --resume (or the newest checkpoint with --auto_resume); return (start_epoch, path)."""
+def restore(args: argparse.Namespace, vq: VQVAETraining, optimizer, scaler, steps_per_epoch: int,
+            info: DistInfo) -> tuple[int, int, str | None]:
+    """Load --resume (or the newest whole checkpoint with --auto_resume); return (start_epoch, steps
+    already done in it, path), with this rank's random generators restored."""
     path = resume_path(args)
     if path is None:
-        return args.start_epoch, None
+        return args.start_epoch, 0, None
     ckpt = ckpt_io.load_training_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"--resume {path} is not a checkpoint of mcbeit-tokenizer train "
@@ -156,20 +160,24 @@ def restore(args: argparse.Namespace, vq: VQVAETraining, optimizer, scaler) -> t
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    start = int(ckpt["epoch"]) + 1
-    log.info("resumed from %s: continuing at epoch %d", path, start)
-    return start, path
+    start, first = resume_position(ckpt, path, steps_per_epoch, info, args.start_epoch)
+    return start, first, path
 
 
-def save(args: argparse.Namespace, epoch: int, vq: VQVAETraining, optimizer, scaler, global_step: int) -> Path:
-    """`checkpoint-<epoch>.pth` (training state + the tokenizer file under 'tokenizer') and `tokenizer.pth`."""
+def save(args: argparse.Namespace, info: DistInfo, epoch: int, steps_done: int, steps_per_epoch: int,
+         vq: VQVAETraining, optimizer, scaler) -> str | None:
+    """`checkpoint-<epoch>.pth` (training state, position, the tokenizer file under 'tokenizer') and
+    `tokenizer.pth`. Every rank calls it (random states are gathered); rank 0 writes and returns the path."""
+    position = position_state(info, epoch, steps_done, steps_per_epoch)
+    if not info.is_main:
+        return None
     payload = custom_tokenizer_payload(vq.tokenizer)
     state = {"format": CHECKPOINT_FORMAT, "model": vq.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
-             "global_step": global_step, "args": ckpt_io.plain_args(args), "tokenizer": payload}
+             "scaler": scaler.state_dict() if scaler is not None else None, **position,
+             "args": ckpt_io.plain_args(args), "tokenizer": payload}
     path = save_checkpoint(args, epoch, state)
     ckpt_io.save_atomic(payload, Path(args.output_dir) / TOKENIZER_EXPORT_NAME)
-    return path
+    return os.path.abspath(path)
 
 
 def run_train(args: argparse.Namespace) -> dict:
@@ -190,7 +198,7 @@ def run_train(args: argparse.Namespace) -> dict:
     optimizer = build_optimizer(vq, "adamw", lr=args.lr, weight_decay=args.weight_decay, opt_betas=tuple(args.opt_betas))
     lr_schedule = cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, warmup_epochs=args.warmup_epochs,
                                    warmup_steps=warmup_steps(args, steps_per_epoch))
-    start_epoch, resumed_from = restore(args, vq, optimizer, scaler)
+    start_epoch, first, resumed_from = restore(args, vq, optimizer, scaler, steps_per_epoch, info)
     ddp_model = DistributedDataParallel(vq, broadcast_buffers=False) if info.world_size > 1 else vq
     writer = RunWriter(args.output_dir, args.log_dir, enabled=info.is_main and bool(args.output_dir))
     log_plan(args, info, steps_per_epoch, amp_dtype, start_epoch, resumed_from)
@@ -198,18 +206,25 @@ def run_train(args: argparse.Namespace) -> dict:
     stats: dict = {}
     last_ckpt = resumed_from
     started = time.perf_counter()
+    control = RunControl(info, (lambda e, done: save(args, info, e, done, steps_per_epoch, vq, optimizer, scaler))
+                         if args.output_dir else None, save_every_steps=args.save_ckpt_steps,
+                         save_every_minutes=args.save_ckpt_minutes, steps_per_epoch=steps_per_epoch)
     try:
+        control.install()
         for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch, start=first * args.batch_size)
             stats = train_one_epoch(ddp_model, vq, optimizer, scaler, lr_schedule, loader, epoch, steps_per_epoch,
                                     info, amp_dtype, writer, last_ckpt, clip_grad=args.clip_grad,
                                     dead_code_steps=args.dead_code_steps, print_freq=args.print_freq,
                                     image_freq=args.image_freq, max_bad_steps=args.max_bad_steps,
-                                    max_bad_fraction=args.max_bad_fraction)
+                                    max_bad_fraction=args.max_bad_fraction, first=first, control=control)
+            first = 0
+            last_ckpt = control.last_checkpoint or last_ckpt
             check_codebook_replicas(vq)
-            if save_due(args, epoch, info):
-                last_ckpt = os.path.abspath(save(args, epoch, vq, optimizer, scaler, (epoch + 1) * steps_per_epoch))
-                log.info("saved %s (and %s)", last_ckpt, TOKENIZER_EXPORT_NAME)
+            if epoch_save_due(args, epoch):
+                last_ckpt = save(args, info, epoch, steps_per_epoch, steps_per_epoch, vq, optimizer, scaler) or last_ckpt
+                if info.is_main:
+                    log.info("saved %s (and %s)", last_ckpt, TOKENIZER_EXPORT_NAME)
             stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "vocab_size": args.vocab_size,
                      "n_parameters": n_parameters}
             writer.epoch(stats)
@@ -219,6 +234,7 @@ def run_train(args: argparse.Namespace) -> dict:
                      stats["train_epoch_perplexity"], stats["train_perplexity"], stats["train_dead_codes_reinit"],
                      stats["train_lr"])
     finally:
+        control.uninstall()
         writer.close()
     if stats and args.output_dir:
         log.info("done in %.1f s; use it with --discrete_vae_type customized --discrete_vae_weight_path %s",
@@ -339,11 +355,7 @@ def main_train(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    try:
-        run_train(args)
-    finally:
-        cleanup()
-    return 0
+    return run_parsed(args, run_train)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from mcbeit.engine.distributed import DistInfo, all_reduce_sum
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.loop import autocast_context
 from mcbeit.engine.meter import StepMeter
+from mcbeit.engine.control import Preempted, RunControl
 from mcbeit.engine.optim import backward_and_step
 from mcbeit.engine.schedules import apply_schedules
 from mcbeit.tokenizers.custom import CustomTokenizer
@@ -136,8 +137,11 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
                     steps_per_epoch: int, info: DistInfo, amp_dtype: torch.dtype | None, writer: RunWriter,
                     last_good_checkpoint: str | None, *, clip_grad: float | None = None, dead_code_steps: int = 20,
                     print_freq: int = 10, image_freq: int = 0, max_bad_steps: int = 20,
-                    max_bad_fraction: float = 1.0) -> dict[str, Any]:
+                    max_bad_fraction: float = 1.0, first: int = 0, control: RunControl | None = None) -> dict[str, Any]:
     """One epoch of VQ-VAE training; ``model`` is ``vq`` or its DDP wrapper. Returns the epoch's statistics.
+
+    ``first``: steps of this epoch already done (a mid-epoch resume; the loader starts there too);
+    ``control`` writes mid-epoch checkpoints and stops on signals (:class:`RunControl`).
 
     Losses are means over ranks; codebook figures are of the global batch (their counts are summed
     over ranks in :meth:`VQVAETraining.update_codebook`); ``epoch_*`` figures count the whole epoch.
@@ -150,13 +154,13 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
                       {"loss": ("loss", "rec_loss", "commit_loss"),
                        "codebook": ("perplexity", "code_usage", "dead_codes_reinit"), "opt": ("lr", "grad_norm")},
                       {"rec": ("rec_loss", "{:.4f}"), "ppl": ("perplexity", "{:.0f}"), "used": ("code_usage", "{:.2f}")},
-                      epoch=epoch, first_step=start_step, total_steps=steps_per_epoch, writer=writer,
+                      epoch=epoch, first_step=start_step + first, total_steps=steps_per_epoch - first, writer=writer,
                       show=info.is_main, last_good_checkpoint=last_good_checkpoint,
                       stop_hint="Lower --lr or set --clip_grad", max_bad_steps=max_bad_steps,
                       scaler_active=scaler is not None, max_bad_fraction=max_bad_fraction)
     epoch_counts = torch.zeros(vq.tokenizer.vocab_size, dtype=torch.float64, device=device)
     last_images = last_recon = None
-    for step, batch in enumerate(loader):
+    for step, batch in enumerate(loader, start=first):
         if step >= steps_per_epoch:
             break
         it = start_step + step
@@ -182,6 +186,13 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
             meter.flush()
         if image_freq > 0 and (it + 1) % image_freq == 0 and info.is_main:
             writer.image(it, "reconstruction/input_vs_recon", image_grid(vq.tokenizer, images, out["recon"]))
+        if control is not None:
+            try:
+                control.after_step(epoch, step + 1, it + 1)
+            except Preempted:
+                meter.epoch_stats()  # every rank stops here together: pending steps logged, bar closed
+                raise
+            meter.last_good_checkpoint = control.last_checkpoint or meter.last_good_checkpoint
     stats: dict[str, Any] = meter.epoch_stats()
     if info.is_main and last_images is not None:
         writer.image(start_step + meter.steps - 1, "reconstruction/epoch_end",

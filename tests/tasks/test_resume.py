@@ -6,6 +6,7 @@ so the random generators must be restored too; the stops land mid-epoch.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import time
 
@@ -119,3 +120,39 @@ def test_a_real_signal_saves_exits_75_and_the_rerun_ends_where_the_uninterrupted
     a, b = _losses(whole), _losses(stopped)
     assert all(a[step] == b[step] for step in b)
 
+
+
+def _tokenizer_argv(image_folder, out):
+    # 64 images / batch 8 = 8 steps per epoch; dead codes re-initialised every 4 steps (random draws).
+    return ["train", "--data_path", str(image_folder), "--output_dir", str(out), "--device", "cpu",
+            "--input_size", "32", "--vocab_size", "64", "--embed_dim", "8", "--hidden", "8", "--batch_size", "8",
+            "--num_workers", "0", "--print_freq", "1", "--lr", "3e-3", "--warmup_epochs", "0",
+            "--dead_code_steps", "4", "--epochs", "3", "--save_ckpt_freq", "1"]
+
+
+def test_tokenizer_training_stopped_by_a_real_signal_resumes_bit_for_bit(image_folder, tmp_path):
+    import os
+    import threading
+
+    from mcbeit.tasks import tokenizer as tok_task
+
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert tok_task.main(_tokenizer_argv(image_folder, whole)) == 0
+
+    def signal_once_epoch_0_is_saved():
+        deadline = time.monotonic() + 120
+        while not (stopped / "checkpoint-0.pth").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR1)   # delivered to this (the training) process's main thread
+
+    watcher = threading.Thread(target=signal_once_epoch_0_is_saved, daemon=True)
+    watcher.start()
+    assert tok_task.main(_tokenizer_argv(image_folder, stopped)) == EXIT_PREEMPTED
+    watcher.join()
+    newest = max(stopped.glob("checkpoint-*.pth"), key=lambda p: int(p.stem.split("-")[1]))
+    assert torch.load(newest, weights_only=True)["global_step"] < 24
+    assert tok_task.main(_tokenizer_argv(image_folder, stopped)) == 0
+    _assert_same_state(whole / "checkpoint-2.pth", stopped / "checkpoint-2.pth")
+    a, b = _losses(whole), _losses(stopped)
+    assert sorted(b) == list(range(24)) and all(a[step] == b[step] for step in b)
+    assert (stopped / "tokenizer.pth").read_bytes() == (whole / "tokenizer.pth").read_bytes()
