@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mcbeit.engine.control import Preempted, RunControl
 from mcbeit.engine.distributed import DistInfo, all_reduce_sum
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.loop import autocast_context
@@ -59,15 +60,18 @@ def _no_sync(model: torch.nn.Module, sync: bool):
 
 
 def train_one_epoch(state: FinetuneState, loader: Iterable, epoch: int, steps_per_epoch: int,
-                    last_good_checkpoint: str | None = None) -> dict[str, Any]:
-    """Run ``steps_per_epoch`` updates; return the epoch's means (loss over ranks, class_acc without mixup)."""
+                    last_good_checkpoint: str | None = None, *, first: int = 0,
+                    control: RunControl | None = None) -> dict[str, Any]:
+    """Run the epoch's updates from ``first`` (a mid-epoch resume; the loader starts there too) to
+    ``steps_per_epoch``; return the epoch's means (loss over ranks, class_acc without mixup).
+    ``control`` writes mid-epoch checkpoints and stops on signals."""
     state.model.train()
     device, freq = state.dist.device, state.update_freq
     metrics = ("loss", "grad_norm", "loss_scale") + (("class_acc",) if state.mixup_fn is None else ())
     meter = StepMeter(metrics, ("loss",) + (("class_acc",) if state.mixup_fn is None else ()),
                       {"loss": ("loss",) + metrics[3:], "opt": ("lr", "min_lr", "weight_decay", "grad_norm", "loss_scale")},
                       {"loss": ("loss", "{:.4f}"), "lr": ("lr", "{:.2e}")},
-                      epoch=epoch, first_step=epoch * steps_per_epoch, total_steps=steps_per_epoch,
+                      epoch=epoch, first_step=epoch * steps_per_epoch + first, total_steps=steps_per_epoch - first,
                       writer=state.writer, show=state.dist.is_main, last_good_checkpoint=last_good_checkpoint,
                       stop_hint="Lower --lr, set --clip_grad, or use --amp bf16 / off",
                       max_bad_steps=state.max_bad_steps, scaler_active=state.scaler is not None,
@@ -75,6 +79,7 @@ def train_one_epoch(state: FinetuneState, loader: Iterable, epoch: int, steps_pe
     losses, hits, skipped, images = [], [], 0, 0
     for micro, batch in enumerate(loader):
         update, phase = divmod(micro, freq)
+        update += first
         if update >= steps_per_epoch:
             break
         if phase == 0:
@@ -118,6 +123,13 @@ def train_one_epoch(state: FinetuneState, loader: Iterable, epoch: int, steps_pe
         losses, hits, skipped, images = [], [], 0, 0
         if meter.steps % state.print_freq == 0:
             meter.flush()
+        if control is not None:
+            try:
+                control.after_step(epoch, update + 1, it + 1)
+            except Preempted:
+                meter.epoch_stats()  # every rank stops here together: pending steps logged, bar closed
+                raise
+            meter.last_good_checkpoint = control.last_checkpoint or meter.last_good_checkpoint
     return meter.epoch_stats()
 
 

@@ -25,6 +25,7 @@ from mcbeit.data.datasets import build_classification_dataset
 from mcbeit.data.samplers import build_eval_loader, build_train_loader
 from mcbeit.data.transforms import build_classification_transform
 from mcbeit.engine import checkpoint as ckpt_io
+from mcbeit.engine.control import RunControl
 from mcbeit.engine.distributed import DistInfo
 from mcbeit.engine.finetune_loop import FinetuneState, evaluate, train_one_epoch
 from mcbeit.engine.logging import RunWriter
@@ -34,7 +35,8 @@ from mcbeit.models.checkpoint import load_into
 from mcbeit.models.classifier import build_classifier
 from mcbeit.models.linear_probe import LinearProbe
 from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults,
-                                 finish_log, log_plan, resume_path, run_main, save_checkpoint, save_due, seed_everything, start_run,
+                                 epoch_save_due, finish_log, log_plan, position_state, resume_path, resume_position, run_main,
+                                 save_checkpoint, seed_everything, start_run,
                                  warmup_steps)
 
 log = logging.getLogger("mcbeit.finetune")
@@ -260,11 +262,13 @@ def build_mixup(args):
                  label_smoothing=args.smoothing, num_classes=args.nb_classes)
 
 
-def restore(args, model, optimizer, scaler, model_ema) -> tuple[int, float, str | None]:
-    """--resume / auto-resume: (start epoch, best accuracy so far, path)."""
+def restore(args, model, optimizer, scaler, model_ema, steps_per_epoch: int = 1,
+            info: DistInfo | None = None) -> tuple[int, int, float, str | None]:
+    """--resume / auto-resume: (start epoch, steps of it already done, best accuracy so far, path),
+    with this rank's random generators restored (``info`` given: training, not --eval)."""
     path = resume_path(args)
     if path is None:
-        return args.start_epoch, 0.0, None
+        return args.start_epoch, 0, 0.0, None
     ckpt = ckpt_io.load_training_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"--resume {path} is not a checkpoint of mcbeit-finetune (format {ckpt.get('format')!r}); "
@@ -276,9 +280,11 @@ def restore(args, model, optimizer, scaler, model_ema) -> tuple[int, float, str 
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-    start = int(ckpt["epoch"]) + 1 if isinstance(ckpt.get("epoch"), int) else args.start_epoch
-    log.info("resumed from %s: continuing at epoch %d", path, start)
-    return start, float(ckpt.get("max_accuracy", 0.0)), path
+    if info is not None and isinstance(ckpt.get("epoch"), int):
+        start, first = resume_position(ckpt, path, steps_per_epoch, info, args.start_epoch)
+    else:  # --eval, or checkpoint-best.pth given as --resume: its weights, no position
+        start, first = args.start_epoch, 0
+    return start, first, float(ckpt.get("max_accuracy", 0.0)), path
 
 
 def _restore_for_eval(args, model, model_ema) -> None:
@@ -295,21 +301,35 @@ def _restore_for_eval(args, model, model_ema) -> None:
             load_into(model, state, strict=True)
             log.info("evaluating %s (DeepSpeed)", folder)
             return
-    elif restore(args, model, None, None, model_ema)[2] is not None:
+    elif restore(args, model, None, None, model_ema)[3] is not None:
         return
     if not args.finetune:
         raise SystemExit("--eval: nothing to evaluate; pass --resume CHECKPOINT, --finetune WEIGHTS, or an "
                          "--output_dir that holds checkpoints")
 
 
-def save(args, epoch: int | str, model, optimizer, scaler, model_ema, max_accuracy: float) -> Path:
+def save(args, epoch: int | str, model, optimizer, scaler, model_ema, max_accuracy: float,
+         position: dict | None = None) -> Path:
+    """`checkpoint-<epoch>.pth` with the run's ``position`` (:func:`position_state`), or `checkpoint-best.pth`."""
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
              "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
-             "max_accuracy": max_accuracy, "args": ckpt_io.plain_args(args)}
+             "max_accuracy": max_accuracy, "args": ckpt_io.plain_args(args), **(position or {})}
     if epoch == "best":
         return ckpt_io.save_atomic(state, Path(args.output_dir) / BEST_NAME)
     return save_checkpoint(args, epoch, state)
+
+
+def save_position(args, info: DistInfo, trainer, epoch: int, steps_done: int, steps_per_epoch: int, model,
+                  optimizer, scaler, model_ema, max_accuracy: float) -> str | None:
+    """A resume point after ``steps_done`` steps of ``epoch``; every rank calls it. Plain runs: rank 0
+    writes `checkpoint-<epoch>.pth`; DeepSpeed: every rank writes its part of `checkpoint-<epoch>/`."""
+    position = position_state(info, epoch, steps_done, steps_per_epoch)
+    if trainer is not None:
+        return str(trainer.save(args.output_dir, epoch, {**_client_state(args, model_ema, max_accuracy), **position}))
+    if not info.is_main:
+        return None
+    return os.path.abspath(save(args, epoch, model, optimizer, scaler, model_ema, max_accuracy, position))
 
 
 def _deepspeed_trainer(args, info: DistInfo, model, optimizer):
@@ -328,17 +348,18 @@ def _client_state(args, model_ema, max_accuracy: float) -> dict[str, Any]:
             "model_ema": model_ema.module.state_dict() if model_ema is not None else None}
 
 
-def _deepspeed_restore(args, trainer, model_ema) -> tuple[int, float, str | None]:
+def _deepspeed_restore(args, trainer, model_ema, steps_per_epoch: int,
+                       info: DistInfo) -> tuple[int, int, float, str | None]:
     from mcbeit.engine import deepspeed as ds
 
     path = ds.resume_checkpoint(args.resume, args.auto_resume, args.output_dir)
     if path is None:
-        return args.start_epoch, 0.0, None
+        return args.start_epoch, 0, 0.0, None
     client = trainer.load(path)
     if model_ema is not None and client.get("model_ema") is not None:
         load_into(model_ema.module, client["model_ema"], strict=True)
-    log.info("resumed from %s (DeepSpeed): continuing at epoch %d", path, int(client["epoch"]) + 1)
-    return int(client["epoch"]) + 1, float(client.get("max_accuracy", 0.0)), str(path)
+    start, first = resume_position(client, f"{path} (DeepSpeed)", steps_per_epoch, info, args.start_epoch)
+    return start, first, float(client.get("max_accuracy", 0.0)), str(path)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -386,9 +407,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.enable_deepspeed:
         trainer, amp_dtype = _deepspeed_trainer(args, info, model, optimizer)
         optimizer, scaler, ddp_model = trainer.optimizer, None, trainer.engine
-        start_epoch, max_accuracy, resumed_from = _deepspeed_restore(args, trainer, model_ema)
+        start_epoch, first, max_accuracy, resumed_from = _deepspeed_restore(args, trainer, model_ema,
+                                                                            steps_per_epoch, info)
     else:
-        start_epoch, max_accuracy, resumed_from = restore(args, model, optimizer, scaler, model_ema)
+        start_epoch, first, max_accuracy, resumed_from = restore(args, model, optimizer, scaler, model_ema,
+                                                                 steps_per_epoch, info)
         ddp_model = DistributedDataParallel(model) if info.world_size > 1 else model
     writer = RunWriter(args.output_dir, args.log_dir, enabled=info.is_main and bool(args.output_dir))
     mixup_fn = build_mixup(args)
@@ -405,10 +428,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     last_ckpt = resumed_from
     started = time.perf_counter()
     saving = args.save_ckpt and bool(args.output_dir)
+    resume_point = lambda e, done: save_position(args, info, trainer, e, done, steps_per_epoch, model,  # noqa: E731
+                                                 optimizer, scaler, model_ema, max_accuracy)
+    control = RunControl(info, resume_point if saving else None, save_every_steps=args.save_ckpt_steps,
+                         save_every_minutes=args.save_ckpt_minutes, steps_per_epoch=steps_per_epoch)
     try:
+        control.install()
         for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            train_stats = train_one_epoch(state, loader, epoch, steps_per_epoch, last_good_checkpoint=last_ckpt)
+            sampler.set_epoch(epoch, start=first * args.batch_size * args.update_freq)
+            train_stats = train_one_epoch(state, loader, epoch, steps_per_epoch, last_good_checkpoint=last_ckpt,
+                                          first=first, control=control)
+            first = 0
+            last_ckpt = control.last_checkpoint or last_ckpt
             stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch, "n_parameters": n_parameters}
             if val_loader is not None:
                 test = evaluate(model, val_loader, info.device, amp_dtype, sharded)
@@ -420,23 +451,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 max_accuracy = max(max_accuracy, test["acc1"])
                 stats["max_accuracy"] = max_accuracy
                 writer.scalars(epoch, {k: test[k] for k in ("acc1", "acc5", "loss")}, "perf")
-            if trainer is not None:  # DeepSpeed: every rank writes its shard
-                if saving and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
-                    last_ckpt = str(trainer.save(args.output_dir, epoch, _client_state(args, model_ema, max_accuracy)))
+            if saving and epoch_save_due(args, epoch):
+                last_ckpt = resume_point(epoch, steps_per_epoch) or last_ckpt
+                if info.is_main:
                     log.info("saved %s", last_ckpt)
-                if val_loader is not None and improved and saving:
+            if val_loader is not None and improved and saving:  # the best so far, kept
+                if trainer is not None:  # DeepSpeed: every rank writes its shard
                     trainer.save(args.output_dir, "best", _client_state(args, model_ema, max_accuracy))
-            else:
-                if saving and save_due(args, epoch, info):
-                    last_ckpt = os.path.abspath(save(args, epoch, model, optimizer, scaler, model_ema, max_accuracy))
-                    log.info("saved %s", last_ckpt)
-                if val_loader is not None and improved and saving and info.is_main:  # the best so far, kept
+                elif info.is_main:
                     save(args, "best", model, optimizer, scaler, model_ema, max_accuracy)
             writer.epoch(stats)
             log.info("epoch %d: loss %.4f, lr %.2e%s", epoch, stats["train_loss"], stats["train_lr"],
                      "" if val_loader is None else
                      f"; val acc1 {stats['test_acc1']:.2f}%, acc5 {stats['test_acc5']:.2f}% (best {max_accuracy:.2f}%)")
     finally:
+        control.uninstall()
         writer.close()
     finish_log(stats, started, args.output_dir)
     return stats

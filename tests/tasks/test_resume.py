@@ -156,3 +156,50 @@ def test_tokenizer_training_stopped_by_a_real_signal_resumes_bit_for_bit(image_f
     a, b = _losses(whole), _losses(stopped)
     assert sorted(b) == list(range(24)) and all(a[step] == b[step] for step in b)
     assert (stopped / "tokenizer.pth").read_bytes() == (whole / "tokenizer.pth").read_bytes()
+
+
+def _finetune_args(data, out, *extra):
+    from mcbeit.tasks import finetune
+
+    # 32 train images / batch 4 = 8 updates per epoch; mixup (numpy's generator), RandAugment and drop
+    # path (torch's) all draw random numbers.
+    argv = ["--data_path", str(data), "--output_dir", str(out), "--model", "beit_tiny_patch16_224",
+            "--input_size", "64", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--print_freq", "1",
+            "--epochs", "2", "--warmup_epochs", "0", "--mixup", "0.8", "--cutmix", "1.0", "--drop_path", "0.1",
+            "--model_ema", "--model_ema_decay", "0.9", "--save_ckpt_steps", "5", "--save_ckpt_freq", "5", *extra]
+    return finetune.get_args_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize("deepspeed", [False, True], ids=["plain", "deepspeed"])
+def test_finetuning_resumed_mid_epoch_continues_bit_for_bit(tmp_path, deepspeed):
+    from mcbeit.tasks import finetune
+    from tests.tasks.conftest import make_image_folder
+
+    data = tmp_path / "data"
+    make_image_folder(data / "train", n_per_class=8, size=64, seed=1)
+    make_image_folder(data / "val", n_per_class=2, size=64, seed=2)
+    extra = ["--enable_deepspeed"] if deepspeed else []
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    finetune.run(_finetune_args(data, whole, *extra))
+    name = "checkpoint-0" if deepspeed else "checkpoint-0.pth"           # written after update 5 of epoch 0
+    resumed.mkdir()
+    if deepspeed:
+        shutil.copytree(whole / name, resumed / name)
+        (resumed / "latest").write_text(name)
+    else:
+        shutil.copy(whole / name, resumed / name)
+    finetune.run(_finetune_args(data, resumed, *extra))
+
+    a, b = _losses(whole), _losses(resumed)
+    assert sorted(a) == list(range(16)) and sorted(b) == list(range(5, 16))
+    assert all(a[step] == b[step] for step in b), {s: (a[s], b[s]) for s in b if a[s] != b[s]}
+    if deepspeed:
+        from mcbeit.models.finetune_checkpoint import read_checkpoint, resolve_source, select_state_dict
+
+        wa, wb = (select_state_dict(read_checkpoint(resolve_source(str(d / "checkpoint-1"))), "module|model")[0]
+                  for d in (whole, resumed))
+        assert all(torch.equal(v, wb[k]) for k, v in wa.items())
+    else:
+        _assert_same_state(whole / "checkpoint-1.pth", resumed / "checkpoint-1.pth")
+        ema_a, ema_b = (torch.load(d / "checkpoint-1.pth", weights_only=True)["model_ema"] for d in (whole, resumed))
+        assert all(torch.equal(v, ema_b[k]) for k, v in ema_a.items())
