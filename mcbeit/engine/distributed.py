@@ -67,6 +67,21 @@ def resolve_device(requested: str | None) -> torch.device:
     return device
 
 
+def _restart_store(init_method: str, timeout: datetime.timedelta):
+    """Under torchrun, the agent's store seen through a prefix of its own for each restart attempt.
+
+    When torchrun (``--max-restarts``) restarts the workers after one died, the store it serves
+    still holds the previous attempt's process-group keys, gloo's peer addresses among them: a new
+    worker could read a dead worker's address and fail to connect ("Connection refused") or wait.
+    A prefix per attempt (``TORCHELASTIC_RESTART_COUNT``) keeps every attempt's keys apart.
+    """
+    env = os.environ
+    if init_method != "env://" or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"mcbeit/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(device: str | None, dist_on_itp: bool = False, local_rank: int = -1,
                      dist_url: str = "env://", timeout_minutes: float = 30.0) -> DistInfo:
     """Join the process group if a launcher started us; otherwise run as a single process."""
@@ -80,9 +95,14 @@ def init_distributed(device: str | None, dist_on_itp: bool = False, local_rank: 
         base = torch.device("cuda", local)
     backend = "nccl" if base.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method=init_method, world_size=world, rank=rank,
-                                timeout=datetime.timedelta(minutes=timeout_minutes),
-                                **({"device_id": base} if backend == "nccl" else {}))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        extra = {"device_id": base} if backend == "nccl" else {}
+        store = _restart_store(init_method, timeout)
+        if store is not None:
+            dist.init_process_group(backend=backend, store=store, world_size=world, rank=rank, timeout=timeout, **extra)
+        else:
+            dist.init_process_group(backend=backend, init_method=init_method, world_size=world, rank=rank,
+                                    timeout=timeout, **extra)
     log.info("distributed: rank %d/%d (local %d), backend %s, device %s", rank, world, local, backend, base)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=base)
 
