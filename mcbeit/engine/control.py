@@ -157,8 +157,22 @@ class RunControl:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flags[0]), bool(flags[1])
 
-    def after_step(self, epoch: int, steps_done: int, global_step: int) -> None:
-        """Called by every rank after each optimizer step; ``steps_done`` counts this epoch's steps so far."""
+    def after_step(self, epoch: int, steps_done: int, global_step: int, meter=None) -> None:
+        """Called by every rank after each optimizer step; ``steps_done`` counts this epoch's steps so far.
+
+        With the epoch's ``StepMeter``: its last good checkpoint follows our saves, and on a stop
+        its pending steps are logged and its bar closed before :class:`Preempted` propagates (every
+        rank stops at the same step, so the meter's reductions still pair up)."""
+        try:
+            self._after_step(epoch, steps_done, global_step)
+        except Preempted:
+            if meter is not None:
+                meter.epoch_stats()
+            raise
+        if meter is not None and self.last_checkpoint:
+            meter.last_good_checkpoint = self.last_checkpoint
+
+    def _after_step(self, epoch: int, steps_done: int, global_step: int) -> None:
         if self.save is None:
             stop, _ = self._agree(self._signal is not None, False)
             if stop:

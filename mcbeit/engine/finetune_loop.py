@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mcbeit.engine.control import Preempted, RunControl
+from mcbeit.engine.control import RunControl
 from mcbeit.engine.distributed import DistInfo, all_reduce_sum
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.loop import autocast_context
@@ -124,12 +124,7 @@ def train_one_epoch(state: FinetuneState, loader: Iterable, epoch: int, steps_pe
         if meter.steps % state.print_freq == 0:
             meter.flush()
         if control is not None:
-            try:
-                control.after_step(epoch, update + 1, it + 1)
-            except Preempted:
-                meter.epoch_stats()  # every rank stops here together: pending steps logged, bar closed
-                raise
-            meter.last_good_checkpoint = control.last_checkpoint or meter.last_good_checkpoint
+            control.after_step(epoch, update + 1, it + 1, meter)
     return meter.epoch_stats()
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from mcbeit.engine.control import Preempted, RunControl
+from mcbeit.engine.control import RunControl
 from mcbeit.engine.distributed import DistInfo, all_reduce_sum
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.meter import StepMeter
@@ -119,11 +119,6 @@ def train_one_epoch(state: PretrainState, loader: Iterable, epoch: int, start_st
         if meter.steps % state.print_freq == 0:
             meter.flush()
         if control is not None:
-            try:
-                control.after_step(epoch, step + 1, it + 1)
-            except Preempted:
-                meter.epoch_stats()  # every rank got here together: the pending steps are logged, the bar closed
-                raise
-            meter.last_good_checkpoint = control.last_checkpoint or meter.last_good_checkpoint
+            control.after_step(epoch, step + 1, it + 1, meter)
 
     return meter.epoch_stats()

@@ -21,7 +21,7 @@ from mcbeit.engine.distributed import DistInfo, all_reduce_sum
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.loop import autocast_context
 from mcbeit.engine.meter import StepMeter
-from mcbeit.engine.control import Preempted, RunControl
+from mcbeit.engine.control import RunControl
 from mcbeit.engine.optim import backward_and_step
 from mcbeit.engine.schedules import apply_schedules
 from mcbeit.tokenizers.custom import CustomTokenizer
@@ -187,12 +187,7 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
         if image_freq > 0 and (it + 1) % image_freq == 0 and info.is_main:
             writer.image(it, "reconstruction/input_vs_recon", image_grid(vq.tokenizer, images, out["recon"]))
         if control is not None:
-            try:
-                control.after_step(epoch, step + 1, it + 1)
-            except Preempted:
-                meter.epoch_stats()  # every rank stops here together: pending steps logged, bar closed
-                raise
-            meter.last_good_checkpoint = control.last_checkpoint or meter.last_good_checkpoint
+            control.after_step(epoch, step + 1, it + 1, meter)
     stats: dict[str, Any] = meter.epoch_stats()
     if info.is_main and last_images is not None:
         writer.image(start_step + meter.steps - 1, "reconstruction/epoch_end",
