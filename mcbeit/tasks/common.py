@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mcbeit.data.datasets import TooManyBadImagesError
+from mcbeit.data.images import TooManyBadImagesError
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.distributed import DistInfo, init_distributed
 from mcbeit.engine.logging import setup_logging

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from mcbeit.data import datasets
+from mcbeit.data import datasets, images
 from mcbeit.data.datasets import (
     BadListFileError,
     ImageDataset,
@@ -242,10 +242,10 @@ def test_pixel_limit_checked_before_decoding(bad_folder, monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(Image.DecompressionBombError, match="10000x10000"):
         load_rgb_image(root / "b/13_bomb.png")
-    monkeypatch.setattr(datasets, "MAX_PIXELS", 47 * 40)  # the limit is the module's, read each time
+    monkeypatch.setattr(images, "MAX_PIXELS", 47 * 40)  # the limit is the module's, read each time
     with pytest.raises(Image.DecompressionBombError, match="more than the limit of 1,880"):
         load_rgb_image(root / "a/00_good.jpg")
-    monkeypatch.setattr(datasets, "MAX_PIXELS", None)  # disabled
+    monkeypatch.setattr(images, "MAX_PIXELS", None)  # disabled
     with pytest.raises(AssertionError, match="pixels decoded"):
         load_rgb_image(root / "a/00_good.jpg")
 

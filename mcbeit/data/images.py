@@ -1,0 +1,126 @@
+"""Decoding one image file into 8-bit RGB, refusing what must not be trained on, and the rule
+that stops a run whose data is too broken.
+
+- Images that decode are converted: grayscale, palette, alpha, CMYK, and 16-bit or float images
+  (rescaled from their value range, not clipped).
+- Files that do not decode (corrupt, truncated, zero-byte, not an image, or larger than
+  ``MAX_PIXELS``, checked before any pixel is decoded) raise; the datasets skip and count them.
+- :func:`check_bad_fraction` turns a skip rate above ``--max_bad_fraction`` into a clear error.
+
+Truncated files must fail to decode, so Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept off
+(if another library turns it on, loading turns it off again, with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+from PIL import Image, ImageFile
+
+__all__ = ["MAX_PIXELS", "TooManyBadImagesError", "check_bad_fraction", "load_rgb_image"]
+
+logger = logging.getLogger("mcbeit.data.datasets")  # the warnings users already know by this name
+
+# Images with more pixels are not decoded (a decompression bomb: a small file that decodes to
+# gigabytes). Pillow's own limit, read at import; Pillow itself refuses twice as many in
+# Image.open and only warns below that, hence the check here. None disables it.
+MAX_PIXELS: int | None = Image.MAX_IMAGE_PIXELS
+
+
+def _high_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float single-channel image as 8-bit grayscale ("L").
+
+    16-bit modes map their full range 0..65535 onto 0..255. Modes "I" and "F" do not say what
+    range their values use, so it is guessed: 0..1 (floats) or 0..255 are taken as they are,
+    0..65535 as 16-bit, anything else (negative, larger, a depth map) is stretched min..max.
+    """
+    array = np.asarray(image, dtype=np.float32)  # numpy reads the big-endian I;16B too
+    if image.mode.startswith("I;16"):
+        array = array * np.float32(255.0 / 65535.0)
+    elif array.size:
+        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(array.min()), float(array.max())
+        if image.mode == "F" and low >= 0.0 and high <= 1.0:
+            array = array * np.float32(255.0)
+        elif low >= 0.0 and high <= 255.0:
+            pass
+        elif low >= 0.0 and high <= 65535.0:
+            array = array * np.float32(255.0 / 65535.0)
+        else:
+            array = (array - np.float32(low)) * np.float32(255.0 / (high - low))
+    return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any decoded PIL image as 8-bit RGB (16-bit and float images rescaled, not clipped;
+    transparency dropped, CMYK and other colour spaces converted)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _high_depth_to_8bit(image).convert("RGB")
+    if mode in ("P", "PA") and (mode == "PA" or "transparency" in image.info):
+        image = image.convert("RGBA")  # avoids Pillow's palette-transparency warning
+    return image.convert("RGB")  # a mode Pillow cannot convert raises: the file is skipped
+
+
+def _keep_truncated_images_failing() -> None:
+    """Turn Pillow's ``LOAD_TRUNCATED_IMAGES`` back off if something turned it on: with it, a
+    truncated file decodes with its missing part filled grey, and would be trained on."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        logger.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was turned on (by another library or a script); "
+            "mcbeit turns it off so that truncated images are skipped, not trained on half grey"
+        )
+
+
+def load_rgb_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file fully and return it as RGB; raises if it is not a decodable image.
+
+    Raises (among others) ``PIL.UnidentifiedImageError`` for zero-byte and non-image files,
+    ``OSError`` for truncated or corrupt ones, and ``PIL.Image.DecompressionBombError`` for
+    images of more than ``MAX_PIXELS`` pixels, before their pixels are decoded.
+    """
+    _keep_truncated_images_failing()
+    with Image.open(path) as image:
+        width, height = image.size
+        if MAX_PIXELS is not None and width * height > MAX_PIXELS:
+            raise Image.DecompressionBombError(
+                f"{width}x{height} = {width * height:,} pixels, more than the limit of {MAX_PIXELS:,} "
+                "(a possible decompression bomb); not decoded"
+            )
+        image.load()
+        return _to_rgb(image)
+
+
+class TooManyBadImagesError(RuntimeError):
+    """More unreadable images than a run accepts: ``--max_bad_fraction`` of an epoch, or
+    ``MAX_CONSECUTIVE_BAD`` in a row."""
+
+
+def check_bad_fraction(skipped: int, seen: int, max_fraction: float, where: str = "in this epoch") -> None:
+    """Raise :class:`TooManyBadImagesError` when too large a share of the images read was unreadable.
+
+    ``skipped``: the unreadable files skipped (the sum of the items' ``n_skipped``); ``seen``:
+    the samples delivered, each one readable image. Of the ``skipped + seen`` files read, the
+    share ``skipped / (skipped + seen)`` may be at most ``max_fraction``; reaching it exactly is
+    fine, 0 allows no bad file and 1 disables the check. ``where`` completes "N of M images ..."
+    in the message (e.g. "in epoch 3"). Call it with the same (all-reduced) counts on every
+    rank, so that all of them stop together.
+    """
+    if not 0.0 <= max_fraction <= 1.0:  # also refuses NaN
+        raise ValueError(f"--max_bad_fraction must be between 0 and 1, got {max_fraction}")
+    if skipped < 0 or seen < 0:
+        raise ValueError(f"image counts cannot be negative (skipped={skipped}, seen={seen})")
+    total = skipped + seen
+    if max_fraction >= 1.0 or skipped == 0 or skipped / total <= max_fraction:
+        return  # skipped / total is correctly rounded: 29 of 100 equals 0.29 exactly
+    scope = f" {where}" if where else ""
+    raise TooManyBadImagesError(
+        f"{skipped} of {total} images{scope} ({100.0 * skipped / total:.3g}%) were unreadable, more than "
+        f"--max_bad_fraction {max_fraction:g}; the skipped files are listed in the warnings above: fix or "
+        "remove them, or raise --max_bad_fraction (1 disables this check)"
+    )
