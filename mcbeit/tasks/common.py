@@ -135,11 +135,6 @@ def epoch_save_due(args: argparse.Namespace, epoch: int) -> bool:
     return bool(args.output_dir) and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs)
 
 
-def save_due(args: argparse.Namespace, epoch: int, info: DistInfo) -> bool:
-    """Whether this rank writes a checkpoint after ``epoch``: rank 0, when :func:`epoch_save_due`."""
-    return info.is_main and epoch_save_due(args, epoch)
-
-
 def log_plan(args: argparse.Namespace, info: DistInfo, steps_per_epoch: int, amp_dtype: torch.dtype | None,
              start_epoch: int, resumed_from: str | None) -> None:
     """One line saying what the run will do, and a warning when a resumed run has nothing left to do."""

@@ -430,8 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     saving = args.save_ckpt and bool(args.output_dir)
     resume_point = lambda e, done: save_position(args, info, trainer, e, done, steps_per_epoch, model,  # noqa: E731
                                                  optimizer, scaler, model_ema, max_accuracy)
-    control = RunControl(info, resume_point if saving else None, save_every_steps=args.save_ckpt_steps,
-                         save_every_minutes=args.save_ckpt_minutes, steps_per_epoch=steps_per_epoch)
+    control = RunControl.from_args(args, info, resume_point if saving else None, steps_per_epoch)
     try:
         control.install()
         for epoch in range(start_epoch, args.epochs):

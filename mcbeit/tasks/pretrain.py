@@ -262,9 +262,8 @@ def run(args: argparse.Namespace) -> dict:
     last_ckpt = resumed_from
     started = time.perf_counter()
     saving = bool(args.output_dir)
-    control = RunControl(info, (lambda e, done: save(args, info, e, done, steps_per_epoch, model, optimizer, scaler))
-                         if saving else None, save_every_steps=args.save_ckpt_steps,
-                         save_every_minutes=args.save_ckpt_minutes, steps_per_epoch=steps_per_epoch)
+    resume_point = lambda e, done: save(args, info, e, done, steps_per_epoch, model, optimizer, scaler)  # noqa: E731
+    control = RunControl.from_args(args, info, resume_point if saving else None, steps_per_epoch)
     try:
         with control:
             for epoch in range(start_epoch, args.epochs):

@@ -206,9 +206,8 @@ def run_train(args: argparse.Namespace) -> dict:
     stats: dict = {}
     last_ckpt = resumed_from
     started = time.perf_counter()
-    control = RunControl(info, (lambda e, done: save(args, info, e, done, steps_per_epoch, vq, optimizer, scaler))
-                         if args.output_dir else None, save_every_steps=args.save_ckpt_steps,
-                         save_every_minutes=args.save_ckpt_minutes, steps_per_epoch=steps_per_epoch)
+    resume_point = lambda e, done: save(args, info, e, done, steps_per_epoch, vq, optimizer, scaler)  # noqa: E731
+    control = RunControl.from_args(args, info, resume_point if args.output_dir else None, steps_per_epoch)
     try:
         control.install()
         for epoch in range(start_epoch, args.epochs):
