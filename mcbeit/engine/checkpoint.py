@@ -66,7 +66,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        cause = _write_failure(exc)
+        cause = write_failure(exc)
         if cause is not None:
             kept = f"the previous {path.name} is untouched" if path.exists() else f"no {path.name} was written"
             raise CheckpointWriteError(f"could not write {path}: {cause}; {kept} (the partial file was removed). "
@@ -85,7 +85,7 @@ class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (full disk, file-size limit, I/O error); nothing older was harmed."""
 
 
-def _write_failure(exc: BaseException) -> str | None:
+def write_failure(exc: BaseException) -> str | None:
     """A readable cause when ``exc`` is a failed write (torch wraps the OSError in a RuntimeError)."""
     for err in (exc, exc.__cause__, exc.__context__):
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):

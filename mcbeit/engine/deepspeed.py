@@ -23,9 +23,13 @@ Machines without a GPU: DeepSpeed's CPU accelerator with gloo. :func:`prepare_ac
 a launcher, the trainer opens a one-process group itself (DeepSpeed needs one).
 
 Checkpoints are DeepSpeed's folders ``<output_dir>/checkpoint-<epoch>/`` with a ``latest`` file.
-Every rank must call :meth:`DeepSpeedTrainer.save`. Once all ranks have written their files, rank
-0 adds ``mcbeit_checkpoint.json`` (epoch, processes, ZeRO stage), so a folder a crash interrupted
-is never resumed from (:func:`find_resumable`). They are read back with ``weights_only=True``.
+Every rank must call :meth:`DeepSpeedTrainer.save`. The ranks write into a hidden staging folder;
+once all have, rank 0 adds ``mcbeit_checkpoint.json`` (epoch, processes, ZeRO stage, every file's
+size) and renames the folder into place, so a crash or a full disk never leaves a half-written
+folder under a checkpoint's name. Auto-resume checks the newest folder (files and sizes against
+the marker, the zip CRCs of every ``.pt``) and falls back to the previous whole one with a warning
+(:func:`find_resumable`); ``--keep_last`` prunes as for ``.pth`` files. Files are read back with
+``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,19 +47,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mcbeit.engine.checkpoint import write_atomic
+from mcbeit.engine.checkpoint import CheckpointWriteError, write_failure, checkpoint_problem, write_atomic
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "MARKER", "prepare_accelerator", "import_deepspeed", "deepspeed_config", "DeepSpeedTrainer",
     "list_deepspeed_checkpoints", "find_resumable", "resume_checkpoint", "release_process_group",
+    "deepspeed_checkpoint_problem", "prune_deepspeed_checkpoints",
 ]
 
 #: written by rank 0 into a checkpoint folder once every rank has saved its part
 MARKER = "mcbeit_checkpoint.json"
 _TAG_RE = re.compile(r"^checkpoint-(\d+)$")
 _MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+_STAGING, _REPLACED = ".saving-", ".replaced-"  # prefixes of the folders a save works in (hidden)
 _INSTALL_HINT = 'pip install -e ".[deepspeed]"'
 _created_group = False  # whether this module opened the process group (release_process_group closes it)
 
@@ -321,27 +328,47 @@ class DeepSpeedTrainer:
     # -- checkpoints
 
     def save(self, output_dir: str | os.PathLike, epoch: int | str,
-             client_state: Mapping[str, Any] | None = None) -> Path:
+             client_state: Mapping[str, Any] | None = None, *, keep_last: int = 0) -> Path:
         """Write ``<output_dir>/checkpoint-<epoch>/`` (every rank must call this).
 
+        Every rank writes its files into a staging folder; once all have (DeepSpeed's save ends with
+        a barrier), rank 0 adds :data:`MARKER` listing every file and its size, and swaps the staging
+        folder in for ``checkpoint-<epoch>/``. A crash or a full disk mid-save leaves the previous
+        folder of that name whole (a mid-epoch save rewrites its epoch's folder).
+
         ``latest`` names the newest numbered checkpoint (a resume point): saving ``epoch='best'``
-        leaves it alone. ``client_state`` (plain containers and tensors: it is read back with ``weights_only=True``;
-        e.g. ``args`` through ``plain_args``, the EMA's state dict) comes back from :meth:`load`;
-        ``epoch`` is added to it unless given.
+        leaves it alone. ``keep_last`` > 0 then removes all but the newest ``keep_last`` numbered
+        folders up to this epoch. ``client_state`` (plain containers and tensors: it is read back
+        with ``weights_only=True``; e.g. ``args`` through ``plain_args``, the EMA's state dict) comes
+        back from :meth:`load`; ``epoch`` is added to it unless given.
         """
         output_dir = Path(output_dir)
         tag = f"checkpoint-{epoch}"
+        staging, folder = output_dir / f"{_STAGING}{tag}", output_dir / tag
         state = dict(client_state or {})
         state.setdefault("epoch", epoch)
-        self.engine.save_checkpoint(str(output_dir), tag=tag, client_state=state, save_latest=False)
-        folder = output_dir / tag
-        if self.rank == 0:  # DeepSpeed's save ends with a barrier: every rank's files are written
+        if self.rank == 0:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(output_dir, tag)  # of a save a crash interrupted
+        dist.barrier()
+        try:
+            self.engine.save_checkpoint(str(output_dir), tag=staging.name, client_state=state, save_latest=False)
+        except BaseException as exc:
+            cause = write_failure(exc)
+            if cause is None:
+                raise
+            raise CheckpointWriteError(f"could not write {folder}: {cause}; the previous checkpoints are untouched "
+                                       f"(the partial {staging.name} is removed at the next save). Free space, "
+                                       "then run again (auto-resume continues from the newest good one)") from exc
+        if self.rank == 0:  # every rank's files are written
             info = {"epoch": epoch, "tag": tag, "world_size": self.world_size, "zero_stage": self.zero_stage,
                     "amp": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.autocast_dtype),
-                    "deepspeed": importlib.metadata.version("deepspeed")}
-            _write_atomic(folder / MARKER, json.dumps(info, indent=1) + "\n")
+                    "deepspeed": importlib.metadata.version("deepspeed"), "files": _file_sizes(staging)}
+            _write_atomic(staging / MARKER, json.dumps(info, indent=1) + "\n")
+            _swap_in(staging, folder)
             if str(epoch).isdigit():
                 _write_atomic(output_dir / "latest", tag)
+                prune_deepspeed_checkpoints(output_dir, keep_last, int(epoch))
         dist.barrier()
         return folder
 
@@ -383,6 +410,41 @@ def _write_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def _file_sizes(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` (relative path -> bytes): the marker's manifest."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _remove_leftovers(output_dir: Path, tag: str) -> None:
+    """Staging / replaced folders of ``tag`` that an interrupted save left behind."""
+    for prefix in (_STAGING, _REPLACED):
+        leftover = output_dir / f"{prefix}{tag}"
+        if leftover.exists():
+            log.warning("removing %s, left by a save that did not finish", leftover)
+            shutil.rmtree(leftover)
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Make the complete ``staging`` folder ``folder``. An existing ``folder`` is moved aside first and
+    removed only after the swap, so some whole copy is on disk at every moment (the one aside is
+    found by :func:`list_deepspeed_checkpoints` if a crash lands between the two renames)."""
+    replaced = folder.with_name(f"{_REPLACED}{folder.name}")
+    if folder.exists():
+        os.replace(folder, replaced)
+    os.replace(staging, folder)
+    _fsync_dir(folder.parent)
+    if replaced.exists():
+        shutil.rmtree(replaced)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------------- finding checkpoints
 
 def _read_marker(folder: Path) -> dict[str, Any] | None:
@@ -394,6 +456,28 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
 
 def _has_model_states(folder: Path) -> bool:
     return any((folder / name).is_file() for name in _MODEL_STATES)
+
+
+def deepspeed_checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` is not a whole DeepSpeed checkpoint (None when it is): no model states, a file
+    the marker lists missing or of another size, or a ``.pt`` file that is truncated or fails its
+    CRC. Reads every file once; unpickles nothing."""
+    folder = Path(folder)
+    if not _has_model_states(folder):
+        return f"no {_MODEL_STATES[0]}"
+    marker = _read_marker(folder)
+    listed = (marker or {}).get("files") or {}
+    for name, size in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    for path in sorted(folder.rglob("*.pt")):
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            return f"{path.relative_to(folder)}: {problem}"
+    return None
 
 
 def _checkpoint_folder(path: Path) -> Path:
@@ -413,37 +497,68 @@ def list_deepspeed_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int,
     """(epoch, folder) of every complete ``checkpoint-<epoch>/`` in ``output_dir``, oldest first.
 
     Complete: holds :data:`MARKER` (written after every rank saved). A folder from other DeepSpeed
-    code (no marker) counts only when ``latest`` names it and it holds the model states.
+    code (no marker) counts only when ``latest`` names it and it holds the model states. A folder
+    moved aside by a save that a crash stopped before its second rename counts under its epoch
+    when no folder of that name exists.
     """
     root = Path(output_dir)
     if not root.is_dir():
         return []
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
-    found = []
+    found = {}
     for folder in root.iterdir():
-        match = _TAG_RE.match(folder.name)
-        if not match or not folder.is_dir():
+        name = folder.name.removeprefix(_REPLACED)
+        match = _TAG_RE.match(name)
+        if not match or not folder.is_dir() or (name != folder.name and (root / name).exists()):
             continue
         if (folder / MARKER).is_file() or (folder.name == latest and _has_model_states(folder)):
-            found.append((int(match.group(1)), folder))
-    return sorted(found)
+            found[int(match.group(1))] = folder
+    return sorted(found.items())
 
 
 def find_resumable(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete DeepSpeed checkpoint folder in ``output_dir``, or None."""
+    """The newest whole DeepSpeed checkpoint folder in ``output_dir``, or None. A newer damaged one
+    (:func:`deepspeed_checkpoint_problem`) is named in a warning, left in place, and skipped."""
     found = list_deepspeed_checkpoints(output_dir)
-    return found[-1][1] if found else None
+    for _, folder in reversed(found):
+        problem = deepspeed_checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        log.warning("auto-resume: skipping %s: %s; trying the previous checkpoint", folder, problem)
+    if found:
+        raise SystemExit(f"auto-resume: every DeepSpeed checkpoint in {output_dir} is damaged (see the warnings); "
+                         "move them aside to start afresh, or pass --resume FOLDER")
+    return None
+
+
+def prune_deepspeed_checkpoints(output_dir: str | os.PathLike, keep_last: int, written_epoch: int) -> list[Path]:
+    """``--keep_last`` for DeepSpeed folders, as :func:`mcbeit.engine.checkpoint.prune_checkpoints` for
+    files: after ``checkpoint-<written_epoch>/`` is complete, remove all but the newest ``keep_last``
+    numbered folders up to that epoch (0 keeps all); later epochs and ``checkpoint-best`` stay."""
+    if keep_last <= 0:
+        return []
+    upto = [folder for epoch, folder in list_deepspeed_checkpoints(output_dir) if epoch <= written_epoch]
+    old = upto[:-keep_last]
+    for folder in old:
+        shutil.rmtree(folder)
+    if old:
+        log.info("--keep_last %d: removed %s", keep_last, ", ".join(p.name for p in old))
+    return old
 
 
 def resume_checkpoint(resume: str | None, auto_resume: bool, output_dir: str | None) -> Path | None:
     """``--resume`` (a checkpoint folder, or an output folder with ``latest``), else with
-    ``--auto_resume`` the newest complete one in ``--output_dir``, else None."""
+    ``--auto_resume`` the newest whole one in ``--output_dir``, else None. A damaged ``--resume``
+    folder is an error."""
     if resume:
         path = Path(resume)
         if not path.exists():
             raise SystemExit(f"--resume {resume}: no such folder")
-        return _checkpoint_folder(path)
+        folder = _checkpoint_folder(path)
+        problem = deepspeed_checkpoint_problem(folder)
+        if problem is not None:
+            raise SystemExit(f"--resume {folder}: {problem}; pass an earlier checkpoint folder")
+        return folder
     if auto_resume and output_dir:
         return find_resumable(output_dir)
     return None
-

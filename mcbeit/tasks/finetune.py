@@ -326,7 +326,8 @@ def save_position(args, info: DistInfo, trainer, epoch: int, steps_done: int, st
     writes `checkpoint-<epoch>.pth`; DeepSpeed: every rank writes its part of `checkpoint-<epoch>/`."""
     position = position_state(info, epoch, steps_done, steps_per_epoch)
     if trainer is not None:
-        return str(trainer.save(args.output_dir, epoch, {**_client_state(args, model_ema, max_accuracy), **position}))
+        return str(trainer.save(args.output_dir, epoch, {**_client_state(args, model_ema, max_accuracy), **position},
+                                keep_last=args.keep_last))
     if not info.is_main:
         return None
     return os.path.abspath(save(args, epoch, model, optimizer, scaler, model_ema, max_accuracy, position))

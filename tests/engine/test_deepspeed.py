@@ -309,7 +309,7 @@ def test_finding_checkpoints(tmp_path):
         path = tmp_path / name
         path.mkdir()
         if states:
-            (path / "mp_rank_00_model_states.pt").write_bytes(b"")
+            torch.save({"module": {}}, path / "mp_rank_00_model_states.pt")
         if marker:
             (path / ds.MARKER).write_text("{}")
         return path
@@ -332,6 +332,100 @@ def test_finding_checkpoints(tmp_path):
         ds.resume_checkpoint(str(folder("other", states=False)), False, None)
     with pytest.raises(SystemExit, match="no such folder"):
         ds.resume_checkpoint(str(tmp_path / "nope"), False, None)
+
+
+def _saved_run(tmp_path, epochs, keep_last=0):
+    """A ZeRO-1 trainer after one update, saved as checkpoint-<e>/ for each of ``epochs``."""
+    trainer = make_trainer(tiny_beit(), zero=1)
+    ds_run(trainer, batches(1))
+    for epoch in epochs:
+        trainer.save(tmp_path, epoch, {"step": epoch}, keep_last=keep_last)
+    return trainer
+
+
+def test_keep_last_and_damaged_folders_fall_back_with_a_warning(tmp_path, caplog):
+    _saved_run(tmp_path, [0, 1, 2, 3], keep_last=2)
+    names = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert names == ["checkpoint-2", "checkpoint-3"]  # no staging or replaced folders left either
+    marker = json.loads((tmp_path / "checkpoint-3" / ds.MARKER).read_text())
+    assert marker["files"] and all((tmp_path / "checkpoint-3" / f).stat().st_size == n
+                                   for f, n in marker["files"].items())
+    assert ds.find_resumable(tmp_path) == tmp_path / "checkpoint-3"
+
+    optim = next((tmp_path / "checkpoint-3").glob("*optim_states.pt"))
+    data = optim.read_bytes()
+    optim.write_bytes(data[: len(data) // 2])  # truncated (a node died while copying, say)
+    with caplog.at_level("WARNING"):
+        assert ds.find_resumable(tmp_path) == tmp_path / "checkpoint-2"
+    assert "skipping" in caplog.text and "bytes" in caplog.text and optim.name in caplog.text
+    assert optim.exists()  # nothing written is deleted on suspicion
+    with pytest.raises(SystemExit, match="--resume .*checkpoint-3.*pass an earlier"):
+        ds.resume_checkpoint(str(tmp_path / "checkpoint-3"), False, None)
+
+    states = tmp_path / "checkpoint-2" / "mp_rank_00_model_states.pt"
+    flipped = bytearray(states.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF  # same size: only the CRC can tell
+    states.write_bytes(bytes(flipped))
+    assert "CRC" in ds.deepspeed_checkpoint_problem(tmp_path / "checkpoint-2")
+    with pytest.raises(SystemExit, match="every DeepSpeed checkpoint .* is damaged"):
+        ds.find_resumable(tmp_path)
+    # a resumed run that saves again prunes only up to the epoch it wrote
+    _saved_run(tmp_path, [1], keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert ds.deepspeed_checkpoint_problem(tmp_path / "checkpoint-1") is None
+
+
+def test_a_save_interrupted_between_the_renames_still_resumes(tmp_path):
+    """A crash after the old folder was moved aside but before the new one took its name: the moved
+    folder is found under its epoch; the next save clears both leftovers."""
+    _saved_run(tmp_path, [0, 1])
+    os.replace(tmp_path / "checkpoint-1", tmp_path / ".replaced-checkpoint-1")
+    (tmp_path / ".saving-checkpoint-1").mkdir()  # the new one, half written
+    assert ds.find_resumable(tmp_path) == tmp_path / ".replaced-checkpoint-1"
+    resumed = make_trainer(tiny_beit(seed=4), zero=1)
+    assert resumed.load(ds.find_resumable(tmp_path))["step"] == 1
+    resumed.save(tmp_path, 1, {"step": 10})
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoint-0", "checkpoint-1"]
+    assert ds.find_resumable(tmp_path) == tmp_path / "checkpoint-1"
+
+
+DISK_FULL_SCRIPT = """
+import resource, signal, sys
+import torch
+from tests.engine.test_deepspeed import batches, ds_run, make_trainer, tiny_beit
+from mcbeit.engine import deepspeed as ds
+
+ds.prepare_accelerator("cpu")
+torch.set_num_threads(1)
+trainer = make_trainer(tiny_beit(), zero=0)
+ds_run(trainer, batches(1))
+trainer.save(sys.argv[1], 0, {"step": 1})           # a whole checkpoint-0/
+ds_run(trainer, batches(2)[1:], start=1)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # EFBIG from write() instead of being killed
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+trainer.save(sys.argv[1], 0, {"step": 2})           # the mid-epoch save of the same epoch fails
+"""
+
+
+def test_a_failing_write_keeps_the_previous_folder_whole(tmp_path):
+    """A real process whose writes the kernel refuses (RLIMIT_FSIZE) while rewriting checkpoint-0/:
+    the error says so, and the earlier checkpoint-0/ is whole (every file the size its marker lists) and resumable."""
+    script = tmp_path / "full.py"
+    script.write_text(DISK_FULL_SCRIPT)
+    out = tmp_path / "out"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(script), str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "CheckpointWriteError" in proc.stderr and "the previous checkpoints are untouched" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "file too large" in proc.stderr or "most likely a full disk" in proc.stderr
+    folder = out / "checkpoint-0"
+    marker = json.loads((folder / ds.MARKER).read_text())
+    assert {name: (folder / name).stat().st_size for name in marker["files"]} == marker["files"]
+    assert ds.find_resumable(out) == folder
+    assert make_trainer(tiny_beit(seed=2), zero=0).load(folder)["step"] == 1
 
 
 # ---------------------------------------------------------------------------------- two processes
