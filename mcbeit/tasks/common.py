@@ -14,29 +14,150 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mcbeit.data.datasets import CLASSIFICATION_LAYOUTS, EVAL_LAYOUT, BadListFileError, DataPathError, check_data_folder
 from mcbeit.data.images import TooManyBadImagesError
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.distributed import DistInfo, init_distributed
 from mcbeit.engine.logging import setup_logging
 from mcbeit.engine.control import EXIT_PREEMPTED, Preempted, gather_rng, restore_rank_rng
 from mcbeit.engine.meter import NonFiniteLossError
+from mcbeit.models.beit import patch_size_of
+from mcbeit.models.checkpoint import CheckpointError, StateDictMismatchError, load_into
 
 log = logging.getLogger("mcbeit")
 
 
 def start_run(args: argparse.Namespace, resolve: Callable[[argparse.Namespace], object], purpose: str) -> DistInfo:
-    """Join the process group, set up logging, fill the defaults (``resolve(args)``), create the
-    output folder on rank 0 and log the arguments."""
-    info = init_distributed(args.device, args.dist_on_itp, args.local_rank, args.dist_url)
+    """Join the process group, set up logging, fill the defaults (``resolve(args)``), check the flags
+    every command shares (:func:`check_flags`), create the output folder on rank 0 and log the arguments."""
+    info = init_distributed(args.device, args.dist_on_itp, args.local_rank, args.dist_url, args.dist_timeout)
     args.world_size, args.rank = info.world_size, info.rank
     setup_logging(info.rank, args.debug)
     resolve(args)
+    check_flags(args)
     if args.output_dir and info.is_main:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     log.info("args: %s", json.dumps(ckpt_io.plain_args(args), sort_keys=True))
     if args.data_path is None:
         log.info("no --data_path: %s on the embedded images (a quick demonstration run)", purpose)
     return info
+
+
+def check_at_least(args: argparse.Namespace, minimum: float, names) -> None:
+    """``--name must be at least MINIMUM, got VALUE`` for the first of ``names`` below ``minimum``
+    (flags the command does not have, or left at None, are skipped)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise SystemExit(f"--{name} must be at least {minimum}, got {value}")
+
+
+def check_patch_grid(input_size: int, patch: int, model: str) -> tuple[int, int]:
+    """The (h, w) patch grid of ``--input_size`` for ``--model``'s ``patch`` size; an input that is
+    not a positive multiple of the patch size is an error that says which sizes fit."""
+    if input_size < patch or input_size % patch:
+        lower, upper = input_size // patch * patch, (input_size // patch + 1) * patch
+        fits = f"{upper} or {lower}" if lower >= patch else f"{upper}"
+        raise SystemExit(f"--input_size {input_size} is not {'a positive size ' if input_size < patch else ''}"
+                         f"divisible by the patch size {patch} of --model {model}: use --input_size {fits}")
+    return input_size // patch, input_size // patch
+
+
+def _missing_checkpoint(flag: str, path: str, what_to_do: str) -> str:
+    where = "is a folder, not a checkpoint file" if os.path.isdir(path) else "no such file"
+    return f"{flag} {path}: {where}; {what_to_do}"
+
+
+RESUME_HINT = ("pass an existing checkpoint-<epoch>.pth, or leave --resume out (the newest checkpoint in --output_dir "
+               "is then resumed, if there is one)")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The checks of the resolved flags that every long-running command shares, before anything is
+    built: folders and files named by flags exist, --output_dir is not a file, numbers are in range,
+    and --input_size is a multiple of --model's patch size. Each error names the flag and its value
+    and says what to pass instead. A flag the command does not have is skipped."""
+    output_dir = getattr(args, "output_dir", "")
+    if output_dir and os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise SystemExit(f"--output_dir {output_dir} is a file, not a folder: pass a folder (it is created if "
+                         "missing), or --output_dir '' to write nothing")
+    try:
+        if getattr(args, "data_path", None):
+            expected = {"expected": CLASSIFICATION_LAYOUTS} if hasattr(args, "eval_data_path") else {}
+            check_data_folder(args.data_path, **expected)
+        if getattr(args, "eval_data_path", None):
+            check_data_folder(args.eval_data_path, "--eval_data_path", EVAL_LAYOUT)
+    except DataPathError as exc:
+        raise SystemExit(str(exc)) from None
+    resume = getattr(args, "resume", "")
+    if resume and not os.path.exists(resume):
+        raise SystemExit(_missing_checkpoint("--resume", resume, RESUME_HINT))
+    finetune = getattr(args, "finetune", "")
+    if finetune and not finetune.startswith(("https://", "http://")):
+        from mcbeit.models.finetune_checkpoint import resolve_source
+
+        try:
+            resolve_source(finetune)  # a file, or a DeepSpeed folder with its model states
+        except CheckpointError as exc:
+            raise SystemExit(f"{exc}; or --finetune none to train from random initialisation") from None
+    weights = getattr(args, "discrete_vae_weight_path", None)
+    if weights and not os.path.exists(weights):
+        from mcbeit.tokenizers.factory import _WEIGHT_HINTS, canonical_kind
+
+        kind = getattr(args, "discrete_vae_type", None)
+        expected = _WEIGHT_HINTS.get(canonical_kind(kind), "the tokenizer's weights") if kind else "the tokenizer's weights"
+        raise SystemExit(f"--discrete_vae_weight_path {weights} does not exist: pass {expected}"
+                         f"{f' (--discrete_vae_type {kind})' if kind else ''}, or leave the flag out for a RANDOM "
+                         "tokenizer (smoke runs only)")
+    check_at_least(args, 0, ("lr", "min_lr", "weight_decay", "warmup_epochs", "save_ckpt_steps", "save_ckpt_minutes",
+                             "keep_last"))
+    check_at_least(args, 1, ("print_freq",))
+    model, input_size = getattr(args, "model", None), getattr(args, "input_size", None)
+    if model and input_size is not None and (patch := patch_size_of(model)):
+        check_patch_grid(input_size, patch, model)
+
+
+ARCHITECTURE_FLAGS = ("model", "input_size", "rel_pos_bias", "abs_pos_emb", "layer_scale_init_value", "vocab_size",
+                      "embed_dim", "hidden", "blocks_per_group", "discrete_vae_type", "nb_classes", "use_mean_pooling",
+                      "linear_probe", "probe_layer")
+
+
+def load_resumed_weights(model: torch.nn.Module, state: dict, path: str, args: argparse.Namespace, written_args,
+                         shown: int = 8) -> None:
+    """Load a resumed checkpoint's weights into ``model`` strictly. One of another architecture (another
+    --model, width, depth, vocabulary, ...) raises StateDictMismatchError naming the checkpoint, the
+    flags it was written with where they differ from this run's (``written_args``: the checkpoint's
+    'args'), the keys and shapes that differ (the first ``shown`` of each kind), and what to do."""
+    try:
+        load_into(model, state, strict=True)
+    except StateDictMismatchError as exc:
+        raise StateDictMismatchError(_architecture_message(exc.report, model, path, args, written_args, shown),
+                                     exc.report) from None
+
+
+def _architecture_message(report, model: torch.nn.Module, path: str, args: argparse.Namespace, written_args,
+                          shown: int) -> str:
+    if getattr(args, "resume", ""):
+        source, fix = f"--resume {path}", "or pass a checkpoint of this run's model as --resume"
+    else:
+        source = f"auto-resume from {path} (the newest checkpoint in --output_dir {args.output_dir})"
+        fix = "or start afresh with another --output_dir (or --no_auto_resume)"
+    written = vars(written_args) if isinstance(written_args, argparse.Namespace) else dict(written_args or {})
+    differ = [f"--{k} {written[k]} (this run: {getattr(args, k)})" for k in ARCHITECTURE_FLAGS
+              if k in written and hasattr(args, k) and written[k] != getattr(args, k)]
+    flags = (f"it was written with {', '.join(differ)}" if differ else
+             "its recorded flags equal this run's" if written else "the checkpoint does not record its flags")
+    lines = []
+    for kind, items in (("shape mismatch", [f"{k}: checkpoint {tuple(c)} vs model {tuple(m)}"
+                                            for k, c, m in report.mismatched]),
+                        ("missing (in the model, not in the checkpoint)", report.missing),
+                        ("unexpected (in the checkpoint, not in the model)", report.unexpected)):
+        lines += [f"  {kind}: {item}" for item in items[:shown]]
+        if len(items) > shown:
+            lines.append(f"  ... and {len(items) - shown} more ({kind.split(' (')[0]})")
+    return (f"{source} is a checkpoint of another architecture than this run's {type(model).__name__} ({flags}): "
+            f"{len(report.mismatched)} shape mismatches, {len(report.missing)} missing and {len(report.unexpected)} "
+            "unexpected keys\n" + "\n".join(lines) + f"\nRun with the flags it was written with, {fix}")
 
 
 def amp_settings(amp: str | None, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
@@ -85,7 +206,7 @@ def resume_path(args: argparse.Namespace) -> str | None:
     if not path:
         return None
     if not os.path.isfile(path):
-        raise SystemExit(f"--resume {path}: no such file")
+        raise SystemExit(_missing_checkpoint("--resume", path, RESUME_HINT))
     if path.endswith(".pth") and (problem := ckpt_io.checkpoint_problem(path)) is not None:
         raise SystemExit(f"--resume {path}: {problem}; pass an earlier checkpoint")
     return path
@@ -203,6 +324,9 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, output_dir: str, print_
                    help="set by torch.distributed.launch; torchrun uses LOCAL_RANK")
     p.add_argument("--dist_on_itp", action="store_true")
     p.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    p.add_argument("--dist_timeout", default=30.0, type=float,
+                   help="minutes a process waits in a collective for the others (a rank that hangs or died); "
+                        "then it stops with an error, and torchrun --max-restarts can restart the group")
 
 
 def fill_defaults(args: argparse.Namespace, embedded: dict, real: dict) -> None:
@@ -222,6 +346,24 @@ def finish_log(stats: dict, started: float, output_dir: str) -> None:
 
 EXIT_DIVERGED = 3  # the run stopped on non-finite losses / gradients (its message names the last good checkpoint)
 EXIT_BAD_DATA = 4  # too many unreadable images (their paths are in the warnings)
+# Errors of the input (data folders, list files, checkpoints read or loaded) whose messages name the
+# flag or file and say what to do: a SystemExit with the message, no traceback.
+INPUT_ERRORS = (DataPathError, BadListFileError, CheckpointError)
+EXIT_PEER_LOST = 5  # a collective failed: another process hung past --dist_timeout or died
+
+# How gloo / NCCL / the store word a peer that stopped answering (their errors are plain RuntimeErrors)
+_PEER_LOST = ("timeout", "timed out", "connection reset", "connection closed", "broken pipe", "pair closure",
+              "connection refused")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process hung or died."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError)
+                                               and any(p in str(exc).lower() for p in _PEER_LOST))
 
 
 def run_main(parser: argparse.ArgumentParser, argv, run: Callable[[argparse.Namespace], object],
@@ -233,11 +375,15 @@ def run_main(parser: argparse.ArgumentParser, argv, run: Callable[[argparse.Name
 def run_parsed(args: argparse.Namespace, run: Callable[[argparse.Namespace], object],
                on_exit: Callable[[argparse.Namespace], None] | None = None) -> int:
     """Run, turn the stops that explain themselves into a message and an exit status (divergence 3,
-    bad data 4, preemption 75), and always leave the process group (and what ``on_exit`` releases)."""
+    bad data 4, a lost peer 5, preemption 75; wrong input, whose message names the flag or file and says what
+    to pass: SystemExit with the message, status 1, like the flag checks), and always leave the process group
+    (and what ``on_exit`` releases)."""
     from mcbeit.engine.distributed import cleanup
 
     try:
         run(args)
+    except INPUT_ERRORS as exc:  # a data folder without images, a checkpoint that does not fit, ...
+        raise SystemExit(str(exc)) from None
     except NonFiniteLossError as exc:  # the message says what happened and which checkpoint is good
         log.error("%s", exc)
         return EXIT_DIVERGED
@@ -247,6 +393,14 @@ def run_parsed(args: argparse.Namespace, run: Callable[[argparse.Namespace], obj
     except Preempted as exc:
         log.warning("%s", exc)
         return EXIT_PREEMPTED
+    except Exception as exc:
+        if not peer_lost(exc):
+            raise
+        log.error("this process (rank %s) lost the others: %s. Another process hung for more than --dist_timeout "
+                  "(%g min) or died (its own log says why). Checkpoints already written are whole; run the same "
+                  "command again, or let torchrun --max-restarts restart the group: it resumes from the newest one",
+                  getattr(args, "rank", "?"), str(exc).splitlines()[0][:200], getattr(args, "dist_timeout", 30.0))
+        return EXIT_PEER_LOST
     finally:
         if on_exit is not None:
             on_exit(args)

@@ -2,12 +2,15 @@
 
 - a worker killed with SIGKILL: torchrun (--max-restarts 1) restarts the group, which resumes from
   the last checkpoint and ends exactly where an uninterrupted run ends;
+- a worker that hangs (SIGSTOP): the other gives up after --dist_timeout with exit status 5, and
+  torchrun restarts the group, which resumes;
 - two torchrun invocations with --nnodes 2 and c10d rendezvous on loopback form one job;
 - SLURM: processes started with srun's environment (SLURM_PROCID, SLURM_NTASKS, ...) form one job.
 """
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 
@@ -53,6 +56,35 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterru
     assert "failed (exitcode: -9)" in err                   # torchrun saw the kill ...
     assert f"resumed from {faulty / 'checkpoint-0.pth'}" in err  # ... and the restarted group resumed
     _assert_same_state(whole / "checkpoint-2.pth", faulty / "checkpoint-2.pth")
+
+
+def test_a_hanging_rank_times_out_and_torchrun_restarts_the_group(image_folder, tmp_path):
+    """A worker that hangs (stopped with SIGSTOP: alive, connections open, never answering): the other
+    rank gives up after --dist_timeout instead of waiting forever, says why, exits with status 5;
+    torchrun replaces the group, which resumes from the last checkpoint and finishes."""
+    out = tmp_path / "run"
+    cmd = (_torchrun("--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--max-restarts=1")
+           + _train_flags(image_folder, out, 3, 4) + ["--dist_timeout", "0.2"])   # 12 s
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint-0.pth").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    victim = _children(proc.pid)[-1]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.kill(victim, signal.SIGKILL)
+            proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    assert "lost the others" in err and "--dist_timeout (0.2 min)" in err   # the survivor said why ...
+    assert "exitcode  : 5" in err or "exitcode: 5" in err                    # ... and exited with status 5
+    assert f"resumed from {out / 'checkpoint-0.pth'}" in err                # the new group resumed
+    final = torch.load(out / "checkpoint-2.pth", weights_only=True)
+    assert final["global_step"] == 24 and final["epoch"] == 2               # and finished: 3 epochs x 8 steps
 
 
 def test_two_torchrun_nodes_on_loopback_form_one_job_that_checkpoints_once_and_resumes(image_folder, tmp_path):
