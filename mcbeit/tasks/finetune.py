@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
@@ -262,13 +262,28 @@ def build_mixup(args):
                  label_smoothing=args.smoothing, num_classes=args.nb_classes)
 
 
+class Resumed(NamedTuple):
+    """Where a fine-tuning run continues (from :func:`restore` / :func:`_deepspeed_restore`)."""
+    start: int                # the epoch to train next
+    first: int                # its steps already done
+    max_accuracy: float
+    path: str | None
+    unevaluated: int | None   # an epoch whose training ended (a stop on its last step) before its evaluation
+
+
+def _unevaluated_epoch(ckpt: dict, start: int, first: int) -> int | None:
+    """The epoch to evaluate before training on, when ``ckpt`` was written at an epoch's end by a stop signal
+    (``evaluated`` False): the evaluation, best checkpoint and log line of that epoch are still owed."""
+    return start - 1 if ckpt.get("evaluated") is False and first == 0 and start > 0 else None
+
+
 def restore(args, model, optimizer, scaler, model_ema, steps_per_epoch: int = 1,
-            info: DistInfo | None = None) -> tuple[int, int, float, str | None]:
-    """--resume / auto-resume: (start epoch, steps of it already done, best accuracy so far, path),
-    with this rank's random generators restored (``info`` given: training, not --eval)."""
+            info: DistInfo | None = None) -> Resumed:
+    """--resume / auto-resume: where to continue, with this rank's random generators restored (``info``
+    given: training, not --eval)."""
     path = resume_path(args)
     if path is None:
-        return args.start_epoch, 0, 0.0, None
+        return Resumed(args.start_epoch, 0, 0.0, None, None)
     ckpt = ckpt_io.load_training_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"--resume {path} is not a checkpoint of mcbeit-finetune (format {ckpt.get('format')!r}); "
@@ -284,7 +299,7 @@ def restore(args, model, optimizer, scaler, model_ema, steps_per_epoch: int = 1,
         start, first = resume_position(ckpt, path, steps_per_epoch, info, args.start_epoch)
     else:  # --eval, or checkpoint-best.pth given as --resume: its weights, no position
         start, first = args.start_epoch, 0
-    return start, first, float(ckpt.get("max_accuracy", 0.0)), path
+    return Resumed(start, first, float(ckpt.get("max_accuracy", 0.0)), path, _unevaluated_epoch(ckpt, start, first))
 
 
 def _restore_for_eval(args, model, model_ema) -> None:
@@ -301,7 +316,7 @@ def _restore_for_eval(args, model, model_ema) -> None:
             load_into(model, state, strict=True)
             log.info("evaluating %s (DeepSpeed)", folder)
             return
-    elif restore(args, model, None, None, model_ema)[3] is not None:
+    elif restore(args, model, None, None, model_ema).path is not None:
         return
     if not args.finetune:
         raise SystemExit("--eval: nothing to evaluate; pass --resume CHECKPOINT, --finetune WEIGHTS, or an "
@@ -321,10 +336,11 @@ def save(args, epoch: int | str, model, optimizer, scaler, model_ema, max_accura
 
 
 def save_position(args, info: DistInfo, trainer, epoch: int, steps_done: int, steps_per_epoch: int, model,
-                  optimizer, scaler, model_ema, max_accuracy: float) -> str | None:
+                  optimizer, scaler, model_ema, max_accuracy: float, evaluated: bool = False) -> str | None:
     """A resume point after ``steps_done`` steps of ``epoch``; every rank calls it. Plain runs: rank 0
-    writes `checkpoint-<epoch>.pth`; DeepSpeed: every rank writes its part of `checkpoint-<epoch>/`."""
-    position = position_state(info, epoch, steps_done, steps_per_epoch)
+    writes `checkpoint-<epoch>.pth`; DeepSpeed: every rank writes its part of `checkpoint-<epoch>/`.
+    ``evaluated``: the epoch's evaluation is done (False when a stop signal cut in before it)."""
+    position = {**position_state(info, epoch, steps_done, steps_per_epoch), "evaluated": evaluated}
     if trainer is not None:
         return str(trainer.save(args.output_dir, epoch, {**_client_state(args, model_ema, max_accuracy), **position},
                                 keep_last=args.keep_last))
@@ -349,18 +365,18 @@ def _client_state(args, model_ema, max_accuracy: float) -> dict[str, Any]:
             "model_ema": model_ema.module.state_dict() if model_ema is not None else None}
 
 
-def _deepspeed_restore(args, trainer, model_ema, steps_per_epoch: int,
-                       info: DistInfo) -> tuple[int, int, float, str | None]:
+def _deepspeed_restore(args, trainer, model_ema, steps_per_epoch: int, info: DistInfo) -> Resumed:
     from mcbeit.engine import deepspeed as ds
 
     path = ds.resume_checkpoint(args.resume, args.auto_resume, args.output_dir)
     if path is None:
-        return args.start_epoch, 0, 0.0, None
+        return Resumed(args.start_epoch, 0, 0.0, None, None)
     client = trainer.load(path)
     if model_ema is not None and client.get("model_ema") is not None:
         load_into(model_ema.module, client["model_ema"], strict=True)
     start, first = resume_position(client, f"{path} (DeepSpeed)", steps_per_epoch, info, args.start_epoch)
-    return start, first, float(client.get("max_accuracy", 0.0)), str(path)
+    return Resumed(start, first, float(client.get("max_accuracy", 0.0)), str(path),
+                   _unevaluated_epoch(client, start, first))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -408,11 +424,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.enable_deepspeed:
         trainer, amp_dtype = _deepspeed_trainer(args, info, model, optimizer)
         optimizer, scaler, ddp_model = trainer.optimizer, None, trainer.engine
-        start_epoch, first, max_accuracy, resumed_from = _deepspeed_restore(args, trainer, model_ema,
-                                                                            steps_per_epoch, info)
+        resumed = _deepspeed_restore(args, trainer, model_ema, steps_per_epoch, info)
     else:
-        start_epoch, first, max_accuracy, resumed_from = restore(args, model, optimizer, scaler, model_ema,
-                                                                 steps_per_epoch, info)
+        resumed = restore(args, model, optimizer, scaler, model_ema, steps_per_epoch, info)
         ddp_model = DistributedDataParallel(model) if info.world_size > 1 else model
     writer = RunWriter(args.output_dir, args.log_dir, enabled=info.is_main and bool(args.output_dir))
     mixup_fn = build_mixup(args)
@@ -423,47 +437,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           max_bad_steps=args.max_bad_steps, max_bad_fraction=args.max_bad_fraction,
                           mixup_fn=mixup_fn, model_ema=model_ema, writer=writer,
                           params=[p for p in model.parameters() if p.requires_grad], deepspeed=trainer)
+    start_epoch, first, max_accuracy, resumed_from, unevaluated = resumed
     log_plan(args, info, steps_per_epoch, amp_dtype, start_epoch, resumed_from)
 
     stats: dict[str, Any] = {}
     last_ckpt = resumed_from
     started = time.perf_counter()
     saving = args.save_ckpt and bool(args.output_dir)
-    resume_point = lambda e, done: save_position(args, info, trainer, e, done, steps_per_epoch, model,  # noqa: E731
-                                                 optimizer, scaler, model_ema, max_accuracy)
+    resume_point = lambda e, done, evaluated=False: save_position(  # noqa: E731
+        args, info, trainer, e, done, steps_per_epoch, model, optimizer, scaler, model_ema, max_accuracy, evaluated)
     control = RunControl.from_args(args, info, resume_point if saving else None, steps_per_epoch)
+
+    def end_epoch(epoch: int, train_stats: dict[str, Any]) -> None:
+        """Evaluate, checkpoint (resume point, best) and log the epoch whose training just ended."""
+        nonlocal stats, max_accuracy, last_ckpt
+        stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch, "n_parameters": n_parameters}
+        improved = False
+        if val_loader is not None:
+            test = evaluate(model, val_loader, info.device, amp_dtype, sharded)
+            stats.update({f"test_{k}": v for k, v in test.items()})
+            if model_ema is not None:
+                ema = evaluate(model_ema.module, val_loader, info.device, amp_dtype, sharded)
+                stats.update({f"test_ema_{k}": v for k, v in ema.items()})
+            improved = test["acc1"] > max_accuracy
+            max_accuracy = max(max_accuracy, test["acc1"])
+            stats["max_accuracy"] = max_accuracy
+            writer.scalars(epoch, {k: test[k] for k in ("acc1", "acc5", "loss")}, "perf")
+        if saving and epoch_save_due(args, epoch):
+            last_ckpt = resume_point(epoch, steps_per_epoch, True) or last_ckpt
+            if info.is_main:
+                log.info("saved %s", last_ckpt)
+        if improved and saving:  # the best so far, kept
+            if trainer is not None:  # DeepSpeed: every rank writes its shard
+                trainer.save(args.output_dir, "best", _client_state(args, model_ema, max_accuracy))
+            elif info.is_main:
+                save(args, "best", model, optimizer, scaler, model_ema, max_accuracy)
+        writer.epoch(stats)
+        train = f"loss {stats['train_loss']:.4f}, lr {stats['train_lr']:.2e}" if train_stats else "resumed"
+        log.info("epoch %d: %s%s", epoch, train, "" if val_loader is None else
+                 f"; val acc1 {stats['test_acc1']:.2f}%, acc5 {stats['test_acc5']:.2f}% (best {max_accuracy:.2f}%)")
+
     try:
         control.install()
+        if unevaluated is not None and val_loader is not None:
+            log.info("epoch %d ended on a stop signal before its evaluation: evaluating it now", unevaluated)
+            end_epoch(unevaluated, {})
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch, start=first * args.batch_size * args.update_freq)
             train_stats = train_one_epoch(state, loader, epoch, steps_per_epoch, last_good_checkpoint=last_ckpt,
                                           first=first, control=control)
             first = 0
             last_ckpt = control.last_checkpoint or last_ckpt
-            stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch, "n_parameters": n_parameters}
-            if val_loader is not None:
-                test = evaluate(model, val_loader, info.device, amp_dtype, sharded)
-                stats.update({f"test_{k}": v for k, v in test.items()})
-                if model_ema is not None:
-                    ema = evaluate(model_ema.module, val_loader, info.device, amp_dtype, sharded)
-                    stats.update({f"test_ema_{k}": v for k, v in ema.items()})
-                improved = test["acc1"] > max_accuracy
-                max_accuracy = max(max_accuracy, test["acc1"])
-                stats["max_accuracy"] = max_accuracy
-                writer.scalars(epoch, {k: test[k] for k in ("acc1", "acc5", "loss")}, "perf")
-            if saving and epoch_save_due(args, epoch):
-                last_ckpt = resume_point(epoch, steps_per_epoch) or last_ckpt
-                if info.is_main:
-                    log.info("saved %s", last_ckpt)
-            if val_loader is not None and improved and saving:  # the best so far, kept
-                if trainer is not None:  # DeepSpeed: every rank writes its shard
-                    trainer.save(args.output_dir, "best", _client_state(args, model_ema, max_accuracy))
-                elif info.is_main:
-                    save(args, "best", model, optimizer, scaler, model_ema, max_accuracy)
-            writer.epoch(stats)
-            log.info("epoch %d: loss %.4f, lr %.2e%s", epoch, stats["train_loss"], stats["train_lr"],
-                     "" if val_loader is None else
-                     f"; val acc1 {stats['test_acc1']:.2f}%, acc5 {stats['test_acc5']:.2f}% (best {max_accuracy:.2f}%)")
+            end_epoch(epoch, train_stats)
     finally:
         control.uninstall()
         writer.close()

@@ -203,3 +203,53 @@ def test_finetuning_resumed_mid_epoch_continues_bit_for_bit(tmp_path, deepspeed)
         _assert_same_state(whole / "checkpoint-1.pth", resumed / "checkpoint-1.pth")
         ema_a, ema_b = (torch.load(d / "checkpoint-1.pth", weights_only=True)["model_ema"] for d in (whole, resumed))
         assert all(torch.equal(v, ema_b[k]) for k, v in ema_a.items())
+
+
+def test_a_stop_on_an_epochs_last_step_is_evaluated_when_the_run_resumes(tmp_path, monkeypatch):
+    """SIGUSR1 arriving during the last update of epoch 0: the run saves and exits before that epoch's
+    evaluation (no delay after the signal); the resumed run evaluates epoch 0 first, so log.txt, the
+    best checkpoint and the final state equal the uninterrupted run's."""
+    import json
+    import os
+
+    from mcbeit.engine.control import Preempted
+    from mcbeit.tasks import finetune
+    from tests.tasks.conftest import make_image_folder
+
+    data = tmp_path / "data"
+    make_image_folder(data / "train", n_per_class=8, size=64, seed=1)
+    make_image_folder(data / "val", n_per_class=2, size=64, seed=2)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    extra = ["--save_ckpt_freq", "1"]
+    finetune.run(_finetune_args(data, whole, *extra))
+
+    build = finetune.build_criterion
+
+    def signalling_criterion(args, mixup_fn):      # a real signal, sent during the 8th (last) update of epoch 0
+        criterion, calls = build(args, mixup_fn), []
+
+        def loss(*inputs):
+            calls.append(1)
+            if len(calls) == 8:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return criterion(*inputs)
+        return loss
+
+    monkeypatch.setattr(finetune, "build_criterion", signalling_criterion)
+    with pytest.raises(Preempted):
+        finetune.run(_finetune_args(data, stopped, *extra))
+    monkeypatch.undo()
+    saved = torch.load(stopped / "checkpoint-0.pth", weights_only=True)
+    assert saved["step_in_epoch"] == 8 and saved["evaluated"] is False
+    assert not (stopped / "log.txt").exists() or "test_acc1" not in (stopped / "log.txt").read_text()
+
+    finetune.run(_finetune_args(data, stopped, *extra))
+    rows = [[json.loads(line) for line in (d / "log.txt").read_text().splitlines()] for d in (whole, stopped)]
+    assert [r["epoch"] for r in rows[1]] == [0, 1]
+    for a, b in zip(*rows):
+        assert (a["test_acc1"], a["test_loss"], a["max_accuracy"]) == (b["test_acc1"], b["test_loss"], b["max_accuracy"])
+    assert torch.load(stopped / "checkpoint-0.pth", weights_only=True)["evaluated"] is True
+    _assert_same_state(whole / "checkpoint-1.pth", stopped / "checkpoint-1.pth")
+    best_a, best_b = (torch.load(d / "checkpoint-best.pth", weights_only=True) for d in (whole, stopped))
+    assert best_a["epoch"] == best_b["epoch"] and best_a["max_accuracy"] == best_b["max_accuracy"]
+    assert all(torch.equal(v, best_b["model"][k]) for k, v in best_a["model"].items())
