@@ -48,7 +48,9 @@ class StepMeter:
     max_bad_steps:  stop after this many consecutive skipped (non-finite) steps.
     scaler_active:  fp16 with a loss scaler: its overflow skips are routine and logged at INFO.
     max_bad_fraction: at the epoch's end, stop when a larger share of the image files read (on all
-                    ranks) was unreadable (1 disables the check).
+                    ranks) was unreadable (1 disables the check). Checked at every flush too, against
+                    the whole epoch's allowance: a run whose epoch will fail the check stops as soon as
+                    that is certain, not hours later at the epoch's end.
     """
 
     def __init__(self, metrics: Sequence[str], mean_over_ranks: Sequence[str], groups: Mapping[str, Sequence[str]],
@@ -67,6 +69,7 @@ class StepMeter:
         self.steps = 0
         self.max_bad_steps, self.scaler_active = max_bad_steps, scaler_active
         self.max_bad_fraction = max_bad_fraction
+        self.total_steps = total_steps
         self._seen = 0                # images delivered this epoch (this rank)
         self.bad_steps = 0            # skipped this epoch
         self.consecutive_bad = 0
@@ -134,6 +137,25 @@ class StepMeter:
         self.bar.update(len(self._pending))
         self._pending, self._pending_host, self._pending_ok = [], [], []
         self._images, self._t0 = 0, time.perf_counter()
+        if self.max_bad_fraction < 1.0 and self.steps < self.total_steps:
+            self._check_bad_images_so_far()
+
+    def _image_counts(self) -> tuple[int, int]:
+        """(unreadable files skipped, images delivered) so far this epoch, summed over ranks."""
+        counts = torch.stack([self._skipped.to(torch.float64), torch.tensor(float(self._seen), dtype=torch.float64)])
+        skipped, seen = (int(v) for v in all_reduce_sum(counts).tolist())
+        return skipped, seen
+
+    def _check_bad_images_so_far(self) -> None:
+        """Stop now when the files already skipped exceed what the whole epoch may skip: the share at
+        the epoch's end can only be larger than skipped / (skipped + the epoch's images)."""
+        skipped, seen = self._image_counts()
+        if skipped and seen:
+            at_end = seen / self.steps * self.total_steps
+            if skipped / (skipped + at_end) > self.max_bad_fraction:
+                check_bad_fraction(skipped, seen, self.max_bad_fraction,
+                                   f"in the first {self.steps} of {self.total_steps} steps of epoch {self.epoch} "
+                                   "(already more than the whole epoch may have)")
 
     def epoch_stats(self) -> dict[str, float]:
         """Flush and close the bar; return each metric's mean over the epoch's steps, the number of
@@ -147,8 +169,7 @@ class StepMeter:
         stats = {k: v / max(applied, 1) for k, v in self.totals.items()}
         stats["steps"] = self.steps
         stats["skipped_steps"] = self.bad_steps
-        counts = torch.stack([self._skipped.to(torch.float64), torch.tensor(float(self._seen), dtype=torch.float64)])
-        skipped, seen = (int(v) for v in all_reduce_sum(counts).tolist())
+        skipped, seen = self._image_counts()
         stats["skipped_images"] = skipped
         if skipped:
             log.warning("epoch %d: %d unreadable images were skipped (see the warnings above for their paths)",

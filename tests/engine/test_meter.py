@@ -74,3 +74,30 @@ def test_skipped_steps_are_counted_left_out_of_the_means_and_stop_the_run_when_c
         meter.add({"loss": nan, "acc": torch.tensor(0.5)}, {"lr": 0.1}, images=8, stepped=False)
     with pytest.raises(DivergenceError, match=r"3 consecutive steps .*step 13.*checkpoint-1\.pth.*Lower --lr"):
         meter.add({"loss": nan, "acc": torch.tensor(0.5)}, {"lr": 0.1}, images=8, stepped=False)
+
+
+def test_unreadable_images_stop_the_epoch_as_soon_as_its_allowance_is_certainly_exceeded():
+    """--max_bad_fraction is checked at every flush against the WHOLE epoch: 100 steps of 10 images
+    with 5% allowed may skip about 52 files. 30 skipped in the first 10 steps (23% so far) is within
+    it and goes on; 60 by step 20 can never come back under it and stops there, not at step 100."""
+    from mcbeit.data.images import TooManyBadImagesError
+
+    def meter():
+        return StepMeter(("loss",), (), {}, {}, epoch=1, first_step=0, total_steps=100, writer=None, show=False,
+                         last_good_checkpoint=None, stop_hint="", max_bad_fraction=0.05)
+
+    def steps(m, n, skipped_each):
+        for _ in range(n):
+            m.add({"loss": torch.tensor(1.0)}, {}, images=10, skipped=skipped_each)
+        m.flush()
+
+    within = meter()
+    steps(within, 10, 3)                           # 30 skipped, 100 delivered: 23% so far
+    steps(within, 90, 0)
+    assert within.epoch_stats()["skipped_images"] == 30   # 30 / 1030 = 2.9% <= 5% at the end
+
+    beyond = meter()
+    steps(beyond, 10, 3)
+    with pytest.raises(TooManyBadImagesError, match=r"first 20 of 100 steps of epoch 1 \(already more than"):
+        steps(beyond, 10, 3)                       # 60 skipped: 60 / (60 + 1000) > 5% whatever comes next
+    assert beyond.steps == 20
