@@ -51,6 +51,7 @@ __all__ = [
     "MAX_CONSECUTIVE_BAD",
     "MAX_PIXELS",
     "BadListFileError",
+    "DataPathError",
     "DroppedEntries",
     "TooManyBadImagesError",
     "check_bad_fraction",
@@ -86,6 +87,48 @@ class _PathTable:
 
 class BadListFileError(ValueError):
     """A list file (``train_map.txt``, ``<split>_map.txt``) of which no line is usable."""
+
+
+class DataPathError(FileNotFoundError):
+    """A data folder flag (``--data_path``, ``--eval_data_path``) names no folder, or one without images.
+    The message names the flag and its value and says what to pass instead."""
+
+
+PRETRAINING_LAYOUTS = (f"a folder holding an ImageFolder tree (class sub-folders), or train/ plus {LIST_FILE}; "
+                       "omit --data_path to use the embedded dataset")
+CLASSIFICATION_LAYOUTS = ("a folder holding train/ and val/ (class sub-folders, or <split>_map.txt lists), or one "
+                          "folder of class sub-folders with --eval_data_path; omit --data_path to use the embedded "
+                          "dataset")
+
+
+def check_data_folder(path: str | os.PathLike, flag: str = "--data_path", expected: str = PRETRAINING_LAYOUTS) -> Path:
+    """``path`` as a Path when it names an existing folder; else :class:`DataPathError` naming ``flag``,
+    the value and ``expected`` (what to pass)."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise DataPathError(f"{flag} {folder} does not exist: pass {expected}")
+    if not folder.is_dir():
+        raise DataPathError(f"{flag} {folder} is a file, not a folder: pass {expected}")
+    return folder
+
+
+def _no_images(flag: str, value, root: Path, what: str, classes: Sequence[str] | None,
+               list_file: Path | None = None) -> DataPathError:
+    """The error for ``flag value`` when its images folder ``root`` holds no image files (``what``: the
+    layout or split looked for; ``list_file``: the list the images were read from, which named none)."""
+    where = f"{flag} {value}" + (f" ({root})" if value is not None and Path(value) != root else "")
+    if list_file is not None:
+        return DataPathError(f"{where}: no images found for {what}: {list_file} lists none; add "
+                             f"'<path relative to {root}/> <label>' lines to it, or pass a folder of class sub-folders")
+    found = ""
+    if classes and any(classes):
+        shown = ", ".join(classes[:5]) + (f" and {len(classes) - 5} more" if len(classes) > 5 else "")
+        many = len(classes) > 1
+        found = (f": its {len(classes)} class folder{'s' if many else ''} ({shown}) {'hold' if many else 'holds'} "
+                 "no image files")
+    return DataPathError(
+        f"{where}: no images found for {what}{found} (extensions: {', '.join(IMG_EXTENSIONS)}); put the "
+        f"images in class sub-folders of {root}, or pass the folder that holds them")
 
 
 @dataclass(frozen=True)
@@ -416,20 +459,12 @@ def build_pretraining_dataset(
             reason += f"; --data_set {data_set} ignored"
         paths, labels, classes = _image_folder(root)
     else:
-        data_path = Path(data_path).expanduser()
-        if not data_path.exists():
-            raise FileNotFoundError(
-                f"--data_path {data_path} does not exist: pass a folder holding an ImageFolder "
-                f"tree (class sub-folders), or train/ plus {LIST_FILE}; omit --data_path to use "
-                "the embedded dataset"
-            )
-        if not data_path.is_dir():
-            raise NotADirectoryError(f"--data_path {data_path} is not a folder")
+        data_path = check_data_folder(data_path)
         if data_set is None:
             layout, root, reason = _detect_layout(data_path)
         elif data_set == "IMNET":
             if not (data_path / LIST_FILE).is_file():
-                raise FileNotFoundError(
+                raise DataPathError(
                     f"--data_set IMNET reads {data_path / LIST_FILE} (lines '<path> <label>', "
                     f"paths relative to {data_path / 'train'}), which is missing; for class "
                     "folders use --data_set image_folder or leave --data_set unset"
@@ -451,10 +486,8 @@ def build_pretraining_dataset(
                 )
 
     if not paths:
-        raise FileNotFoundError(
-            f"no images found for the {layout} layout at {root} (extensions: "
-            f"{', '.join(IMG_EXTENSIONS)}); check --data_path"
-        )
+        raise _no_images("--data_path", data_path, root, f"the {layout} layout", classes,
+                         Path(dropped.source) if dropped is not None and dropped.source else None)
     dataset = ImageDataset(root, paths, labels, transform, seed, layout, classes, dropped_entries=dropped)
     logger.info(
         "data: %s layout at %s (%s): %d images, %d classes",
@@ -466,6 +499,7 @@ def build_pretraining_dataset(
 # ----------------------------------------------------------------------------- classification
 
 SPLITS = ("train", "val")
+EVAL_LAYOUT = "a folder of evaluation images in class sub-folders, or --disable_eval_during_finetuning"
 
 
 class CifarDataset(Dataset):
@@ -480,7 +514,7 @@ class CifarDataset(Dataset):
         try:
             base = CIFAR100(str(root), train=train, download=False)
         except RuntimeError as error:
-            raise FileNotFoundError(
+            raise DataPathError(
                 f"--data_set CIFAR: no CIFAR-100 python files under {root} ({error}). Put the extracted "
                 f"cifar-100-python/ folder there (nothing is downloaded at run time)") from None
         self.data, self.labels = base.data, np.asarray(base.targets, dtype=np.int64)
@@ -527,9 +561,7 @@ def build_classification_dataset(
         paths, labels, classes = _image_folder(root)
         layout = "embedded"
     else:
-        data_path = Path(data_path).expanduser()
-        if not data_path.is_dir():
-            raise FileNotFoundError(f"--data_path {data_path} is not an existing folder")
+        data_path = check_data_folder(data_path, expected=CLASSIFICATION_LAYOUTS)
         if data_set == "CIFAR":
             dataset = CifarDataset(data_path, split == "train", transform, seed)
             logger.info("data (%s): CIFAR-100 at %s: %d images, 100 classes", split, data_path, len(dataset))
@@ -544,7 +576,7 @@ def build_classification_dataset(
         elif data_set == "IMNET":
             root = data_path / split
             if not root.is_dir():
-                raise FileNotFoundError(
+                raise DataPathError(
                     f"--data_set IMNET reads {root}/ (class folders) or {list_file}; neither exists. For one "
                     f"folder of classes per split use --data_set image_folder (with --eval_data_path)")
             paths, labels, classes = _image_folder(root)
@@ -556,14 +588,14 @@ def build_classification_dataset(
                 raise SystemExit("--data_set image_folder evaluates on --eval_data_path, which is not given; "
                                  "pass it, or --disable_eval_during_finetuning")
             else:
-                root = Path(eval_data_path).expanduser()
-                if not root.is_dir():
-                    raise FileNotFoundError(f"--eval_data_path {root} is not an existing folder")
+                root = check_data_folder(eval_data_path, "--eval_data_path", EVAL_LAYOUT)
             paths, labels, classes = _image_folder(root)
             layout = "image_folder"
     if not paths:
-        raise FileNotFoundError(f"no images found for the {split} split at {root} (extensions: "
-                                f"{', '.join(IMG_EXTENSIONS)})")
+        flag, value = (("--eval_data_path", eval_data_path) if split == "val" and layout == "image_folder"
+                       else ("--data_path", data_path))
+        raise _no_images(flag, value, root, f"the {split} split", classes,
+                         Path(dropped.source) if dropped is not None and dropped.source else None)
     dataset = ImageDataset(root, paths, labels, transform, seed, layout, classes, return_labels=True,
                            dropped_entries=dropped)
     logger.info("data (%s): %s layout at %s: %d images, %d classes", split, layout, root, len(dataset),

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-__all__ = ["BlockMaskGenerator", "RandomMaskGenerator", "build_mask_generator", "MASK_TYPES"]
+__all__ = ["BlockMaskGenerator", "RandomMaskGenerator", "build_mask_generator", "check_mask_flags", "MASK_TYPES"]
 
 MASK_TYPES = ("block", "random")
 
@@ -136,6 +136,53 @@ class RandomMaskGenerator:
         return mask.reshape(self.height, self.width)
 
 
+def check_mask_flags(
+    mask_type: str,
+    window: int | tuple[int, int],
+    num_mask_patches: int = 75,
+    mask_ratio: float = 0.75,
+    min_per_block: int = 16,
+    max_per_block: int | None = None,
+) -> None:
+    """Raise ValueError, in the command line's terms, when the masking flags cannot give useful masks
+    on a ``window`` patch grid: more patches than the grid has, no patch at all, or blocks that
+    cannot be drawn (the original then silently masks fewer patches, or none). Only the flags of
+    ``mask_type`` are checked."""
+    height, width = _window(window)
+    grid, patches = f"{height}x{width} patch grid", height * width
+    kind = str(mask_type).strip().lower()
+    if kind == "random":
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"--mask_ratio must lie in (0, 1), got {mask_ratio}")
+        if int(mask_ratio * patches) < 1:
+            raise ValueError(f"--mask_ratio {mask_ratio} masks int({mask_ratio} x {patches}) = 0 of the {patches} "
+                             f"patches of the {grid}; use --mask_ratio of at least {1 / patches:.4g}")
+        return
+    if kind != "block":
+        raise ValueError(f"unknown mask_type {mask_type!r}: choose one of {', '.join(MASK_TYPES)}")
+    example = max(1, round(patches * 75 / 196))  # the original's 75 of 196
+    if num_mask_patches < 1:
+        raise ValueError(f"--num_mask_patches must be at least 1, got {num_mask_patches}: use e.g. {example} of "
+                         f"the {patches} patches of the {grid}")
+    if num_mask_patches > patches:
+        raise ValueError(f"--num_mask_patches {num_mask_patches} is more than the {patches} patches of the {grid}: "
+                         f"use at most {patches} (e.g. {example}, the original's 75 of 196), or a larger --input_size")
+    if min_per_block < 1:
+        raise ValueError(f"--min_mask_patches_per_block must be at least 1, got {min_per_block}")
+    if max_per_block is not None and max_per_block < min_per_block:
+        raise ValueError(f"--min_mask_patches_per_block {min_per_block} is more than --max_mask_patches_per_block "
+                         f"{max_per_block}: no block size lies between them; lower the minimum or raise the maximum")
+    if min_per_block > num_mask_patches:
+        raise ValueError(f"--min_mask_patches_per_block {min_per_block} is more than --num_mask_patches "
+                         f"{num_mask_patches}: every block would overshoot the count; use "
+                         f"--min_mask_patches_per_block {num_mask_patches} or less, or mask more patches")
+    largest = (height - 1) * (width - 1)  # a block is narrower and shorter than the grid
+    if min_per_block > largest:
+        raise ValueError(f"--min_mask_patches_per_block {min_per_block}: no block fits the {grid} (a block is at "
+                         f"most {height - 1}x{width - 1} = {largest} patches); use --min_mask_patches_per_block "
+                         f"{largest} or less, or a larger --input_size")
+
+
 def build_mask_generator(
     mask_type: str,
     window: int | tuple[int, int],
@@ -144,7 +191,9 @@ def build_mask_generator(
     min_per_block: int = 16,
     max_per_block: int | None = None,
 ) -> BlockMaskGenerator | RandomMaskGenerator:
-    """The generator the command line asks for: ``block`` (BEiT) or ``random`` (mc-BEiT recipe)."""
+    """The generator the command line asks for: ``block`` (BEiT) or ``random`` (mc-BEiT recipe);
+    flags that cannot give useful masks raise ValueError (:func:`check_mask_flags`)."""
+    check_mask_flags(mask_type, window, num_mask_patches, mask_ratio, min_per_block, max_per_block)
     kind = str(mask_type).strip().lower()
     if kind == "block":
         return BlockMaskGenerator(

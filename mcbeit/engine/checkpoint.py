@@ -117,12 +117,16 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` is not a whole checkpoint file (None when it is): empty, truncated, or a record
-    whose CRC does not match. Reads the file once without unpickling anything."""
+    whose CRC does not match. Reads the file once without unpickling anything. Files in torch's
+    legacy (pre-zip) format carry no checksums: they pass, and loading them decides."""
     path = Path(path)
     try:
         size = path.stat().st_size
         if size == 0:
             return "empty file"
+        with open(path, "rb") as f:
+            if f.read(1) == b"\x80":  # torch's legacy format (a pickle stream): nothing to verify before loading
+                return None
         with zipfile.ZipFile(path) as archive:
             if not any(name.endswith("data.pkl") for name in archive.namelist()):
                 return "not a torch.save archive (no data.pkl)"

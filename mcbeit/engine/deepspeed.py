@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mcbeit.models.checkpoint import UnsafeCheckpointError
 from mcbeit.engine.checkpoint import CheckpointWriteError, write_failure, checkpoint_problem, write_atomic
 
 log = logging.getLogger(__name__)
@@ -209,8 +210,10 @@ def _safe_load(path: str, map_location: Any = None) -> Any:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"{path}: not readable with weights_only=True ({str(e).splitlines()[0]}); a DeepSpeed "
-                           "checkpoint holding other objects is not loaded here (unpickling could run code)") from e
+        refused = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+        why = f"it needs {', '.join(refused)}" if refused else str(e).splitlines()[0]
+        raise UnsafeCheckpointError(f"{path}: not readable with weights_only=True ({why}); a DeepSpeed checkpoint "
+                                    "holding other objects is not loaded here (unpickling could run code)") from e
 
 
 def _reset_autocast_globals() -> None:

@@ -154,8 +154,8 @@ class StepMeter:
             at_end = seen / self.steps * self.total_steps
             if skipped / (skipped + at_end) > self.max_bad_fraction:
                 check_bad_fraction(skipped, seen, self.max_bad_fraction,
-                                   f"in the first {self.steps} of {self.total_steps} steps of epoch {self.epoch} "
-                                   "(already more than the whole epoch may have)")
+                                   f"in epoch {self.epoch} so far (step {self.steps} of {self.total_steps}: already "
+                                   "more than the whole epoch may have)")
 
     def epoch_stats(self) -> dict[str, float]:
         """Flush and close the bar; return each metric's mean over the epoch's steps, the number of

@@ -19,6 +19,7 @@ timm lacks a hook between the patch embedding and the CLS concatenation, so
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Dict, Optional, Set, Tuple
 
 import timm
@@ -36,9 +37,17 @@ except ImportError:  # pragma: no cover - older timm
     def _checkpoint(function, *args, **kwargs):
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
 
-__all__ = ['BeitForMaskedImageModeling']
+__all__ = ['BeitForMaskedImageModeling', 'patch_size_of']
 
 _logger = logging.getLogger(__name__)
+
+
+def patch_size_of(model_name: str) -> Optional[int]:
+    """The patch size a BEiT model name builds, read from the name without building the model
+    (``beit_base_patch16_224`` -> 16); None when the name does not say (every BEiT name of timm and
+    of this package does)."""
+    match = re.search(r'_patch(\d+)', str(model_name))
+    return int(match.group(1)) if match else None
 
 
 class BeitForMaskedImageModeling(Beit):

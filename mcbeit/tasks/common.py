@@ -105,7 +105,10 @@ def check_flags(args: argparse.Namespace) -> None:
         from mcbeit.tokenizers.factory import _WEIGHT_HINTS, canonical_kind
 
         kind = getattr(args, "discrete_vae_type", None)
-        expected = _WEIGHT_HINTS.get(canonical_kind(kind), "the tokenizer's weights") if kind else "the tokenizer's weights"
+        try:
+            expected = _WEIGHT_HINTS[canonical_kind(kind)]
+        except (ValueError, KeyError):  # an unknown kind is said when the tokenizer is built
+            expected = "the tokenizer's weights"
         raise SystemExit(f"--discrete_vae_weight_path {weights} does not exist: pass {expected}"
                          f"{f' (--discrete_vae_type {kind})' if kind else ''}, or leave the flag out for a RANDOM "
                          "tokenizer (smoke runs only)")

@@ -35,7 +35,8 @@ from mcbeit.models.checkpoint import load_into
 from mcbeit.models.classifier import build_classifier
 from mcbeit.models.linear_probe import LinearProbe
 from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults,
-                                 epoch_save_due, finish_log, log_plan, position_state, resume_path, resume_position, run_main,
+                                 epoch_save_due, finish_log, load_resumed_weights, log_plan, position_state, resume_path,
+                                 resume_position, run_main,
                                  save_checkpoint, seed_everything, start_run,
                                  warmup_steps)
 
@@ -288,9 +289,9 @@ def restore(args, model, optimizer, scaler, model_ema, steps_per_epoch: int = 1,
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"--resume {path} is not a checkpoint of mcbeit-finetune (format {ckpt.get('format')!r}); "
                          "to start from pre-trained weights use --finetune")
-    load_into(model, ckpt["model"], strict=True)
+    load_resumed_weights(model, ckpt["model"], path, args, ckpt.get("args"))
     if model_ema is not None and ckpt.get("model_ema") is not None:
-        load_into(model_ema.module, ckpt["model_ema"], strict=True)
+        load_resumed_weights(model_ema.module, ckpt["model_ema"], path, args, ckpt.get("args"))
     if not args.eval and optimizer is not None and ckpt.get("optimizer"):
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):

@@ -20,7 +20,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMA
 
 import mcbeit.models  # noqa: F401  (registers the model names with timm)
 from mcbeit.data.datasets import build_pretraining_dataset
-from mcbeit.data.masking import build_mask_generator
+from mcbeit.data.masking import build_mask_generator, check_mask_flags
 from mcbeit.data.samplers import build_train_loader
 from mcbeit.data.transforms import TwoViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
@@ -30,13 +30,13 @@ from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.loop import PretrainState, train_one_epoch
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.schedules import cosine_scheduler, temperature_schedule
-from mcbeit.models.beit import BeitForMaskedImageModeling
-from mcbeit.models.checkpoint import filter_pretraining_state_dict, load_into
+from mcbeit.models.beit import BeitForMaskedImageModeling, patch_size_of
+from mcbeit.models.checkpoint import filter_pretraining_state_dict
 from mcbeit.objectives import build_objective
-from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults,
-                                 epoch_save_due, finish_log, log_plan, position_state, resume_path, resume_position, run_main,
-                                 save_checkpoint, seed_everything, start_run,
-                                 warmup_steps)
+from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, check_at_least,
+                                 check_patch_grid, fill_defaults, epoch_save_due, finish_log, load_resumed_weights,
+                                 log_plan, position_state, resume_path, resume_position, run_main, save_checkpoint,
+                                 seed_everything, start_run, warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 
 log = logging.getLogger("mcbeit.pretrain")
@@ -142,34 +142,65 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.log_dir = os.path.join(args.output_dir, "tensorboard")
     if len(args.opt_betas) != 2:
         raise SystemExit(f"--opt_betas takes two numbers, got {args.opt_betas}")
-    for name in ("batch_size", "epochs", "save_ckpt_freq"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
+    check_at_least(args, 1, ("batch_size", "epochs", "save_ckpt_freq"))
+    check_model_name(args.model)
+    if patch := patch_size_of(args.model):  # the sizes are checked again with the model's own patch size
+        check_geometry(args, patch)
     return args
 
 
-def build_model(args: argparse.Namespace, vocab_size: int) -> BeitForMaskedImageModeling:
+def check_model_name(name: str) -> None:
     names = timm.list_models("beit_*_8k_vocab")
-    if args.model not in names:
-        what = "has no masked-image-modeling head" if timm.is_model(args.model) else "is not a pre-training model"
-        raise SystemExit(f"--model {args.model} {what}; choose one of {names}")
+    if name not in names:
+        what = "has no masked-image-modeling head" if timm.is_model(name) else "is not a pre-training model"
+        raise SystemExit(f"--model {name} {what}; choose one of {names}")
+
+
+def build_model(args: argparse.Namespace, vocab_size: int) -> BeitForMaskedImageModeling:
+    check_model_name(args.model)
     return timm.create_model(
         args.model, pretrained=False, drop_path_rate=args.drop_path,
         use_shared_rel_pos_bias=args.rel_pos_bias, use_abs_pos_emb=args.abs_pos_emb,
         init_values=args.layer_scale_init_value, vocab_size=vocab_size, img_size=args.input_size)
 
 
-def check_geometry(args: argparse.Namespace, model: BeitForMaskedImageModeling, tokenizer_down: int) -> tuple[int, int]:
-    patch = model.patch_embed.patch_size
-    if args.input_size % patch[0]:
-        raise SystemExit(f"--input_size {args.input_size} is not divisible by the patch size {patch[0]}")
-    window = (args.input_size // patch[0], args.input_size // patch[1])
-    if args.second_input_size % tokenizer_down or args.second_input_size // tokenizer_down != window[0]:
+def check_geometry(args: argparse.Namespace, patch: int, tokenizer_down: int | None = None) -> tuple[int, int]:
+    """The ViT's patch grid, once --input_size, --second_input_size and the masking flags are known to
+    fit together. ``tokenizer_down`` None (at argument resolution, before the tokenizer is loaded):
+    --second_input_size must be the grid side times a power of two (every tokenizer downsamples by
+    one, 8 for the released ones); given: exactly the grid side times the tokenizer's downsampling."""
+    window = check_patch_grid(args.input_size, patch, args.model)
+    side, size = window[0], args.second_input_size
+    if tokenizer_down is None:
+        ratio = size // side if size > 0 and size % side == 0 else 0
+        if ratio < 1 or ratio & (ratio - 1):
+            raise SystemExit(
+                f"--second_input_size {size} cannot give the tokenizer the ViT's {side}x{side} grid (--input_size "
+                f"{args.input_size} / patch {patch}): it must be {side} x the tokenizer's downsampling (8 for every "
+                f"released tokenizer); use --second_input_size {side * 8}")
+    elif size % tokenizer_down or size // tokenizer_down != side:
         raise SystemExit(
-            f"--second_input_size {args.second_input_size} gives the tokenizer a "
-            f"{args.second_input_size // tokenizer_down}x{args.second_input_size // tokenizer_down} grid but the ViT "
-            f"has {window[0]}x{window[1]} patches; use --second_input_size {window[0] * tokenizer_down}")
+            f"--second_input_size {size} gives the tokenizer a {size // tokenizer_down}x{size // tokenizer_down} grid "
+            f"but the ViT has {window[0]}x{window[1]} patches; use --second_input_size {side * tokenizer_down}")
+    try:
+        check_mask_flags(args.mask_type, window, args.num_mask_patches, args.mask_ratio,
+                         args.min_mask_patches_per_block, args.max_mask_patches_per_block)
+    except ValueError as exc:
+        raise SystemExit(f"{exc} (--input_size {args.input_size} gives {side}x{side} patches of {patch} px)") from None
     return window
+
+
+def build_pretraining_tokenizer(args: argparse.Namespace):
+    """The frozen tokenizer of --discrete_vae_type / --discrete_vae_weight_path at --second_input_size
+    (pre-training needs only its logits); weights it cannot read are an error naming the flags."""
+    try:
+        return build_tokenizer(args.discrete_vae_type, args.discrete_vae_weight_path, args.second_input_size,
+                               load_decoder=False)
+    except (OSError, ValueError) as exc:
+        path = args.discrete_vae_weight_path
+        weights = f" --discrete_vae_weight_path {path}" if path else ""
+        raise SystemExit(f"--discrete_vae_type {args.discrete_vae_type}{weights} --second_input_size "
+                         f"{args.second_input_size}: {exc}") from None
 
 
 def build_data(args: argparse.Namespace, window: tuple[int, int], tokenizer, info: DistInfo):
@@ -197,7 +228,7 @@ def restore(args, model: BeitForMaskedImageModeling, optimizer, scaler, steps_pe
         return args.start_epoch, 0, None
     ckpt = ckpt_io.load_training_checkpoint(path)
     state = filter_pretraining_state_dict(ckpt["model"], model)
-    load_into(model, state, strict=True)
+    load_resumed_weights(model, state, path, args, ckpt.get("args"))
     ours = ckpt.get("format") == CHECKPOINT_FORMAT
     if ours and "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -227,11 +258,9 @@ def run(args: argparse.Namespace) -> dict:
     info = start_run(args, resolve_defaults, "pre-training")
 
     seed_everything(args.seed)  # the same initial weights on every rank (DDP also broadcasts them)
-    tokenizer = build_tokenizer(args.discrete_vae_type, args.discrete_vae_weight_path, args.second_input_size,
-                                load_decoder=False)  # pre-training needs only the logits
-    tokenizer = tokenizer.to(info.device)
+    tokenizer = build_pretraining_tokenizer(args).to(info.device)
     model = build_model(args, tokenizer.vocab_size)
-    window = check_geometry(args, model, tokenizer.downsample)
+    window = check_geometry(args, model.patch_embed.patch_size[0], tokenizer.downsample)
     args.window_size = list(window)
     model.to(info.device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)

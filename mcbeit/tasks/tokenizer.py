@@ -36,10 +36,9 @@ from mcbeit.engine.distributed import DistInfo, resolve_device
 from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.schedules import cosine_scheduler
-from mcbeit.models.checkpoint import load_into
-from mcbeit.tasks.common import (add_runtime_arguments, amp_settings, fill_defaults, epoch_save_due, log_plan, position_state, resume_path,
-                                 resume_position, run_parsed, save_checkpoint,
-                                 seed_everything, start_run, warmup_steps)
+from mcbeit.tasks.common import (add_runtime_arguments, amp_settings, check_at_least, fill_defaults, epoch_save_due,
+                                 load_resumed_weights, log_plan, position_state, resume_path, resume_position,
+                                 run_parsed, save_checkpoint, seed_everything, start_run, warmup_steps)
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 from mcbeit.tokenizers.custom import (TOKENIZER_EXPORT_NAME, VQ_DEFAULT_EMBED_DIM, VQ_DEFAULT_LOGIT_SCALE,
                                       CustomTokenizer, custom_tokenizer_payload)
@@ -113,11 +112,9 @@ def resolve_train_defaults(args: argparse.Namespace) -> argparse.Namespace:
     fill_defaults(args, EMBEDDED_DEFAULTS, DATASET_DEFAULTS)
     if args.log_dir is None and args.output_dir:
         args.log_dir = os.path.join(args.output_dir, "tensorboard")
-    for name in ("batch_size", "epochs", "save_ckpt_freq", "embed_dim", "hidden", "blocks_per_group", "print_freq"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.vocab_size < 2:
-        raise SystemExit(f"--vocab_size must be at least 2, got {args.vocab_size}")
+    check_at_least(args, 1, ("batch_size", "epochs", "save_ckpt_freq", "embed_dim", "hidden", "blocks_per_group",
+                             "print_freq"))
+    check_at_least(args, 2, ("vocab_size",))
     if args.input_size % 8 or args.input_size < 8:
         raise SystemExit(f"--input_size {args.input_size}: the tokenizer downsamples by 8, use a multiple of 8 "
                          f"(e.g. {max(8, args.input_size // 8 * 8)})")
@@ -153,9 +150,13 @@ def restore(args: argparse.Namespace, vq: VQVAETraining, optimizer, scaler, step
         return args.start_epoch, 0, None
     ckpt = ckpt_io.load_training_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise SystemExit(f"--resume {path} is not a checkpoint of mcbeit-tokenizer train "
-                         f"(format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
-    load_into(vq, ckpt["model"], strict=True)
+        if args.resume:
+            source, fix = f"--resume {path}", "pass a checkpoint-<epoch>.pth of mcbeit-tokenizer train"
+        else:
+            source, fix = f"auto-resume from {path}", "start afresh with another --output_dir (or --no_auto_resume)"
+        raise SystemExit(f"{source} is not a checkpoint of mcbeit-tokenizer train "
+                         f"(format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT!r}); {fix}")
+    load_resumed_weights(vq, ckpt["model"], path, args, ckpt.get("args"))
     if "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):

@@ -98,6 +98,6 @@ def test_unreadable_images_stop_the_epoch_as_soon_as_its_allowance_is_certainly_
 
     beyond = meter()
     steps(beyond, 10, 3)
-    with pytest.raises(TooManyBadImagesError, match=r"first 20 of 100 steps of epoch 1 \(already more than"):
+    with pytest.raises(TooManyBadImagesError, match=r"60 of 260 images in epoch 1 so far \(step 20 of 100: already more than"):
         steps(beyond, 10, 3)                       # 60 skipped: 60 / (60 + 1000) > 5% whatever comes next
     assert beyond.steps == 20
