@@ -148,3 +148,18 @@ def test_a_real_process_hitting_a_file_size_limit_fails_loudly_and_harms_nothing
     assert proc.returncode != 0
     assert "CheckpointWriteError" in proc.stderr and "the previous checkpoint-2.pth is untouched" in proc.stderr
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint-2.pth"]
+
+
+def test_a_legacy_format_checkpoint_resumes(tmp_path):
+    """torch's pre-zip format has no checksums to verify: it is not mistaken for a damaged file, and
+    --resume loads it (with weights_only=True, like any other)."""
+    from argparse import Namespace
+
+    from mcbeit.tasks.common import resume_path
+
+    path = ck.checkpoint_path(tmp_path, 4)
+    torch.save(_state(4), path, _use_new_zipfile_serialization=False)
+    assert ck.checkpoint_problem(path) is None
+    assert resume_path(Namespace(resume=str(path), auto_resume=False, output_dir="")) == str(path)
+    assert resume_path(Namespace(resume="", auto_resume=True, output_dir=str(tmp_path))) == str(path)
+    assert torch.equal(ck.load_training_checkpoint(path)["model"]["w"], _state(4)["model"]["w"])
