@@ -165,6 +165,7 @@ def _ensure_process_group(device: torch.device, local_rank: int) -> None:
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
     if dist.is_initialized():
         return
+    release_process_group()  # DeepSpeed may still hold groups of a process group closed since (same process)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         raise RuntimeError(f"WORLD_SIZE={world} but no process group: call mcbeit.engine.distributed.init_distributed "
