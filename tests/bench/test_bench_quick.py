@@ -1,5 +1,7 @@
-"""The benchmarks run and print (figures are not asserted: performance lives in bench/, not in tests)."""
-from bench import pretrain_step, tokenizers
+"""The benchmark runs and prints (figures are not asserted: performance lives in bench/, not in tests)."""
+import json
+
+from bench import run, tokenizers
 
 
 def test_tokenizer_benchmark_runs_and_prints(capsys):
@@ -9,6 +11,14 @@ def test_tokenizer_benchmark_runs_and_prints(capsys):
     assert "customized" in capsys.readouterr().out
 
 
-def test_step_benchmark_runs_and_prints(capsys):
-    row = pretrain_step.main(["--input_size", "64", "--batch_size", "2", "--steps", "1", "--warmup", "1"])
-    assert row["step_s"] > 0 and "images/s" in capsys.readouterr().out
+def test_quick_benchmark_prints_every_section_and_writes_the_json(tmp_path, capsys):
+    path = tmp_path / "figures.json"
+    result = run.main(["--quick", "--json", str(path)])
+    out = capsys.readouterr().out
+    for title in ("Pre-training step", "Data pipeline per worker", "Fine-tuning step", "Tokenizers", "Scaling"):
+        assert title in out
+    saved = json.loads(path.read_text())
+    assert saved["mode"] == "quick" and saved["step"][0]["loss_abs_diff"] is not None
+    for key in ("speedup_step_base_fp32", "memory_ratio_step_base_fp32", "speedup_data_per_worker"):
+        assert key in saved and key in result
+    assert [row["processes"] for row in saved["scaling"]["processes"]] == [1, 2]

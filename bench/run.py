@@ -1,0 +1,156 @@
+"""``python -m bench`` / ``mcbeit-bench``: what a pre-training step, the data pipeline and a
+fine-tuning step cost, ours against the reference formulation, measured side by side in one run.
+
+    python -m bench                       # the full table on this machine (CPU: about 10 minutes)
+    python -m bench --quick               # seconds: tiny models and images (CI runs this)
+    python -m bench --json figures.json   # also write every figure
+
+Speed-ups are the reference's time over ours and memory ratios ours over the reference's, both
+measured in the same process on the same inputs. On a GPU (``--device cuda``) the step table adds
+batch 64 and the model FLOPs utilisation against the GPU's peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.step import StepConfig, run_finetune_step, run_step
+
+BASE, TINY = "beit_base_patch16_224_8k_vocab", "beit_tiny_patch16_224_8k_vocab"
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value / 2 ** 20:.0f}"
+
+
+def _step_configs(args) -> list[StepConfig]:
+    device = args.device
+    if args.quick:
+        return [StepConfig(model=TINY, tokenizer="customized", batch_size=2, input_size=64, steps=1, warmup=0,
+                           device=device)]
+    amps = ["fp32", "bf16"]
+    out = [StepConfig(model=TINY, amp=amp, device=device) for amp in amps]
+    out += [StepConfig(model=BASE, amp=amp, device=device, steps=args.steps if amp == "fp32" else 1)
+            for amp in amps]
+    if device == "cuda":
+        out += [StepConfig(model=BASE, amp=amp, batch_size=64, device=device, steps=args.steps)
+                for amp in ("bf16", "fp32")]
+    return out
+
+
+def print_step_table(rows: list[dict]) -> None:
+    print("\nPre-training step (tokenizer + forward + loss + backward + AdamW), median seconds per step")
+    head = f"{'config':<22}{'':>4}{'tokenizer':>10}{'forward':>9}{'loss':>8}{'backward':>10}{'optim':>8}" \
+           f"{'step':>8}{'img/s':>8}{'peak MB':>9}"
+    print(head)
+    for row in rows:
+        for who in ("ours", "reference"):
+            if who not in row:
+                continue
+            f = row[who]
+            print(f"{row['config'] if who == 'ours' else '':<22}{who[:4]:>4}{f['tokenizer_s']:>10.3f}{f['forward_s']:>9.3f}"
+                  f"{f['loss_s']:>8.3f}{f['backward_s']:>10.3f}{f['optimizer_s']:>8.3f}{f['step_s']:>8.3f}"
+                  f"{f['images_per_s']:>8.2f}{_mb(f.get('peak_bytes')):>9}")
+        if "speedup" in row:
+            memory = f", memory {row['memory_ratio']:.2f}x" if "memory_ratio" in row else ""
+            diff = "" if row.get("loss_abs_diff") is None else f", |loss - literal loss| = {row['loss_abs_diff']:.1e}"
+            print(f"{'':<22}  -> speed-up {row['speedup']:.2f}x{memory}{diff}")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="mcbeit-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny models and images: checks that everything runs")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures to this JSON file")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
+    p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling",
+                   help="comma-separated subset of: step, data, finetune, tokenizers, scaling")
+    p.add_argument("--work_dir", default=None, help="where the generated JPEGs go (default: a temporary folder)")
+    args = p.parse_args(argv)
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = sections - {"step", "data", "finetune", "tokenizers", "scaling"}
+    if unknown:
+        p.error(f"unknown --sections {sorted(unknown)}")
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the fine-tuning loop's progress bar
+    started = time.perf_counter()
+    result: dict = {"mode": "quick" if args.quick else "full", "device": args.device,
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    print(f"mcbeit-bench ({result['mode']}): {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+    if "step" in sections:
+        rows = [run_step(cfg) for cfg in _step_configs(args)]
+        print_step_table(rows)
+        result["step"] = rows
+        key = next((r for r in rows if r["model"] == (TINY if args.quick else BASE) and r["amp"] == "fp32"
+                    and r["batch_size"] == (2 if args.quick else 8)), None)
+        if key is not None:
+            result["speedup_step_base_fp32"] = key["speedup"]
+            result["memory_ratio_step_base_fp32"] = key.get("memory_ratio")
+
+    if "data" in sections:
+        from bench.data import run_data
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(args.work_dir or tmp) / "bench_jpegs"
+            if args.quick:
+                rows = [run_data(folder / "q", count=4, size=(128, 96), input_size=64, repeats=1)]
+            else:
+                rows = [run_data(folder / "imagenet", count=64, size=(500, 375)),
+                        run_data(folder / "large", count=32, size=(1024, 768))]
+        print("\nData pipeline per worker (decode + two views + mask), median ms per image")
+        for row in rows:
+            print(f"{row['config']:<34} ours {row['ours']['ms_per_image']:6.2f} ms ({row['ours']['images_per_s']:5.0f}/s)"
+                  f"   reference {row['reference']['ms_per_image']:6.2f} ms   -> speed-up {row['speedup']:.2f}x")
+        result["data"] = rows
+        result["speedup_data_per_worker"] = rows[0]["speedup"]
+
+    if "finetune" in sections:
+        if args.quick:
+            row = run_finetune_step("beit_tiny_patch16_224", batch_size=2, input_size=64, steps=1, warmup=0,
+                                    device=args.device)
+        else:
+            row = run_finetune_step("beit_base_patch16_224", steps=args.steps, device=args.device)
+        print(f"\nFine-tuning step: {row['config']}: ours {row['ours']['step_s']:.3f} s, reference "
+              f"{row['reference']['step_s']:.3f} s -> speed-up {row['speedup']:.2f}x")
+        result["finetune"] = row
+
+    if "tokenizers" in sections:
+        from bench import tokenizers
+
+        print("\nTokenizers, cost per image as pre-training runs them")
+        tok_argv = (["--kinds", "customized", "--image_size", "32", "--batch_size", "2", "--repeats", "1",
+                     "--amp", "fp32"] if args.quick else ["--amp", "fp32", "--repeats", "1"])
+        result["tokenizers"] = tokenizers.main(tok_argv)
+
+    if "scaling" in sections:
+        from bench.scaling import run_scaling
+
+        result["scaling"] = run_scaling(args.device, quick=args.quick)
+
+    result["seconds"] = time.perf_counter() - started
+    print(f"\n{time.perf_counter() - started:.0f} s in all")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(f"figures written to {args.json}")
+    return result
+
+
+def console() -> int:
+    """``mcbeit-bench``."""
+    return 0 if main() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(console())
