@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.reference import literal_loss
 from mcbeit.objectives import HardTokenLoss, MultiChoiceLoss, build_objective
 
 B, GRID, D, V = 3, 4, 8, 12
@@ -30,19 +31,9 @@ def make_inputs(seed=0, dtype=torch.float64):
 
 
 def literal_original(features, head, tokenizer_logits, mask, temp, omega, detach_similarity):
-    """The original engine_for_pretraining.py step, on the full B x N x V tensors."""
-    outputs = head(features)  # (B,N,V)
-    with torch.no_grad():
-        input_ids = torch.argmax(tokenizer_logits, dim=1).flatten(1)
-        P = F.softmax(tokenizer_logits / temp, dim=1).flatten(2).permute(0, 2, 1)
-    Fn = F.normalize(features, dim=-1)
-    if detach_similarity:
-        Fn = Fn.detach()
-    W = F.softmax(torch.bmm(Fn, Fn.permute(0, 2, 1)) / 1.0, dim=-1)
-    target = omega * torch.bmm(W, P) + (1 - omega) * P
-    loss = (-target * F.log_softmax(outputs, dim=-1))[mask].sum(-1).mean()
-    acc = (outputs[mask].argmax(-1) == input_ids[mask]).float().mean()
-    return loss, acc
+    """The original engine_for_pretraining.py step, on the full B x N x V tensors (the benchmark's
+    reference formulation: one statement of the literal formula for both)."""
+    return literal_loss(features, head(features), tokenizer_logits, mask, temp, omega, detach_similarity)
 
 
 def loss_and_grads(loss_fn, features, head, tokenizer_logits, mask, temp):
