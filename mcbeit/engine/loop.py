@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -66,9 +66,11 @@ def _masked_count_weight(mask: torch.Tensor, world_size: int) -> torch.Tensor | 
     return local * world_size / all_reduce_sum(local)
 
 
-def pretrain_step(state: PretrainState, batch: Sequence[torch.Tensor], temp: float) -> dict[str, Any]:
+def pretrain_step(state: PretrainState, batch: Sequence[torch.Tensor], temp: float,
+                  mark: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One optimisation step; returns detached metric tensors and ``stepped`` (False: the update was
-    skipped for a non-finite gradient)."""
+    skipped for a non-finite gradient). ``mark(phase)`` is called as each phase ends ("tokenizer",
+    "forward", "loss", "backward", "optimizer"): the benchmark times the product's own step with it."""
     device = state.dist.device
     view_a, view_b, mask = (t.to(device, non_blocking=True) for t in batch[:3])
     bool_masked_pos = mask.flatten(1).bool()                                  # (B, N)
@@ -77,16 +79,22 @@ def pretrain_step(state: PretrainState, batch: Sequence[torch.Tensor], temp: flo
     # Its logits are only read afterwards (softmax / argmax under no_grad), never saved for backward.
     with torch.inference_mode(), autocast_context(device, state.amp_dtype):
         tokenizer_logits = state.tokenizer(view_b).float()                    # (B, V, h, w)
+    if mark is not None:
+        mark("tokenizer")
 
     with autocast_context(device, state.amp_dtype):
         features, masked_logits = state.model(view_a, bool_masked_pos)       # (B, N, D), (M, V)
+        if mark is not None:
+            mark("forward")
         out = state.objective(features, masked_logits, tokenizer_logits, bool_masked_pos, temp)
+    if mark is not None:
+        mark("loss")
     loss = out["loss"]
     weight = _masked_count_weight(bool_masked_pos, state.dist.world_size)
     backward_loss = loss * weight if weight is not None else loss
 
     grad_norm, loss_scale, stepped = backward_and_step(backward_loss, state.optimizer, state.scaler, state.params,
-                                                       state.clip_grad)
+                                                       state.clip_grad, mark)
     return {"loss": loss.detach().float(), "mlm_acc": out["mlm_acc"].detach().float(),
             "grad_norm": grad_norm.detach().float(), "loss_scale": loss_scale.float(), "stepped": stepped}
 

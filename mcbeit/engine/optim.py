@@ -14,7 +14,7 @@ not what the original does). Each group carries ``lr_scale = layer_decay ** (num
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -217,11 +217,18 @@ def clip_and_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 
 
 def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                      params: Sequence[nn.Parameter], clip: float | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                      params: Sequence[nn.Parameter], clip: float | None,
+                      mark: Callable[[str], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """zero_grad, backward (through the fp16 scaler when there is one), clip, step: one update per call.
 
-    Returns :func:`clip_and_step`'s (grad_norm, loss_scale, stepped).
+    Returns :func:`clip_and_step`'s (grad_norm, loss_scale, stepped). ``mark(phase)`` (the benchmark's
+    timer) is called after "backward" and after "optimizer".
     """
     optimizer.zero_grad(set_to_none=True)
     (loss if scaler is None else scaler.scale(loss)).backward()
-    return clip_and_step(optimizer, scaler, params, clip)
+    if mark is not None:
+        mark("backward")
+    out = clip_and_step(optimizer, scaler, params, clip)
+    if mark is not None:
+        mark("optimizer")
+    return out
