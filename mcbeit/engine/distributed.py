@@ -6,6 +6,7 @@ Every launcher ends in the same place: RANK / WORLD_SIZE / LOCAL_RANK known, a p
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -105,6 +106,25 @@ def init_distributed(device: str | None, dist_on_itp: bool = False, local_rank: 
                                     timeout=timeout, **extra)
     log.info("distributed: rank %d/%d (local %d), backend %s, device %s", rank, world, local, backend, base)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=base)
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes, else ``model`` itself.
+
+    Buffers are broadcast from rank 0 before every forward only when the model has batch norm
+    (running statistics: the linear probe); BEiT's and the tokenizers' buffers are constants (the
+    relative position index, fixed biases) or updated identically on every rank, so broadcasting
+    them would cost one collective per step for nothing.
+    """
+    if info.world_size <= 1:
+        return model
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.parallel import DistributedDataParallel
+
+    has_batch_norm = any(isinstance(m, _BatchNorm) for m in model.modules())
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:  # torch >= 2.14
+        return DistributedDataParallel(model, forward_sync_buffers=has_batch_norm)
+    return DistributedDataParallel(model, broadcast_buffers=has_batch_norm)
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,13 @@ import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.data.mixup import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.nn.parallel import DistributedDataParallel
 
 from mcbeit.data.datasets import build_classification_dataset
 from mcbeit.data.samplers import build_eval_loader, build_train_loader
 from mcbeit.data.transforms import build_classification_transform
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.control import RunControl
-from mcbeit.engine.distributed import DistInfo
+from mcbeit.engine.distributed import DistInfo, wrap_ddp
 from mcbeit.engine.finetune_loop import FinetuneState, evaluate, train_one_epoch
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.optim import optimizer_from_args
@@ -428,7 +427,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         resumed = _deepspeed_restore(args, trainer, model_ema, steps_per_epoch, info)
     else:
         resumed = restore(args, model, optimizer, scaler, model_ema, steps_per_epoch, info)
-        ddp_model = DistributedDataParallel(model) if info.world_size > 1 else model
+        ddp_model = wrap_ddp(model, info)
     writer = RunWriter(args.output_dir, args.log_dir, enabled=info.is_main and bool(args.output_dir))
     mixup_fn = build_mixup(args)
     state = FinetuneState(model=ddp_model, model_without_ddp=model, optimizer=optimizer,

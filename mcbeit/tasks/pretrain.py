@@ -15,7 +15,6 @@ import time
 from typing import Sequence
 
 import timm
-from torch.nn.parallel import DistributedDataParallel
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
 import mcbeit.models  # noqa: F401  (registers the model names with timm)
@@ -25,7 +24,7 @@ from mcbeit.data.samplers import build_train_loader
 from mcbeit.data.transforms import TwoViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.control import RunControl
-from mcbeit.engine.distributed import DistInfo
+from mcbeit.engine.distributed import DistInfo, wrap_ddp
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.loop import PretrainState, train_one_epoch
 from mcbeit.engine.optim import build_optimizer
@@ -278,7 +277,7 @@ def run(args: argparse.Namespace) -> dict:
     temps = temperature_schedule(args.temp_warmup, args.temp, args.epochs, args.temp_warmup_epochs)
     start_epoch, first, resumed_from = restore(args, model, optimizer, scaler, steps_per_epoch, info)
 
-    ddp_model = DistributedDataParallel(model) if info.world_size > 1 else model
+    ddp_model = wrap_ddp(model, info)
     writer = RunWriter(args.output_dir, args.log_dir, enabled=info.is_main and bool(args.output_dir))
     objective = build_objective(args.hard_targets, args.omega, args.detach_similarity)
     state = PretrainState(model=ddp_model, model_without_ddp=model, tokenizer=tokenizer, objective=objective,

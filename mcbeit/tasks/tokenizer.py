@@ -24,7 +24,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
 from mcbeit.data.datasets import build_pretraining_dataset
@@ -32,7 +31,7 @@ from mcbeit.data.samplers import build_train_loader
 from mcbeit.data.transforms import OneViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.control import RunControl
-from mcbeit.engine.distributed import DistInfo, resolve_device
+from mcbeit.engine.distributed import DistInfo, resolve_device, wrap_ddp
 from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.schedules import cosine_scheduler
@@ -200,7 +199,7 @@ def run_train(args: argparse.Namespace) -> dict:
     lr_schedule = cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, warmup_epochs=args.warmup_epochs,
                                    warmup_steps=warmup_steps(args, steps_per_epoch))
     start_epoch, first, resumed_from = restore(args, vq, optimizer, scaler, steps_per_epoch, info)
-    ddp_model = DistributedDataParallel(vq, broadcast_buffers=False) if info.world_size > 1 else vq
+    ddp_model = wrap_ddp(vq, info)
     writer = RunWriter(args.output_dir, args.log_dir, enabled=info.is_main and bool(args.output_dir))
     log_plan(args, info, steps_per_epoch, amp_dtype, start_epoch, resumed_from)
 

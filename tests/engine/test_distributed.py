@@ -44,3 +44,28 @@ def test_reductions_are_identity_without_process_group():
     t = torch.tensor([1.0, 2.0])
     assert torch.equal(d.all_reduce_mean(t), t)
     assert torch.equal(d.all_reduce_sum(t), t)
+
+
+def test_wrap_ddp_broadcasts_buffers_only_for_batch_norm():
+    """One process is the model itself; in a (real, one-process gloo) group DDP broadcasts buffers
+    before each forward only for models with batch norm (running statistics), not for BEiT."""
+    import timm
+    import torch
+    import torch.distributed as dist
+
+    import mcbeit.models  # noqa: F401
+    from mcbeit.engine.distributed import DistInfo, wrap_ddp
+    from mcbeit.models.linear_probe import LinearProbe
+
+    beit = timm.create_model("beit_tiny_patch16_224", depth=1, img_size=32, num_classes=3)
+    assert wrap_ddp(beit, DistInfo()) is beit
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        info = DistInfo(world_size=2)  # what the launcher reported; the group itself has one process here
+        def syncs(ddp):  # torch >= 2.14 names the setting forward_sync_buffers
+            return getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers)
+
+        assert syncs(wrap_ddp(beit, info)) is False
+        assert syncs(wrap_ddp(LinearProbe(beit, 3, None, "avg"), info)) is True
+    finally:
+        dist.destroy_process_group()
