@@ -75,6 +75,8 @@ def main(argv=None) -> dict:
     p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling",
                    help="comma-separated subset of: step, data, finetune, tokenizers, scaling")
     p.add_argument("--work_dir", default=None, help="where the generated JPEGs go (default: a temporary folder)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's top operators of one base fp32 step, ours and the reference")
     args = p.parse_args(argv)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     unknown = sections - {"step", "data", "finetune", "tokenizers", "scaling"}
@@ -137,6 +139,12 @@ def main(argv=None) -> dict:
         from bench.scaling import run_scaling
 
         result["scaling"] = run_scaling(args.device, quick=args.quick)
+
+    if args.profile:
+        from bench.step import profile_step
+
+        cfg = _step_configs(args)[0] if args.quick else StepConfig(model=BASE, device=args.device, steps=1)
+        result["profile"] = profile_step(cfg)
 
     result["seconds"] = time.perf_counter() - started
     print(f"\n{time.perf_counter() - started:.0f} s in all")

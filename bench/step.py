@@ -68,9 +68,14 @@ def build(cfg: StepConfig):
     """(product state, reference step, batch) on the same weights and inputs."""
     device = torch.device(cfg.device)
     torch.manual_seed(0)
-    logging.getLogger("mcbeit.tokenizers.factory").setLevel(logging.ERROR)  # "RANDOM weights" is intended here
     second = cfg.input_size // 2
-    tokenizer = build_tokenizer(cfg.tokenizer, None, second).to(device)
+    factory_log = logging.getLogger("mcbeit.tokenizers.factory")
+    level = factory_log.level
+    factory_log.setLevel(logging.ERROR)  # "RANDOM weights": intended here
+    try:
+        tokenizer = build_tokenizer(cfg.tokenizer, None, second).to(device)
+    finally:
+        factory_log.setLevel(level)
     model = timm.create_model(cfg.model, img_size=cfg.input_size, vocab_size=tokenizer.vocab_size,
                               use_shared_rel_pos_bias=True, init_values=0.1, drop_path_rate=0.1).to(device)
     reference = ReferenceStep(reference_model(model), tokenizer, clip_grad=3.0, amp_dtype=_amp_dtype(cfg.amp)) \
@@ -182,8 +187,6 @@ def run_finetune_step(model: str = "beit_base_patch16_224", batch_size: int = 8,
         ref_opt.step()
         loss.item()
 
-    import logging as _logging
-    _logging.getLogger("mcbeit").setLevel(_logging.WARNING)
     times = {"ours": [], "reference": []}
     for i in range(n):
         for name, fn in (("ours", ours_step), ("reference", ref_step)):
@@ -199,3 +202,23 @@ def run_finetune_step(model: str = "beit_base_patch16_224", batch_size: int = 8,
     return {"config": f"finetune {model.replace('beit_', '').replace('_patch16_224', '')}@{input_size} b{batch_size} {amp}",
             "ours": {"step_s": ours_s, "images_per_s": batch_size / ours_s},
             "reference": {"step_s": ref_s, "images_per_s": batch_size / ref_s}, "speedup": ref_s / ours_s}
+
+
+def profile_step(cfg: StepConfig, rows: int = 12) -> dict:
+    """torch.profiler's top operators (self CPU / CUDA time) of one step of each formulation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state, reference, batch = build(cfg)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if state.dist.device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if state.dist.device.type == "cuda" else "self_cpu_time_total"
+    tables = {}
+    for name, step in (("ours", lambda: pretrain_step(state, batch, TEMP)),
+                       ("reference", (lambda: reference(batch, TEMP)) if reference is not None else None)):
+        if step is None:
+            continue
+        step()  # warm-up
+        with profile(activities=activities) as prof:
+            step()
+        tables[name] = prof.key_averages().table(sort_by=sort, row_limit=rows)
+        print(f"\nTop operators, {name}, {cfg.name}:\n{tables[name]}")
+    return tables

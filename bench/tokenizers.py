@@ -49,7 +49,20 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--amp", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    logging.getLogger("mcbeit").setLevel(logging.ERROR)  # the random-weights warning, once per kind
+    logger = logging.getLogger("mcbeit")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the random-weights warning, once per kind
+    try:
+        rows = _measure_all(args)
+    finally:
+        logger.setLevel(level)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+def _measure_all(args) -> list[dict]:
     rows = []
     print(f"{'tokenizer':<12} {'amp':<5} {'GFLOPs/img':>10} {'ms/img':>9} {'img/s':>8}   ({torch.get_num_threads()} threads)")
     for kind in args.kinds:
@@ -58,9 +71,6 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             print(f"{kind:<12} {row['amp']:<5} {row['gflops_per_image']:>10.2f} {1e3 * row['seconds_per_image']:>9.1f} "
                   f"{row['images_per_s']:>8.1f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
     return rows
 
 
