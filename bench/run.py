@@ -36,21 +36,30 @@ def _step_configs(args) -> list[StepConfig]:
     if args.quick:
         return [StepConfig(model=TINY, tokenizer="customized", batch_size=2, input_size=64, steps=1, warmup=0,
                            device=device)]
-    amps = ["fp32", "bf16"]
-    out = [StepConfig(model=TINY, amp=amp, device=device) for amp in amps]
-    out += [StepConfig(model=BASE, amp=amp, device=device, steps=args.steps if amp == "fp32" else 1)
-            for amp in amps]
+    amps = args.amps.split(",")
+    models = {"tiny": TINY, "base": BASE}
+    out = [StepConfig(model=models[m], amp=amp, device=device,
+                      steps=args.steps if amp == "fp32" or device == "cuda" or m == "tiny" else 1)
+           for m in args.models.split(",") for amp in amps]
     if device == "cuda":
         out += [StepConfig(model=BASE, amp=amp, batch_size=64, device=device, steps=args.steps)
                 for amp in ("bf16", "fp32")]
     return out
 
 
-def print_step_table(rows: list[dict]) -> None:
-    print("\nPre-training step (tokenizer + forward + loss + backward + AdamW), median seconds per step")
+def _save(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+def print_step_table(rows: list[dict], header: bool = True) -> None:
+    if header:
+        print("\nPre-training step (tokenizer + forward + loss + backward + AdamW), median seconds per step")
     head = f"{'config':<22}{'':>4}{'tokenizer':>10}{'forward':>9}{'loss':>8}{'backward':>10}{'optim':>8}" \
            f"{'step':>8}{'img/s':>8}{'peak MB':>9}"
-    print(head)
+    if header:
+        print(head)
     for row in rows:
         for who in ("ours", "reference"):
             if who not in row:
@@ -62,7 +71,7 @@ def print_step_table(rows: list[dict]) -> None:
         if "speedup" in row:
             memory = f", memory {row['memory_ratio']:.2f}x" if "memory_ratio" in row else ""
             diff = "" if row.get("loss_abs_diff") is None else f", |loss - literal loss| = {row['loss_abs_diff']:.1e}"
-            print(f"{'':<22}  -> speed-up {row['speedup']:.2f}x{memory}{diff}")
+            print(f"{'':<22}  -> speed-up {row['speedup']:.2f}x{memory}{diff}", flush=True)
 
 
 def main(argv=None) -> dict:
@@ -72,6 +81,8 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
+    p.add_argument("--models", default="tiny,base", help="step configurations: comma-separated tiny, base")
+    p.add_argument("--amps", default="fp32,bf16", help="step configurations: comma-separated fp32, bf16 (fp16 on CUDA)")
     p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling",
                    help="comma-separated subset of: step, data, finetune, tokenizers, scaling")
     p.add_argument("--work_dir", default=None, help="where the generated JPEGs go (default: a temporary folder)")
@@ -91,8 +102,11 @@ def main(argv=None) -> dict:
     print(f"mcbeit-bench ({result['mode']}): {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
 
     if "step" in sections:
-        rows = [run_step(cfg) for cfg in _step_configs(args)]
-        print_step_table(rows)
+        rows = []
+        for cfg in _step_configs(args):
+            rows.append(run_step(cfg))
+            print_step_table(rows[-1:], header=len(rows) == 1)
+            _save(args.json, {**result, "step": rows})   # a long run keeps what it measured
         result["step"] = rows
         key = next((r for r in rows if r["model"] == (TINY if args.quick else BASE) and r["amp"] == "fp32"
                     and r["batch_size"] == (2 if args.quick else 8)), None)
@@ -149,8 +163,7 @@ def main(argv=None) -> dict:
     result["seconds"] = time.perf_counter() - started
     print(f"\n{time.perf_counter() - started:.0f} s in all")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        _save(args.json, result)
         print(f"figures written to {args.json}")
     return result
 
