@@ -94,7 +94,6 @@ def main(argv=None) -> dict:
     if unknown:
         p.error(f"unknown --sections {sorted(unknown)}")
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the fine-tuning loop's progress bar
     started = time.perf_counter()
     result: dict = {"mode": "quick" if args.quick else "full", "device": args.device,
                     "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -174,8 +174,15 @@ def run_finetune_step(model: str = "beit_base_patch16_224", batch_size: int = 8,
                           params=[p for p in net.parameters() if p.requires_grad])
     ref_opt = torch.optim.AdamW(param_groups(ref, 0.05), lr=1e-4, foreach=False, fused=False)
 
+    from mcbeit.engine import meter as meter_module
+
     def ours_step(batch):
-        train_one_epoch(state, [batch], 0, 1)
+        bar = meter_module.tqdm  # the epoch loop's progress bar, silenced for the benchmark's table
+        meter_module.tqdm = lambda *a, **k: bar(*a, **{**k, "disable": True})
+        try:
+            train_one_epoch(state, [batch], 0, 1)
+        finally:
+            meter_module.tqdm = bar
 
     def ref_step(batch):
         x, y = batch
