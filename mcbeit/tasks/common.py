@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mcbeit.data.datasets import CLASSIFICATION_LAYOUTS, EVAL_LAYOUT, BadListFileError, DataPathError, check_data_folder
+from mcbeit.data.folders import CLASSIFICATION_LAYOUTS, EVAL_LAYOUT, BadListFileError, DataPathError, check_data_folder
 from mcbeit.data.images import TooManyBadImagesError
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.distributed import DistInfo, init_distributed
