@@ -19,7 +19,7 @@ from bench.measure import PHASES, PhaseTimer, peak_memory
 from bench.reference import ReferenceStep, literal_loss, reference_model
 from mcbeit.data.masking import BlockMaskGenerator
 from mcbeit.engine.distributed import DistInfo
-from mcbeit.engine.loop import PretrainState, autocast_context, pretrain_step
+from mcbeit.engine.loop import PretrainState, pretrain_step
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.objectives import build_objective
 from mcbeit.tokenizers import build_tokenizer
@@ -108,8 +108,10 @@ def run_step(cfg: StepConfig) -> dict:
     """Median time per phase and per step, images/s and peak step memory of both formulations."""
     state, reference, batch = build(cfg)
     device = state.dist.device
-    state.model.eval(), reference.model.eval() if reference else None   # no drop path for the loss check
-    diff = loss_difference(state, reference, batch) if reference is not None and cfg.amp == "fp32" else None
+    diff = None
+    if reference is not None and cfg.amp == "fp32":  # in eval mode: no drop path in the loss check
+        state.model.eval(), reference.model.eval()
+        diff = loss_difference(state, reference, batch)
     state.model.train()
     ours = PhaseTimer(device)
     theirs = PhaseTimer(device) if reference is not None else None
@@ -151,8 +153,6 @@ def run_finetune_step(model: str = "beit_base_patch16_224", batch_size: int = 8,
                       amp: str = "fp32", steps: int = 3, warmup: int = 1, device: str = "cpu") -> dict:
     """A fine-tuning update through the product's epoch loop (its meter and schedules included)
     against the reference loop (hand-written attention, per-tensor AdamW, ``loss.item()``)."""
-    import time
-
     from mcbeit.engine.finetune_loop import FinetuneState, train_one_epoch
     from mcbeit.engine.optim import param_groups
     from mcbeit.models.classifier import classifier_kwargs
@@ -194,18 +194,14 @@ def run_finetune_step(model: str = "beit_base_patch16_224", batch_size: int = 8,
         ref_opt.step()
         loss.item()
 
-    times = {"ours": [], "reference": []}
+    timers = {"ours": PhaseTimer(dev), "reference": PhaseTimer(dev)}
     for i in range(n):
         for name, fn in (("ours", ours_step), ("reference", ref_step)):
-            t0 = time.perf_counter()
+            timers[name].start()
             fn(batches[i % 2])
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    import statistics
-
-    ours_s, ref_s = statistics.median(times["ours"]), statistics.median(times["reference"])
+            timers[name].mark("update")
+            timers[name].stop(i >= warmup)
+    ours_s, ref_s = (timers[k].medians()["step"] for k in ("ours", "reference"))
     return {"config": f"finetune {model.replace('beit_', '').replace('_patch16_224', '')}@{input_size} b{batch_size} {amp}",
             "ours": {"step_s": ours_s, "images_per_s": batch_size / ours_s},
             "reference": {"step_s": ref_s, "images_per_s": batch_size / ref_s}, "speedup": ref_s / ours_s}
