@@ -332,6 +332,16 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, output_dir: str, print_
                         "then it stops with an error, and torchrun --max-restarts can restart the group")
 
 
+def add_recompute_argument(p: argparse.ArgumentParser) -> None:
+    """``--recompute``: how much of each block's activations backward keeps (mcbeit.models.recompute)."""
+    from mcbeit.models.recompute import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
+
+    p.add_argument("--recompute", default=DEFAULT_RECOMPUTE, choices=RECOMPUTE_MODES,
+                   help="selective (default): keep only matrix-product outputs, recompute layer norms, GELU and "
+                        "the attention matrix in backward (about a third less activation memory); full: "
+                        "recompute whole blocks (least memory); none: keep everything")
+
+
 def fill_defaults(args: argparse.Namespace, embedded: dict, real: dict) -> None:
     """Flags left at None take the embedded run's value without --data_path, the real run's with it."""
     table = embedded if args.data_path is None else real

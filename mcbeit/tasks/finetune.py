@@ -32,8 +32,9 @@ from mcbeit.engine.optim import optimizer_from_args
 from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.models.checkpoint import load_into
 from mcbeit.models.classifier import build_classifier
+from mcbeit.models.recompute import DEFAULT_RECOMPUTE, set_recompute
 from mcbeit.models.linear_probe import LinearProbe
-from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, fill_defaults,
+from mcbeit.tasks.common import (add_optimizer_arguments, add_recompute_argument, add_runtime_arguments, amp_settings, fill_defaults,
                                  epoch_save_due, finish_log, load_resumed_weights, log_plan, position_state, resume_path,
                                  resume_position, run_main,
                                  save_checkpoint, seed_everything, start_run,
@@ -82,6 +83,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop", type=float, default=0.0, help="dropout before the head")
     p.add_argument("--attn_drop_rate", type=float, default=0.0)
     p.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
+    add_recompute_argument(p)
     p.add_argument("--disable_eval_during_finetuning", action="store_true", default=False)
     p.add_argument("--model_ema", action="store_true", default=False)
     p.add_argument("--model_ema_decay", type=float, default=0.9999)
@@ -238,12 +240,13 @@ def build_data(args, info: DistInfo):
 
 def build_model(args) -> torch.nn.Module:
     """The classifier; with --linear_probe, the backbone alone (no head) for :class:`LinearProbe`."""
-    return build_classifier(args.model, nb_classes=0 if args.linear_probe else args.nb_classes,
-                            input_size=args.input_size,
-                            use_mean_pooling=args.use_mean_pooling, init_scale=args.init_scale,
-                            rel_pos_bias=args.rel_pos_bias, abs_pos_emb=args.abs_pos_emb,
-                            layer_scale_init_value=args.layer_scale_init_value, drop=args.drop,
-                            attn_drop_rate=args.attn_drop_rate, drop_path=args.drop_path)
+    model = build_classifier(args.model, nb_classes=0 if args.linear_probe else args.nb_classes,
+                             input_size=args.input_size,
+                             use_mean_pooling=args.use_mean_pooling, init_scale=args.init_scale,
+                             rel_pos_bias=args.rel_pos_bias, abs_pos_emb=args.abs_pos_emb,
+                             layer_scale_init_value=args.layer_scale_init_value, drop=args.drop,
+                             attn_drop_rate=args.attn_drop_rate, drop_path=args.drop_path)
+    return set_recompute(model, getattr(args, "recompute", DEFAULT_RECOMPUTE))
 
 
 def build_criterion(args, mixup_fn):

@@ -31,8 +31,9 @@ from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.schedules import cosine_scheduler, temperature_schedule
 from mcbeit.models.beit import BeitForMaskedImageModeling, patch_size_of
 from mcbeit.models.checkpoint import filter_pretraining_state_dict
+from mcbeit.models.recompute import DEFAULT_RECOMPUTE, set_recompute
 from mcbeit.objectives import build_objective
-from mcbeit.tasks.common import (add_optimizer_arguments, add_runtime_arguments, amp_settings, check_at_least,
+from mcbeit.tasks.common import (add_optimizer_arguments, add_recompute_argument, add_runtime_arguments, amp_settings, check_at_least,
                                  check_patch_grid, fill_defaults, epoch_save_due, finish_log, load_resumed_weights,
                                  log_plan, position_state, resume_path, resume_position, run_main, save_checkpoint,
                                  seed_everything, start_run, warmup_steps)
@@ -94,6 +95,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--second_input_size", default=None, type=int,
                    help="image size for the tokenizer; default 112" + emb.format(EMBEDDED_DEFAULTS["second_input_size"]))
     p.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
+    add_recompute_argument(p)
     # optimisation
     add_optimizer_arguments(p, opt_betas=[0.9, 0.98], min_lr=1e-5,
                             warmup_epochs_help="LR warm-up epochs; default 5" + emb.format(EMBEDDED_DEFAULTS["warmup_epochs"]))
@@ -157,10 +159,11 @@ def check_model_name(name: str) -> None:
 
 def build_model(args: argparse.Namespace, vocab_size: int) -> BeitForMaskedImageModeling:
     check_model_name(args.model)
-    return timm.create_model(
+    model = timm.create_model(
         args.model, pretrained=False, drop_path_rate=args.drop_path,
         use_shared_rel_pos_bias=args.rel_pos_bias, use_abs_pos_emb=args.abs_pos_emb,
         init_values=args.layer_scale_init_value, vocab_size=vocab_size, img_size=args.input_size)
+    return set_recompute(model, getattr(args, "recompute", DEFAULT_RECOMPUTE))
 
 
 def check_geometry(args: argparse.Namespace, patch: int, tokenizer_down: int | None = None) -> tuple[int, int]:
@@ -191,10 +194,10 @@ def check_geometry(args: argparse.Namespace, patch: int, tokenizer_down: int | N
 
 def build_pretraining_tokenizer(args: argparse.Namespace):
     """The frozen tokenizer of --discrete_vae_type / --discrete_vae_weight_path at --second_input_size
-    (pre-training needs only its logits); weights it cannot read are an error naming the flags."""
+    (pre-training needs only its logits, channels-last); weights it cannot read are an error naming the flags."""
     try:
         return build_tokenizer(args.discrete_vae_type, args.discrete_vae_weight_path, args.second_input_size,
-                               load_decoder=False)
+                               load_decoder=False).channels_last()
     except (OSError, ValueError) as exc:
         path = args.discrete_vae_weight_path
         weights = f" --discrete_vae_weight_path {path}" if path else ""

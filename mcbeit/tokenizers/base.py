@@ -143,6 +143,16 @@ class Tokenizer(nn.Module):
             f"{type(self).__name__} has no decoder loaded: token maps can be shown, reconstructions cannot")
 
     # ------------------------------------------------------------------ helpers
+    def channels_last(self) -> "Tokenizer":
+        """Convolution weights (and so activations) in channels-last layout, for pre-training.
+
+        oneDNN's CPU convolutions run about 1.15-1.2x faster this way (the benchmark's tokenizer
+        phase) and it is the layout tensor cores want on CUDA. Logits move by ~1e-5 relative (another
+        convolution algorithm), hard ids stay the same; the layout is not part of the weights."""
+        if any(isinstance(m, torch.nn.Conv2d) for m in self.modules()):
+            self.to(memory_format=torch.channels_last)
+        return self
+
     def freeze(self) -> "Tokenizer":
         """Eval mode, no gradients: the tokenizer is a fixed target network."""
         self.eval()
