@@ -81,9 +81,10 @@ class StepMeter:
         self._t0 = time.perf_counter()
 
     def add(self, values: Mapping[str, torch.Tensor], host: Mapping[str, float], images: int,
-            skipped: torch.Tensor | int = 0, stepped: bool = True) -> None:
+            skipped: torch.Tensor | int = 0, stepped: bool | torch.Tensor = True) -> None:
         """Queue one step's metrics (no host sync); ``skipped``: unreadable images the batch replaced;
-        ``stepped``: False when the update was skipped for a non-finite gradient."""
+        ``stepped``: False when the update was skipped for a non-finite gradient; a device bool tensor
+        (the fused optimizer's own decision) is read, and counted, at the next :meth:`flush`."""
         self._pending.append({k: values[k] for k in self.metrics})
         self._pending_host.append(dict(host))
         self._pending_ok.append(stepped)
@@ -91,12 +92,16 @@ class StepMeter:
         self._seen += images
         self._skipped += skipped
         self.steps += 1
+        if not isinstance(stepped, torch.Tensor):
+            self._count(bool(stepped), self.first_step + self.steps - 1)
+
+    def _count(self, stepped: bool, step: int) -> None:
+        """The run of skipped updates: stop after ``max_bad_steps`` in a row."""
         if stepped:
             self.consecutive_bad = 0
             return
         self.bad_steps += 1
         self.consecutive_bad += 1
-        step = self.first_step + self.steps - 1
         if self.consecutive_bad >= self.max_bad_steps:
             raise DivergenceError(
                 f"{self.consecutive_bad} consecutive steps with a non-finite gradient (epoch {self.epoch}, last at "
@@ -115,11 +120,16 @@ class StepMeter:
         values = torch.stack([torch.stack([m[k].float() for m in self._pending]) for k in self.metrics])  # (K, steps)
         if self.reduced:
             values[self.reduced] = all_reduce_mean(values[self.reduced])
-        rows = dict(zip(self.metrics, values.cpu().tolist()))
+        ok = torch.stack([s.to(values.device, torch.float32).reshape(()) if isinstance(s, torch.Tensor)
+                          else values.new_tensor(float(s)) for s in self._pending_ok])         # (steps,)
+        table = torch.cat([values, ok[None]]).cpu().tolist()                                   # one device read
+        rows, oks = dict(zip(self.metrics, table[:-1])), [v > 0.5 for v in table[-1]]
         first = self.first_step + self.steps - len(self._pending)
         for i, host in enumerate(self._pending_host):
+            if isinstance(self._pending_ok[i], torch.Tensor):
+                self._count(oks[i], first + i)
             step = {**{k: rows[k][i] for k in self.metrics}, **host}
-            if not self._pending_ok[i]:
+            if not oks[i]:
                 continue  # a skipped update: counted in bad_steps, left out of the means and TensorBoard
             if not math.isfinite(step["loss"]):
                 raise NonFiniteLossError(

@@ -170,7 +170,7 @@ def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.
         with autocast_context(device, amp_dtype):
             out = model(images)
         grad_norm, _, stepped = backward_and_step(out["loss"], optimizer, scaler, params, clip_grad)
-        if stepped:
+        if bool(stepped):  # read now (a device flag with fused AdamW): the codebook update depends on it
             usage = vq.update_codebook(out["features"], out["ids"], dead_code_steps)
         else:  # a non-finite step (the same on every rank): keep its features out of the codebook too
             zero = torch.zeros((), device=device)

@@ -38,7 +38,8 @@ def test_step_updates_weights_with_inference_mode_tokenizer(hard, amp, detach):
     state = _state(hard, amp, detach)
     before = {k: v.clone() for k, v in state.model.state_dict().items()}
     metrics = pretrain_step(state, _batch(), temp=4.0)
-    assert metrics.pop("stepped") is True
+    stepped = metrics.pop("stepped")
+    assert isinstance(stepped, torch.Tensor) and bool(stepped)   # fused AdamW decides on the device: no host read
     assert set(metrics) == {"loss", "mlm_acc", "grad_norm", "loss_scale"}
     assert torch.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
     assert all(not t.is_inference() for t in metrics.values())
@@ -65,7 +66,7 @@ def test_a_non_finite_gradient_is_skipped_and_leaves_weights_and_optimizer_untou
         state.model.lm_head.weight[0, 0] = float("inf")           # the next loss and gradients are not finite
     poisoned = state.model.lm_head.weight.clone()
     metrics = pretrain_step(state, _batch(), temp=4.0)
-    assert metrics["stepped"] is False and not torch.isfinite(metrics["grad_norm"])
+    assert not bool(metrics["stepped"]) and not torch.isfinite(metrics["grad_norm"])
     assert torch.equal(state.model.lm_head.weight, poisoned)      # no update applied on top
     assert all(torch.equal(v, weights[k]) for k, v in state.model.state_dict().items() if k != "lm_head.weight")
     after = state.optimizer.state_dict()["state"][0]

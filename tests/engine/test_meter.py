@@ -76,6 +76,25 @@ def test_skipped_steps_are_counted_left_out_of_the_means_and_stop_the_run_when_c
         meter.add({"loss": nan, "acc": torch.tensor(0.5)}, {"lr": 0.1}, images=8, stepped=False)
 
 
+def test_device_flags_from_the_fused_optimizer_are_read_and_counted_at_the_flush():
+    """``stepped`` as a device bool tensor (fused AdamW's own skip): nothing is read per step; the
+    flush counts the skips in order, leaves them out of the means, and stops a long enough run."""
+    meter = _meter(last="/runs/a/checkpoint-1.pth", max_bad_steps=3)
+    nan = torch.tensor(float("nan"))
+    for loss, ok in ((1.0, True), (nan, False), (3.0, True), (nan, False), (nan, False)):
+        meter.add({"loss": torch.as_tensor(loss), "acc": torch.tensor(0.5)}, {"lr": 0.1}, images=8,
+                  stepped=torch.tensor(ok))
+    assert meter.bad_steps == 0                                   # not read yet
+    stats = meter.epoch_stats()
+    assert stats["loss"] == 2.0 and stats["skipped_steps"] == 3 and meter.consecutive_bad == 2
+    meter = _meter(last="/runs/a/checkpoint-1.pth", max_bad_steps=3)
+    meter.add({"loss": torch.tensor(1.0), "acc": torch.tensor(0.5)}, {"lr": 0.1}, images=8, stepped=torch.tensor(True))
+    for _ in range(3):
+        meter.add({"loss": nan, "acc": torch.tensor(0.5)}, {"lr": 0.1}, images=8, stepped=torch.tensor(False))
+    with pytest.raises(DivergenceError, match=r"3 consecutive steps .*step 13.*checkpoint-1\.pth.*Lower --lr"):
+        meter.flush()
+
+
 def test_unreadable_images_stop_the_epoch_as_soon_as_its_allowance_is_certainly_exceeded():
     """--max_bad_fraction is checked at every flush against the WHOLE epoch: 100 steps of 10 images
     with 5% allowed may skip about 52 files. 30 skipped in the first 10 steps (23% so far) is within

@@ -125,7 +125,7 @@ def test_build_optimizer_adamw_settings():
     assert isinstance(opt, torch.optim.AdamW)
     for g in opt.param_groups:
         assert g["betas"] == (0.9, 0.98) and g["eps"] == 1e-8 and g["lr"] == 2e-3 and g["lr_scale"] == 1.0
-        assert g["foreach"] is True  # CPU
+        assert g["fused"] is True  # CPU and CUDA: the fused kernel (it also skips non-finite steps on the device)
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.05]
 
 
