@@ -5,6 +5,8 @@ noise, quality 90) at a chosen size, then times, in one process (one loader work
 product's dataset item (:class:`mcbeit.data.datasets.ImageDataset` with
 :class:`mcbeit.data.transforms.TwoViewTransform`) and the reference pipeline
 (:class:`bench.reference.ReferenceTwoViews`) on the same files, alternating file by file.
+Both run with one intra-op thread, as in a data-loader worker (PyTorch sets that in each one):
+with more, their small torch ops wait on each other's threads when the machine is busy.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from bench.reference import ReferenceTwoViews
@@ -64,16 +67,21 @@ def run_data(folder: Path, count: int = 64, size: tuple[int, int] = (500, 375), 
     reference = ReferenceTwoViews(input_size, input_size // 2, masks, mean=mean, std=std,
                                   second_mean=mean, second_std=std)
     ours, theirs = [], []
-    for epoch in range(repeats + 1):
-        for index in range(len(dataset)):
-            t0 = time.perf_counter()
-            dataset[(index, epoch)]
-            t1 = time.perf_counter()
-            reference(str(dataset.path(index)), dataset.rng(index, epoch))
-            t2 = time.perf_counter()
-            if epoch:  # the first pass warms the page cache and the allocators
-                ours.append(t1 - t0)
-                theirs.append(t2 - t1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a data-loader worker
+    try:
+        for epoch in range(repeats + 1):
+            for index in range(len(dataset)):
+                t0 = time.perf_counter()
+                dataset[(index, epoch)]
+                t1 = time.perf_counter()
+                reference(str(dataset.path(index)), dataset.rng(index, epoch))
+                t2 = time.perf_counter()
+                if epoch:  # the first pass warms the page cache and the allocators
+                    ours.append(t1 - t0)
+                    theirs.append(t2 - t1)
+    finally:
+        torch.set_num_threads(threads)
     ours_s, ref_s = statistics.median(ours), statistics.median(theirs)
     return {"config": f"data {size[0]}x{size[1]} jpeg -> {input_size}+{input_size // 2}",
             "image_size": list(size), "images": count,

@@ -1,16 +1,20 @@
 """Timing and peak memory, the same way for the product and the reference.
 
 Time: wall clock between phase marks, the device synchronised at each mark (CUDA), median over
-steps. Peak memory of a step: on CUDA ``max_memory_allocated`` above what was allocated before the
-step; on the CPU the process's peak resident set (``VmHWM``, reset through
-``/proc/self/clear_refs``) above its resident set before the step, after returning freed heap
-memory to the system (``malloc_trim``) so one measurement does not hide in another's leftovers.
+steps. Peak memory of a step: the most tensor memory it held at once beyond what was allocated
+before it. On CUDA ``max_memory_allocated``; on the CPU the same count from torch.profiler's
+allocation events (every allocation and free, in order), so the figure is the tensors' own bytes,
+independent of how the C allocator happens to hold pages (the process's resident-set peak moved by
+hundreds of MB between identical steps). ``prepare()`` runs first, outside the measurement: the
+callers drop the previous step's gradients, whose frees the profiler could not attribute.
 """
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import gc
+import os
 import statistics
+import sys
 import time
 from collections import defaultdict
 from typing import Callable
@@ -55,39 +59,25 @@ class PhaseTimer:
         return {phase: statistics.median(values) for phase, values in self.times.items()}
 
 
-def _libc():
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Kineto prints start/stop lines on the C stderr for every profiling session."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-_LIBC = _libc()
-
-
-def _status(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def cpu_peak_supported() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status("VmHWM:") is not None
-    except OSError:
-        return False
-
-
-def peak_memory(run: Callable[[], object], device: torch.device) -> int | None:
-    """Bytes the call ``run()`` needed at its peak beyond what was already allocated (None when
-    this system cannot tell)."""
+def peak_memory(run: Callable[[], object], device: torch.device,
+                prepare: Callable[[], object] | None = None) -> int:
+    """Bytes of tensors ``run()`` held at its peak beyond those allocated before it."""
+    if prepare is not None:
+        prepare()
     gc.collect()
     if device.type == "cuda":
         synchronize(device)
@@ -96,11 +86,36 @@ def peak_memory(run: Callable[[], object], device: torch.device) -> int | None:
         run()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    if _LIBC is None or not cpu_peak_supported():
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in events:  # + allocation, - free
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def count_flops(run: Callable[[], object]) -> int:
+    """FLOPs (2 x multiply-adds) of the matrix products and convolutions ``run()`` executes, forward
+    and backward, recomputation included (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
+
+
+# Dense bf16 / fp16 tensor-core peaks (FLOP/s) by device name, for model FLOPs utilisation.
+_GPU_PEAKS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12),
+              ("L4", 121e12), ("V100", 125e12), ("4090", 165e12), ("3090", 71e12))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak (None on the CPU or for a GPU this table does not know)."""
+    if device.type != "cuda":
         return None
-    _LIBC.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    before = _status("VmRSS:")
-    run()
-    return _status("VmHWM:") - before
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _GPU_PEAKS if key in name), None)

@@ -47,8 +47,11 @@ def literal_loss(features: torch.Tensor, logits: torch.Tensor, tokenizer_logits:
 
 
 def reference_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` (same weights) whose attention is computed by hand."""
-    ref = copy.deepcopy(model)
+    """A copy of ``model`` (same weights) whose attention is computed by hand and whose blocks keep
+    every activation for backward (no recompute)."""
+    from mcbeit.models.recompute import set_recompute
+
+    ref = set_recompute(copy.deepcopy(model), "none")
     for module in ref.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False

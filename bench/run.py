@@ -23,12 +23,17 @@ from pathlib import Path
 import torch
 
 from bench.step import StepConfig, run_finetune_step, run_step
+from mcbeit.models.recompute import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
 
 BASE, TINY = "beit_base_patch16_224_8k_vocab", "beit_tiny_patch16_224_8k_vocab"
 
 
 def _mb(value) -> str:
     return "-" if value is None else f"{value / 2 ** 20:.0f}"
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _step_configs(args) -> list[StepConfig]:
@@ -38,8 +43,9 @@ def _step_configs(args) -> list[StepConfig]:
                            device=device)]
     amps = args.amps.split(",")
     models = {"tiny": TINY, "base": BASE}
-    out = [StepConfig(model=models[m], amp=amp, device=device,
-                      steps=args.steps if amp == "fp32" or device == "cuda" or m == "tiny" else 1)
+    out = [StepConfig(model=models[m], amp=amp, device=device, recompute=args.recompute,
+                      steps=args.steps if amp == "fp32" or device == "cuda" or m == "tiny" else 1,
+                      flops=amp == "fp32" or device == "cuda")
            for m in args.models.split(",") for amp in amps]
     if device == "cuda":
         out += [StepConfig(model=BASE, amp=amp, batch_size=64, device=device, steps=args.steps)
@@ -57,7 +63,7 @@ def print_step_table(rows: list[dict], header: bool = True) -> None:
     if header:
         print("\nPre-training step (tokenizer + forward + loss + backward + AdamW), median seconds per step")
     head = f"{'config':<22}{'':>4}{'tokenizer':>10}{'forward':>9}{'loss':>8}{'backward':>10}{'optim':>8}" \
-           f"{'step':>8}{'img/s':>8}{'peak MB':>9}"
+           f"{'step':>8}{'img/s':>8}{'peak MB':>9}{'GFLOP':>8}{'GFLOP/s':>9}{'MFU':>6}"
     if header:
         print(head)
     for row in rows:
@@ -67,7 +73,8 @@ def print_step_table(rows: list[dict], header: bool = True) -> None:
             f = row[who]
             print(f"{row['config'] if who == 'ours' else '':<22}{who[:4]:>4}{f['tokenizer_s']:>10.3f}{f['forward_s']:>9.3f}"
                   f"{f['loss_s']:>8.3f}{f['backward_s']:>10.3f}{f['optimizer_s']:>8.3f}{f['step_s']:>8.3f}"
-                  f"{f['images_per_s']:>8.2f}{_mb(f.get('peak_bytes')):>9}")
+                  f"{f['images_per_s']:>8.2f}{_mb(f.get('peak_bytes')):>9}{_num(f.get('gflop'), '.0f'):>8}"
+                  f"{_num(f.get('gflop_per_s'), '.1f'):>9}{_num(f.get('mfu'), '.0%'):>6}")
         if "speedup" in row:
             memory = f", memory {row['memory_ratio']:.2f}x" if "memory_ratio" in row else ""
             diff = "" if row.get("loss_abs_diff") is None else f", |loss - literal loss| = {row['loss_abs_diff']:.1e}"
@@ -83,6 +90,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
     p.add_argument("--models", default="tiny,base", help="step configurations: comma-separated tiny, base")
     p.add_argument("--amps", default="fp32,bf16", help="step configurations: comma-separated fp32, bf16 (fp16 on CUDA)")
+    p.add_argument("--recompute", default=DEFAULT_RECOMPUTE, choices=RECOMPUTE_MODES,
+                   help="the product's --recompute in the step configurations (the reference keeps everything)")
     p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling",
                    help="comma-separated subset of: step, data, finetune, tokenizers, scaling")
     p.add_argument("--work_dir", default=None, help="where the generated JPEGs go (default: a temporary folder)")

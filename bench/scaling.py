@@ -30,9 +30,8 @@ def _time_steps(cfg: StepConfig) -> float:
 
 def _worker(rank: int, world: int, port: int, cfg: StepConfig, out) -> None:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
-    from mcbeit.engine.distributed import DistInfo
+    from mcbeit.engine.distributed import DistInfo, wrap_ddp
     from mcbeit.engine.loop import pretrain_step
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world) if cfg.device == "cpu" else 1)
@@ -44,8 +43,8 @@ def _worker(rank: int, world: int, port: int, cfg: StepConfig, out) -> None:
     try:
         cfg = StepConfig(**{**cfg.__dict__, "device": str(device)})
         state, _, batch = build(cfg)
-        state.model = DistributedDataParallel(state.model_without_ddp, broadcast_buffers=False)
         state.dist = DistInfo(rank=rank, world_size=world, device=device)
+        state.model = wrap_ddp(state.model_without_ddp, state.dist)  # as the task wraps it
         times = []
         for i in range(cfg.warmup + cfg.steps):
             dist.barrier()

@@ -7,6 +7,7 @@ two alternate step by step (so both see the same machine), after warm-up steps o
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -15,12 +16,13 @@ import timm
 import torch
 
 import mcbeit.models  # noqa: F401  (registers the MIM models)
-from bench.measure import PHASES, PhaseTimer, peak_memory
+from bench.measure import PHASES, PhaseTimer, count_flops, peak_flops, peak_memory
 from bench.reference import ReferenceStep, literal_loss, reference_model
 from mcbeit.data.masking import BlockMaskGenerator
 from mcbeit.engine.distributed import DistInfo
 from mcbeit.engine.loop import PretrainState, pretrain_step
 from mcbeit.engine.optim import build_optimizer
+from mcbeit.models.recompute import DEFAULT_RECOMPUTE, set_recompute
 from mcbeit.objectives import build_objective
 from mcbeit.tokenizers import build_tokenizer
 
@@ -39,6 +41,8 @@ class StepConfig:
     device: str = "cpu"
     reference: bool = True
     memory: bool = True
+    recompute: str = DEFAULT_RECOMPUTE  # the product's --recompute
+    flops: bool = True                  # count each formulation's FLOPs (one more step of each)
 
     @property
     def name(self) -> str:
@@ -78,12 +82,14 @@ def build(cfg: StepConfig):
         factory_log.setLevel(level)
     model = timm.create_model(cfg.model, img_size=cfg.input_size, vocab_size=tokenizer.vocab_size,
                               use_shared_rel_pos_bias=True, init_values=0.1, drop_path_rate=0.1).to(device)
+    set_recompute(model, cfg.recompute)
     reference = ReferenceStep(reference_model(model), tokenizer, clip_grad=3.0, amp_dtype=_amp_dtype(cfg.amp)) \
         if cfg.reference else None
     optimizer = build_optimizer(model, opt="adamw", lr=1e-4, weight_decay=0.05)
     total = 10 ** 6
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-    state = PretrainState(model=model, model_without_ddp=model, tokenizer=tokenizer, objective=build_objective(False),
+    ours_tokenizer = copy.deepcopy(tokenizer).channels_last()  # as the task builds it; the reference keeps NCHW
+    state = PretrainState(model=model, model_without_ddp=model, tokenizer=ours_tokenizer, objective=build_objective(False),
                           optimizer=optimizer, scaler=scaler, lr_schedule=np.full(total, 1e-4),
                           wd_schedule=np.full(total, 0.05), dist=DistInfo(device=device), amp_dtype=_amp_dtype(cfg.amp),
                           clip_grad=3.0, params=[q for q in model.parameters() if q.requires_grad])
@@ -125,18 +131,32 @@ def run_step(cfg: StepConfig) -> dict:
             theirs.start()
             reference(batch, TEMP, mark=theirs.mark)
             theirs.stop(keep)
-    row = {"config": cfg.name, "model": cfg.model, "tokenizer": cfg.tokenizer, "batch_size": cfg.batch_size,
+    row = {"config": cfg.name, "model": cfg.model, "tokenizer": cfg.tokenizer, "recompute": cfg.recompute,
+           "batch_size": cfg.batch_size,
            "input_size": cfg.input_size, "amp": cfg.amp, "device": str(device), "steps": cfg.steps,
            "loss_abs_diff": diff, "ours": _figures(ours.medians(), cfg.batch_size)}
     if cfg.memory:
-        row["ours"]["peak_bytes"] = peak_memory(lambda: pretrain_step(state, batch, TEMP), device)
+        row["ours"]["peak_bytes"] = peak_memory(lambda: pretrain_step(state, batch, TEMP), device,
+                                                prepare=lambda: state.optimizer.zero_grad(set_to_none=True))
     if reference is not None:
         row["reference"] = _figures(theirs.medians(), cfg.batch_size)
         if cfg.memory:
-            row["reference"]["peak_bytes"] = peak_memory(lambda: reference(batch, TEMP), device)
+            row["reference"]["peak_bytes"] = peak_memory(lambda: reference(batch, TEMP), device,
+                                                         prepare=lambda: reference.optimizer.zero_grad(set_to_none=True))
         row["speedup"] = row["reference"]["step_s"] / row["ours"]["step_s"]
         if cfg.memory and row["ours"]["peak_bytes"] and row["reference"]["peak_bytes"]:
             row["memory_ratio"] = row["ours"]["peak_bytes"] / row["reference"]["peak_bytes"]
+    if cfg.flops:  # what the step computes, and how fast: explains a speed-up (or its absence)
+        peak = peak_flops(device)
+        runs = {"ours": lambda: pretrain_step(state, batch, TEMP)}
+        if reference is not None:
+            runs["reference"] = lambda: reference(batch, TEMP)
+        for who, run in runs.items():
+            flops = count_flops(run)
+            row[who]["gflop"] = flops / 1e9
+            row[who]["gflop_per_s"] = flops / 1e9 / row[who]["step_s"]
+            if peak:
+                row[who]["mfu"] = flops / row[who]["step_s"] / peak
     return row
 
 
@@ -160,6 +180,7 @@ def run_finetune_step(model: str = "beit_base_patch16_224", batch_size: int = 8,
     dev = torch.device(device)
     torch.manual_seed(0)
     net = timm.create_model(model, **classifier_kwargs(nb_classes=1000, input_size=input_size, drop_path=0.1)).to(dev)
+    set_recompute(net, DEFAULT_RECOMPUTE)
     ref = reference_model(net)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(batch_size, 3, input_size, input_size, generator=g).to(dev),
