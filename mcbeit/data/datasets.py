@@ -36,7 +36,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from mcbeit.data.images import MAX_PIXELS, TooManyBadImagesError, check_bad_fraction, load_rgb_image
+from mcbeit.data.images import (MAX_PIXELS, OpenedImage, TooManyBadImagesError, check_bad_fraction, load_rgb_image,
+                                 open_image)
 
 from .embedded import embedded_dataset_root
 from .folders import (CLASSIFICATION_LAYOUTS, EVAL_LAYOUT, LIST_FILE, BadListFileError, DataPathError, check_data_folder,
@@ -124,6 +125,10 @@ class ImageDataset(Dataset):
     returning a single tensor ``(output, n_skipped)`` (the tokenizer's one-view training).
     With ``return_labels`` (classification) an item is ``(output, label, n_skipped)``, the label
     being that of the image actually loaded.
+
+    A transform with ``accepts_opened_image = True`` gets an
+    :class:`~mcbeit.data.images.OpenedImage` instead, and decodes it itself (e.g. a JPEG at
+    reduced scale); a decoding failure there is a bad file like any other.
     """
 
     def __init__(
@@ -181,20 +186,26 @@ class ImageDataset(Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
         index %= n
-        rng = self.rng(index, epoch)
         tries = min(MAX_CONSECUTIVE_BAD, n)
+        decodes_itself = getattr(self.transform, "accepts_opened_image", False)
         for skipped in range(tries):
             loaded = (index + skipped) % n
             path = self.path(loaded)
+            rng = self.rng(index, epoch)  # afresh: a failed decode may have drawn from it
+            opened: OpenedImage | None = None
             try:
-                image = load_rgb_image(path)
+                with open_image(path) as opened:
+                    out = self.transform(opened if decodes_itself else opened.decode(), rng)
             except MemoryError:
                 raise
             except Exception as error:  # noqa: BLE001 - any decoder failure means "bad file"
+                if opened is not None:
+                    if opened.error is None:
+                        raise  # the file decoded (or was not decoded yet): the transform's own failure
+                    error = opened.error
                 self._warn_unreadable(loaded, path, error)
                 last_error = f"{path} ({_reason(error)})"
                 continue
-            out = self.transform(image, rng)
             if self.return_labels:
                 return out, int(self.labels[loaded]), skipped
             return (*out, skipped) if isinstance(out, tuple) else (out, skipped)

@@ -1,6 +1,9 @@
 """Decoding one image file into 8-bit RGB, refusing what must not be trained on, and the rule
 that stops a run whose data is too broken.
 
+- :func:`load_rgb_image` decodes a file at once; :func:`open_image` only reads its header, and
+  the :class:`OpenedImage` it returns decodes on request (a JPEG at reduced scale if asked), with
+  the same checks and conversions.
 - Images that decode are converted: grayscale, palette, alpha, CMYK, and 16-bit or float images
   (rescaled from their value range, not clipped).
 - Files that do not decode (corrupt, truncated, zero-byte, not an image, or larger than
@@ -19,7 +22,7 @@ import os
 import numpy as np
 from PIL import Image, ImageFile
 
-__all__ = ["MAX_PIXELS", "TooManyBadImagesError", "check_bad_fraction", "load_rgb_image"]
+__all__ = ["MAX_PIXELS", "OpenedImage", "TooManyBadImagesError", "check_bad_fraction", "load_rgb_image", "open_image"]
 
 logger = logging.getLogger("mcbeit.data.datasets")  # the warnings users already know by this name
 
@@ -77,6 +80,97 @@ def _keep_truncated_images_failing() -> None:
         )
 
 
+def _check_pixel_count(size: tuple[int, int]) -> None:
+    width, height = size
+    if MAX_PIXELS is not None and width * height > MAX_PIXELS:
+        raise Image.DecompressionBombError(
+            f"{width}x{height} = {width * height:,} pixels, more than the limit of {MAX_PIXELS:,} "
+            "(a possible decompression bomb); not decoded"
+        )
+
+
+class OpenedImage:
+    """An image file whose header is read (its full ``size`` is known) but whose pixels are not
+    decoded yet; :meth:`decode` decodes them, once, as 8-bit RGB.
+
+    Why: a transform that learns the size first can ask for less. A JPEG can be decoded at 1/2,
+    1/4 or 1/8 of its size (libjpeg's DCT scaling, Pillow's ``Image.draft``), much cheaper than
+    decoding every pixel only to throw most of them away in a downscale.
+
+    Opening raises what :func:`load_rgb_image` raises before any pixel is decoded (unidentified
+    files, more than ``MAX_PIXELS`` pixels); :meth:`decode` raises what decoding raises (truncated
+    or corrupt data, unconvertible modes) and keeps it in ``error``, so that a caller can tell a
+    bad file from a failure of its own code. Use it as a context manager to close the file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        _keep_truncated_images_failing()
+        self.path = path
+        self._image: Image.Image | None = Image.open(path)
+        self.size: tuple[int, int] = self._image.size  # (width, height) of the full image
+        self.reduction = 1  # the full size divided by the decoded one: 1, 2, 4 or 8
+        self.error: Exception | None = None  # what decode() raised, if it failed
+        try:
+            _check_pixel_count(self.size)
+        except BaseException:
+            self.close()
+            raise
+
+    def decode(self, max_reduction: int = 1) -> Image.Image:
+        """The image as 8-bit RGB, at full size, or for a JPEG at 1/2, 1/4 or 1/8 of it: the
+        largest of these factors that is at most ``max_reduction`` (``reduction`` then says
+        which; a pixel (x, y) of the full image is at (x / reduction, y / reduction))."""
+        image = self._image
+        if image is None:
+            raise RuntimeError(f"{self.path}: decode() may be called once, before close()")
+        try:
+            if max_reduction >= 2 and image.format == "JPEG":
+                self.reduction = _draft(image, max_reduction)
+            image.load()
+            return _to_rgb(image)
+        except Exception as error:
+            self.error = error
+            raise
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the file (the decoded image stays usable)."""
+        if self._image is not None:
+            image, self._image = self._image, None
+            image.__exit__(None, None, None)  # Image.close() would also free decoded pixels
+
+    def __enter__(self) -> OpenedImage:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"OpenedImage({str(self.path)!r}, size={self.size})"
+
+
+def _draft(image: Image.Image, max_reduction: int) -> int:
+    """Ask the JPEG decoder for DCT scaling by the largest of 8, 4, 2 that is at most
+    ``max_reduction``; returns the factor it set (1: none)."""
+    width, height = image.size
+    factor = next(f for f in (8, 4, 2, 1) if f <= min(max_reduction, width, height))
+    if factor == 1:
+        return 1
+    # Pillow picks the largest power of 2 <= min(width // w, height // h) for a requested (w, h);
+    # for (width // factor, height // factor) that is `factor` exactly (each quotient is in
+    # [factor, 2 * factor)).
+    drafted = image.draft(None, (width // factor, height // factor))
+    if drafted is None:  # e.g. a JPEG Pillow reads in several tiles
+        return 1
+    return round(width / drafted[1][2])  # Pillow reports the full image's box in decoded pixels
+
+
+def open_image(path: str | os.PathLike) -> OpenedImage:
+    """Open an image file without decoding it (see :class:`OpenedImage`)."""
+    return OpenedImage(path)
+
+
 def load_rgb_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file fully and return it as RGB; raises if it is not a decodable image.
 
@@ -84,16 +178,8 @@ def load_rgb_image(path: str | os.PathLike) -> Image.Image:
     ``OSError`` for truncated or corrupt ones, and ``PIL.Image.DecompressionBombError`` for
     images of more than ``MAX_PIXELS`` pixels, before their pixels are decoded.
     """
-    _keep_truncated_images_failing()
-    with Image.open(path) as image:
-        width, height = image.size
-        if MAX_PIXELS is not None and width * height > MAX_PIXELS:
-            raise Image.DecompressionBombError(
-                f"{width}x{height} = {width * height:,} pixels, more than the limit of {MAX_PIXELS:,} "
-                "(a possible decompression bomb); not decoded"
-            )
-        image.load()
-        return _to_rgb(image)
+    with open_image(path) as opened:
+        return opened.decode()
 
 
 class TooManyBadImagesError(RuntimeError):

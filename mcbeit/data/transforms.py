@@ -1,8 +1,12 @@
 """The two views of one random crop that BEiT-style pre-training needs.
 
 View A feeds the ViT, view B the tokenizer; both are resized from the *same* box of the
-(possibly flipped) image, each in one PIL ``resize(..., box=...)`` call, so the image is decoded
-once and never resized twice.
+(possibly flipped) image, each straight from the decoded image (never resized twice), and only
+the small outputs are flipped. Bilinear and bicubic views are resized by torch's antialiased
+uint8 kernel (PIL's filters, within 2 levels, several times faster); lanczos, hamming, box and
+nearest by PIL's ``resize``. Given an :class:`~mcbeit.data.images.OpenedImage` (what
+:class:`~mcbeit.data.datasets.ImageDataset` passes), a transform decodes the file itself, a JPEG
+at 1/2, 1/4 or 1/8 scale when the box is that much larger than every view.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+
+from mcbeit.data.images import OpenedImage
 
 __all__ = ["TwoViewTransform", "OneViewTransform", "SeededTransform", "build_classification_transform", "parse_interpolation", "sample_crop_box", "sample_flipped_box",
            "INTERPOLATIONS"]
@@ -27,6 +34,8 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
 }
 # timm's 'random' interpolation: a fresh choice per image between these two.
 _RANDOM_CHOICES = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+# The filters torch resizes (its antialiased kernels are PIL's filters); PIL keeps the others.
+_TORCH_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 
 Interpolation = Image.Resampling | str  # a PIL filter, or the string "random"
 
@@ -90,24 +99,12 @@ def sample_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _to_tensor(image: Image.Image, scale: np.ndarray, offset: np.ndarray) -> torch.Tensor:
-    """(3,H,W) float32 ``pixel * scale - offset`` per channel from an RGB PIL image.
-
-    Done in numpy, channels first: torch's element-wise ops on small tensors are slower and
-    depend on the intra-op thread count of the process (main process vs loader workers).
-    """
-    array = np.asarray(image).transpose(2, 0, 1).astype(np.float32)  # (3,H,W), a fresh copy
-    array *= scale
-    array -= offset
-    return torch.from_numpy(array)
-
-
 def sample_flipped_box(image_size: tuple[int, int], rng: np.random.Generator, flip_prob: float,
                        scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[tuple[int, int, int, int], bool]:
     """Horizontal flip, then a random-resized-crop box: ((left, top, right, bottom), flip).
 
     The box is drawn as if on the flipped image and mirrored onto the original, so callers crop
-    the original and flip only the (small) resized output; PIL's filters make this exact.
+    the original and flip only the (small) resized output; symmetric filters make this exact.
     """
     width, height = image_size
     flip = rng.random() < flip_prob
@@ -115,6 +112,109 @@ def sample_flipped_box(image_size: tuple[int, int], rng: np.random.Generator, fl
     if flip:
         left = width - left - w
     return (left, top, left + w, top + h), flip
+
+
+def _affine(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToTensor + Normalize folded into one map per channel: (3,1,1) ``scale`` and ``offset``
+    with ``pixel * scale - offset == (pixel / 255 - mean) / std``."""
+    std_ = np.asarray(std, dtype=np.float64).reshape(3, 1, 1)
+    scale = (1.0 / (255.0 * std_)).astype(np.float32)
+    offset = (np.asarray(mean, dtype=np.float64).reshape(3, 1, 1) / std_).astype(np.float32)
+    return torch.from_numpy(scale), torch.from_numpy(offset)
+
+
+def _draw_filter(interpolation: Interpolation, rng: np.random.Generator) -> Image.Resampling:
+    if interpolation == "random":
+        return _RANDOM_CHOICES[int(rng.integers(0, len(_RANDOM_CHOICES)))]
+    return interpolation
+
+
+def _decoded(image: Image.Image | OpenedImage, box: tuple[int, int, int, int],
+             sizes: Sequence[tuple[int, int]]) -> tuple[Image.Image, tuple[float, ...]]:
+    """The RGB image to resize from, and ``box`` in its pixels.
+
+    An opened file is decoded here, reduced as far as the box stays at least as large as every
+    view (``sizes``, (height, width)) in both sides: a reduced JPEG decode then never upsamples
+    where the full one would not. The box is divided by the factor the decoder used (exactly:
+    PIL resizes from fractional boxes).
+    """
+    if isinstance(image, Image.Image):
+        return (image if image.mode == "RGB" else image.convert("RGB")), box
+    left, top, right, bottom = box
+    limit = min(min((right - left) // w, (bottom - top) // h) for h, w in sizes)
+    decoded = image.decode(max_reduction=limit)
+    if image.reduction > 1:
+        return decoded, tuple(c / image.reduction for c in box)
+    return decoded, box
+
+
+def _box_pixels(image: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """The box's pixels as a (1, 3, h, w) uint8 tensor in channels-last memory format.
+
+    Channels last is PIL's own layout (no transposing copy), and torch's antialiased uint8
+    resize is about twice as fast on it as on NCHW; uint8 because that kernel works in fixed
+    point, as PIL does. Only the box is copied.
+    """
+    return torch.from_numpy(np.array(image.crop(box))).permute(2, 0, 1).unsqueeze(0)  # writable copy
+
+
+_UNIT = ((0.0,) * 3, (1.0,) * 3)  # (mean, std) giving [0, 1]
+
+
+def _folded_affine(transform: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[tuple, tuple] | None:
+    """(mean, std) of a transform of [0, 1] views that is a per-channel affine map (none, the
+    tokenizers' ``Normalize`` and DALL-E's ``MapPixels``), to fold into the uint8 -> float
+    conversion instead of a pass of its own; None for anything else (applied after it)."""
+    if transform is None:
+        return _UNIT
+    from mcbeit.tokenizers.base import MapPixels, Normalize
+
+    if type(transform) is Normalize and len(transform.mean) == 3:
+        return transform.mean, transform.std
+    if type(transform) is MapPixels and transform.eps != 0.5:
+        gain = 1.0 - 2.0 * transform.eps  # x * gain + eps == (x - mean) / std
+        return (-transform.eps / gain,) * 3, (1.0 / gain,) * 3
+    return None
+
+
+def _normalised(pixels: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """(3,H,W) contiguous float32 ``pixel * scale - offset`` from (3,H,W) uint8 of any strides
+    (PIL's outputs are channels last: the converting copy also transposes them)."""
+    return torch.empty(pixels.shape, dtype=torch.float32).copy_(pixels).mul_(scale).sub_(offset)
+
+
+View = tuple[tuple[int, int], Interpolation, torch.Tensor, torch.Tensor]  # size, filter, scale, offset
+
+
+def _resized_views(image: Image.Image | OpenedImage, rng: np.random.Generator, flip_prob: float,
+                   scale: tuple[float, float], ratio: tuple[float, float],
+                   views: Sequence[View]) -> list[torch.Tensor]:
+    """Flip, one random-resized-crop box, and each view resized from it, (3, h, w) float32.
+
+    Random draws, in this order: flip, box, each view's interpolation. The box is turned into
+    a uint8 tensor once, and only if a view is resized by torch. torch resizes whole-pixel boxes
+    only: a box made fractional by a reduced decode goes to PIL, which resizes from it exactly
+    (rounding it instead would shift the view by up to half an output pixel).
+    """
+    box, flip = sample_flipped_box(image.size, rng, flip_prob, scale, ratio)
+    filters = [_draw_filter(interpolation, rng) for _, interpolation, _, _ in views]
+    decoded, box = _decoded(image, box, [size for size, *_ in views])
+    whole_pixels = all(float(c).is_integer() for c in box)
+    pixels = None
+    outputs = []
+    for ((height, width), _, scale_, offset), resample in zip(views, filters):
+        if resample in _TORCH_MODES and whole_pixels:
+            if pixels is None:
+                pixels = _box_pixels(decoded, tuple(int(c) for c in box))
+            resized = F.interpolate(pixels, size=(height, width), mode=_TORCH_MODES[resample],
+                                    align_corners=False, antialias=True)[0]
+        else:
+            resized = torch.from_numpy(np.array(decoded.resize((width, height), resample, box=box)))
+            resized = resized.permute(2, 0, 1)
+        if flip:
+            resized = resized.flip(-1)
+        outputs.append(_normalised(resized, scale_, offset))
+    return outputs
 
 
 class TwoViewTransform:
@@ -125,7 +225,10 @@ class TwoViewTransform:
     ``tokenizer_transform`` (a callable on a [0, 1] float tensor; identity when None);
     mask (N,) torch.bool from ``mask_generator(rng)``, flattened row-major.
     Every random choice comes from ``rng`` in a fixed order: flip, box, interpolations, mask.
+    ``pil_image`` may also be an :class:`~mcbeit.data.images.OpenedImage`, decoded here.
     """
+
+    accepts_opened_image = True  # ImageDataset passes files undecoded (see OpenedImage)
 
     def __init__(
         self,
@@ -151,13 +254,11 @@ class TwoViewTransform:
         self.second_interpolation = parse_interpolation(second_interpolation)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        # ToTensor + Normalize folded into one affine map per channel: x/255/std - mean/std.
-        std_ = np.asarray(self.std, dtype=np.float64).reshape(3, 1, 1)
-        self._scale_a = (1.0 / (255.0 * std_)).astype(np.float32)
-        self._offset_a = (np.asarray(self.mean).reshape(3, 1, 1) / std_).astype(np.float32)
-        self._scale_b = np.full((3, 1, 1), 1.0 / 255.0, dtype=np.float32)
-        self._offset_b = np.zeros((3, 1, 1), dtype=np.float32)
+        self._affine_a = _affine(self.mean, self.std)
         self.tokenizer_transform = tokenizer_transform
+        folded = _folded_affine(tokenizer_transform)
+        self._tokenizer_after = tokenizer_transform if folded is None else None
+        self._affine_b = _affine(*(folded or _UNIT))
         self.mask_generator = mask_generator
         self.scale = tuple(scale)
         self.ratio = tuple(ratio)
@@ -175,31 +276,15 @@ class TwoViewTransform:
             f"  mask: {self.mask_generator!r})"
         )
 
-    @staticmethod
-    def _filter(interpolation: Interpolation, rng: np.random.Generator) -> Image.Resampling:
-        if interpolation == "random":
-            return _RANDOM_CHOICES[int(rng.integers(0, len(_RANDOM_CHOICES)))]
-        return interpolation
-
     def __call__(
-        self, image: Image.Image, rng: np.random.Generator
+        self, image: Image.Image | OpenedImage, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        box, flip = sample_flipped_box(image.size, rng, self.flip_prob, self.scale, self.ratio)
-        filter_a = self._filter(self.interpolation, rng)
-        filter_b = self._filter(self.second_interpolation, rng)
-        (ha, wa), (hb, wb) = self.input_size, self.second_input_size
-        crop_a = image.resize((wa, ha), filter_a, box=box)
-        crop_b = image.resize((wb, hb), filter_b, box=box)
-        if flip:
-            crop_a = crop_a.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            crop_b = crop_b.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-
-        view_a = _to_tensor(crop_a, self._scale_a, self._offset_a)  # (3,H,W) normalised
-        view_b = _to_tensor(crop_b, self._scale_b, self._offset_b)  # (3,h2,w2) in [0,1]
-        if self.tokenizer_transform is not None:
-            view_b = self.tokenizer_transform(view_b)
+        view_a, view_b = _resized_views(image, rng, self.flip_prob, self.scale, self.ratio, (
+            (self.input_size, self.interpolation, *self._affine_a),  # (3,H,W) normalised
+            (self.second_input_size, self.second_interpolation, *self._affine_b),  # (3,h2,w2)
+        ))
+        if self._tokenizer_after is not None:
+            view_b = self._tokenizer_after(view_b)
         mask = np.ascontiguousarray(self.mask_generator(rng), dtype=np.bool_)  # (h,w)
         return view_a, view_b, torch.from_numpy(mask.reshape(-1))  # mask (N,)
 
@@ -211,7 +296,10 @@ class OneViewTransform:
     ``output_transform`` (e.g. a tokenizer's ``input_transform``) when given. Random choices come
     from ``rng`` in the order of :class:`TwoViewTransform` (flip, box, interpolation).
     ``scale=(1, 1), ratio=(1, 1), flip_prob=0`` is a deterministic centre crop (the largest square).
+    ``pil_image`` may also be an :class:`~mcbeit.data.images.OpenedImage`, decoded here.
     """
+
+    accepts_opened_image = True
 
     def __init__(
         self,
@@ -228,24 +316,19 @@ class OneViewTransform:
         self.interpolation = parse_interpolation(interpolation)
         self.flip_prob = float(flip_prob)
         self.output_transform = output_transform
-        self._scale = np.full((3, 1, 1), 1.0 / 255.0, dtype=np.float32)
-        self._offset = np.zeros((3, 1, 1), dtype=np.float32)
+        folded = _folded_affine(output_transform)
+        self._output_after = output_transform if folded is None else None
+        self._affine = _affine(*(folded or _UNIT))
 
     def __repr__(self) -> str:
         return (f"OneViewTransform(flip p={self.flip_prob}, random_resized_crop scale={self.scale} "
                 f"ratio=({self.ratio[0]:.4g}, {self.ratio[1]:.4g}), {self.size} "
                 f"{_interpolation_name(self.interpolation)}, {self.output_transform!r})")
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        box, flip = sample_flipped_box(image.size, rng, self.flip_prob, self.scale, self.ratio)
-        resample = TwoViewTransform._filter(self.interpolation, rng)
-        crop = image.resize((self.size[1], self.size[0]), resample, box=box)
-        if flip:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        view = _to_tensor(crop, self._scale, self._offset)  # (3,H,W) in [0,1]
-        return self.output_transform(view) if self.output_transform is not None else view
+    def __call__(self, image: Image.Image | OpenedImage, rng: np.random.Generator) -> torch.Tensor:
+        [view] = _resized_views(image, rng, self.flip_prob, self.scale, self.ratio,
+                                ((self.size, self.interpolation, *self._affine),))  # (3,H,W)
+        return self._output_after(view) if self._output_after is not None else view
 
 
 class SeededTransform:
