@@ -342,6 +342,27 @@ def add_recompute_argument(p: argparse.ArgumentParser) -> None:
                         "recompute whole blocks (least memory); none: keep everything")
 
 
+def add_compile_arguments(p: argparse.ArgumentParser) -> None:
+    """``--compile``: torch.compile the model and the loss (mcbeit.tasks.common.compile_modules)."""
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model and the loss: faster steps after the first ones, which compile "
+                        "(minutes on a CPU); see `python -m bench --sections compile`")
+    p.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend (inductor; aot_eager or eager find tracing problems fast)")
+    p.add_argument("--compile_mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode (default: torch's default)")
+
+
+def compile_modules(args: argparse.Namespace, *modules: torch.nn.Module) -> None:
+    """Compile each module's forward in place (``nn.Module.compile``: state dict keys unchanged)."""
+    if not getattr(args, "compile", False):
+        return
+    for module in modules:
+        module.compile(backend=args.compile_backend, mode=args.compile_mode)
+    log.info("torch.compile (backend %s, mode %s): the first steps compile", args.compile_backend,
+             args.compile_mode or "default")
+
+
 def fill_defaults(args: argparse.Namespace, embedded: dict, real: dict) -> None:
     """Flags left at None take the embedded run's value without --data_path, the real run's with it."""
     table = embedded if args.data_path is None else real

@@ -34,7 +34,8 @@ from mcbeit.models.checkpoint import load_into
 from mcbeit.models.classifier import build_classifier
 from mcbeit.models.recompute import DEFAULT_RECOMPUTE, set_recompute
 from mcbeit.models.linear_probe import LinearProbe
-from mcbeit.tasks.common import (add_optimizer_arguments, add_recompute_argument, add_runtime_arguments, amp_settings, fill_defaults,
+from mcbeit.tasks.common import (add_compile_arguments, add_optimizer_arguments, add_recompute_argument,
+                                 add_runtime_arguments, compile_modules, amp_settings, fill_defaults,
                                  epoch_save_due, finish_log, load_resumed_weights, log_plan, position_state, resume_path,
                                  resume_position, run_main,
                                  save_checkpoint, seed_everything, start_run,
@@ -84,6 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn_drop_rate", type=float, default=0.0)
     p.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
     add_recompute_argument(p)
+    add_compile_arguments(p)
     p.add_argument("--disable_eval_during_finetuning", action="store_true", default=False)
     p.add_argument("--model_ema", action="store_true", default=False)
     p.add_argument("--model_ema_decay", type=float, default=0.9999)
@@ -423,6 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lr_schedule = cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch,
                                    warmup_epochs=args.warmup_epochs, warmup_steps=warmup_steps(args, steps_per_epoch))
     wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
+    compile_modules(args, model)
     trainer = None
     if args.enable_deepspeed:
         trainer, amp_dtype = _deepspeed_trainer(args, info, model, optimizer)

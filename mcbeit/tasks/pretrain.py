@@ -33,7 +33,8 @@ from mcbeit.models.beit import BeitForMaskedImageModeling, patch_size_of
 from mcbeit.models.checkpoint import filter_pretraining_state_dict
 from mcbeit.models.recompute import DEFAULT_RECOMPUTE, set_recompute
 from mcbeit.objectives import build_objective
-from mcbeit.tasks.common import (add_optimizer_arguments, add_recompute_argument, add_runtime_arguments, amp_settings, check_at_least,
+from mcbeit.tasks.common import (add_compile_arguments, add_optimizer_arguments, add_recompute_argument,
+                                 add_runtime_arguments, compile_modules, amp_settings, check_at_least,
                                  check_patch_grid, fill_defaults, epoch_save_due, finish_log, load_resumed_weights,
                                  log_plan, position_state, resume_path, resume_position, run_main, save_checkpoint,
                                  seed_everything, start_run, warmup_steps)
@@ -96,6 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="image size for the tokenizer; default 112" + emb.format(EMBEDDED_DEFAULTS["second_input_size"]))
     p.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
     add_recompute_argument(p)
+    add_compile_arguments(p)
     # optimisation
     add_optimizer_arguments(p, opt_betas=[0.9, 0.98], min_lr=1e-5,
                             warmup_epochs_help="LR warm-up epochs; default 5" + emb.format(EMBEDDED_DEFAULTS["warmup_epochs"]))
@@ -280,9 +282,10 @@ def run(args: argparse.Namespace) -> dict:
     temps = temperature_schedule(args.temp_warmup, args.temp, args.epochs, args.temp_warmup_epochs)
     start_epoch, first, resumed_from = restore(args, model, optimizer, scaler, steps_per_epoch, info)
 
+    objective = build_objective(args.hard_targets, args.omega, args.detach_similarity)
+    compile_modules(args, model, objective)
     ddp_model = wrap_ddp(model, info)
     writer = RunWriter(args.output_dir, args.log_dir, enabled=info.is_main and bool(args.output_dir))
-    objective = build_objective(args.hard_targets, args.omega, args.detach_similarity)
     state = PretrainState(model=ddp_model, model_without_ddp=model, tokenizer=tokenizer, objective=objective,
                           optimizer=optimizer, scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
                           dist=info, amp_dtype=amp_dtype, clip_grad=args.clip_grad, print_freq=args.print_freq,

@@ -92,6 +92,22 @@ def test_pretraining_end_to_end_loss_falls(image_folder, tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_recompute_and_compile_train_the_same_numbers(image_folder, tmp_path):
+    """--recompute none (everything kept) and --compile against the default. The compiled run uses
+    the eager backend: TorchDynamo traces the model, the selective recompute and the loss as it
+    would for inductor (graph breaks, guards), without minutes of C++ code generation on a CPU."""
+    losses = {}
+    for name, extra in (("default", ()), ("none", ("--recompute", "none")),
+                        ("compiled", ("--compile", "--compile_backend", "eager"))):
+        out = tmp_path / name
+        pretrain.run(run_args(image_folder, out, "--batch_size", "8", "--epochs", "2", "--lr", "2e-3", *extra))
+        losses[name] = [r["train_loss"] for r in read_log(out)]
+        keys = torch.load(out / "checkpoint-1.pth", weights_only=True)["model"]
+        assert not any("_orig_mod" in k for k in keys) and "lm_head.weight" in keys
+    assert losses["none"] == pytest.approx(losses["default"], abs=1e-5)
+    assert losses["compiled"] == pytest.approx(losses["default"], abs=1e-3)
+
+
 def test_resume_continues_epochs_and_temperature_warmup(image_folder, tmp_path):
     out = tmp_path / "run"
     common = ["--batch_size", "16", "--temp_warmup", "1.0", "--temp", "4.0", "--save_ckpt_freq", "1",
