@@ -55,6 +55,10 @@ class PhaseTimer:
                 self.times[phase].append(seconds)
             self.times["step"].append(sum(self._step.values()))
 
+    def last_step(self) -> float:
+        """Seconds of the step just timed (kept or not)."""
+        return sum(self._step.values())
+
     def medians(self) -> dict[str, float]:
         return {phase: statistics.median(values) for phase, values in self.times.items()}
 

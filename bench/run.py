@@ -93,13 +93,14 @@ def main(argv=None) -> dict:
     p.add_argument("--recompute", default=DEFAULT_RECOMPUTE, choices=RECOMPUTE_MODES,
                    help="the product's --recompute in the step configurations (the reference keeps everything)")
     p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling",
-                   help="comma-separated subset of: step, data, finetune, tokenizers, scaling")
+                   help="comma-separated subset of: step, data, finetune, tokenizers, scaling, compile "
+                        "(compile is not in the default: inductor compiles for minutes on a CPU)")
     p.add_argument("--work_dir", default=None, help="where the generated JPEGs go (default: a temporary folder)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top operators of one base fp32 step, ours and the reference")
     args = p.parse_args(argv)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"step", "data", "finetune", "tokenizers", "scaling"}
+    unknown = sections - {"step", "data", "finetune", "tokenizers", "scaling", "compile"}
     if unknown:
         p.error(f"unknown --sections {sorted(unknown)}")
 
@@ -161,6 +162,16 @@ def main(argv=None) -> dict:
         from bench.scaling import run_scaling
 
         result["scaling"] = run_scaling(args.device, quick=args.quick)
+
+    if "compile" in sections:
+        from bench.step import run_compile
+
+        cfg = _step_configs(args)[0] if args.quick else StepConfig(model=TINY, device=args.device, steps=args.steps)
+        row = run_compile(cfg, backend="eager" if args.quick else "inductor")
+        print(f"\n--compile ({row['backend']}), {row['config']}: first step {row['compiled_first_s']:.1f} s "
+              f"(compiling), then {row['compiled_step_s']:.3f} s per step against {row['eager_step_s']:.3f} s eager "
+              f"-> {row['speedup']:.2f}x")
+        result["compile"] = row
 
     if args.profile:
         from bench.step import profile_step

@@ -160,6 +160,26 @@ def run_step(cfg: StepConfig) -> dict:
     return row
 
 
+def run_compile(cfg: StepConfig, backend: str = "inductor") -> dict:
+    """The product's step eager and under ``--compile`` (model and loss): the first compiled step's
+    time (compilation included) and the median step time of each, on the same inputs."""
+    state, _, batch = build(StepConfig(**{**cfg.__dict__, "reference": False}))
+    times = {}
+    for name in ("eager", "compiled"):
+        if name == "compiled":
+            state.model.compile(backend=backend), state.objective.compile(backend=backend)
+        timer = PhaseTimer(state.dist.device)
+        for i in range(1 + cfg.steps):
+            timer.start()
+            pretrain_step(state, batch, TEMP)
+            timer.mark("step")
+            timer.stop(i >= 1)
+            if i == 0:
+                times[f"{name}_first_s"] = timer.last_step()
+        times[f"{name}_step_s"] = timer.medians()["step"]
+    return {"config": cfg.name, "backend": backend, **times, "speedup": times["eager_step_s"] / times["compiled_step_s"]}
+
+
 def _figures(medians: dict, batch_size: int) -> dict:
     out = {f"{phase}_s": medians.get(phase, 0.0) for phase in PHASES}
     out["step_s"] = medians["step"]

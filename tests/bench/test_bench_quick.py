@@ -13,12 +13,17 @@ def test_tokenizer_benchmark_runs_and_prints(capsys):
 
 def test_quick_benchmark_prints_every_section_and_writes_the_json(tmp_path, capsys):
     path = tmp_path / "figures.json"
-    result = run.main(["--quick", "--json", str(path)])
+    result = run.main(["--quick", "--json", str(path), "--sections", "step,data,finetune,tokenizers,scaling,compile"])
     out = capsys.readouterr().out
-    for title in ("Pre-training step", "Data pipeline per worker", "Fine-tuning step", "Tokenizers", "Scaling"):
+    for title in ("Pre-training step", "Data pipeline per worker", "Fine-tuning step", "Tokenizers", "Scaling",
+                  "--compile"):
         assert title in out
     saved = json.loads(path.read_text())
     assert saved["mode"] == "quick" and saved["step"][0]["loss_abs_diff"] is not None
+    step = saved["step"][0]
+    assert step["ours"]["peak_bytes"] > 0 and step["reference"]["peak_bytes"] > 0
+    assert 0 < step["ours"]["gflop"] < step["reference"]["gflop"]   # masked rows only: less work, counted
+    assert saved["compile"]["compiled_step_s"] > 0
     for key in ("speedup_step_base_fp32", "memory_ratio_step_base_fp32", "speedup_data_per_worker"):
         assert key in saved and key in result
     assert [row["processes"] for row in saved["scaling"]["processes"]] == [1, 2]
