@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from bench.step import StepConfig, run_finetune_step, run_step
+from bench.step import StepConfig, amp_dtype_of, run_finetune_step, run_step
+from mcbeit.engine.loop import native_low_precision
 from mcbeit.models.recompute import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
 
 BASE, TINY = "beit_base_patch16_224_8k_vocab", "beit_tiny_patch16_224_8k_vocab"
@@ -43,10 +44,16 @@ def _step_configs(args) -> list[StepConfig]:
                            device=device)]
     amps = args.amps.split(",")
     models = {"tiny": TINY, "base": BASE}
-    out = [StepConfig(model=models[m], amp=amp, device=device, recompute=args.recompute,
-                      steps=args.steps if amp == "fp32" or device == "cuda" or m == "tiny" else 1,
-                      flops=amp == "fp32" or device == "cuda")
-           for m in args.models.split(",") for amp in amps]
+    out = []
+    for m in args.models.split(","):
+        for amp in amps:
+            native = amp == "fp32" or native_low_precision(torch.device(device), amp_dtype_of(amp))
+            if not native and m == "base" and not args.emulated:
+                print(f"(base {amp} skipped: this CPU emulates {amp} (no AVX-512-BF16 / AMX), one step takes "
+                      f"minutes and says nothing about {amp} hardware; --emulated times it anyway)")
+                continue
+            out.append(StepConfig(model=models[m], amp=amp, device=device, recompute=args.recompute,
+                                  steps=args.steps if native else 1, memory=native, flops=native))
     if device == "cuda":
         out += [StepConfig(model=BASE, amp=amp, batch_size=64, device=device, steps=args.steps)
                 for amp in ("bf16", "fp32")]
@@ -90,6 +97,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
     p.add_argument("--models", default="tiny,base", help="step configurations: comma-separated tiny, base")
     p.add_argument("--amps", default="fp32,bf16", help="step configurations: comma-separated fp32, bf16 (fp16 on CUDA)")
+    p.add_argument("--emulated", action="store_true",
+                   help="also time base in bf16 / fp16 on a CPU that only emulates them (minutes per step)")
     p.add_argument("--recompute", default=DEFAULT_RECOMPUTE, choices=RECOMPUTE_MODES,
                    help="the product's --recompute in the step configurations (the reference keeps everything)")
     p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling",

@@ -50,7 +50,7 @@ class StepConfig:
         return f"{short}@{self.input_size} b{self.batch_size} {self.amp}"
 
 
-def _amp_dtype(amp: str) -> torch.dtype | None:
+def amp_dtype_of(amp: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -83,7 +83,7 @@ def build(cfg: StepConfig):
     model = timm.create_model(cfg.model, img_size=cfg.input_size, vocab_size=tokenizer.vocab_size,
                               use_shared_rel_pos_bias=True, init_values=0.1, drop_path_rate=0.1).to(device)
     set_recompute(model, cfg.recompute)
-    reference = ReferenceStep(reference_model(model), tokenizer, clip_grad=3.0, amp_dtype=_amp_dtype(cfg.amp)) \
+    reference = ReferenceStep(reference_model(model), tokenizer, clip_grad=3.0, amp_dtype=amp_dtype_of(cfg.amp)) \
         if cfg.reference else None
     optimizer = build_optimizer(model, opt="adamw", lr=1e-4, weight_decay=0.05)
     total = 10 ** 6
@@ -91,7 +91,7 @@ def build(cfg: StepConfig):
     ours_tokenizer = copy.deepcopy(tokenizer).channels_last()  # as the task builds it; the reference keeps NCHW
     state = PretrainState(model=model, model_without_ddp=model, tokenizer=ours_tokenizer, objective=build_objective(False),
                           optimizer=optimizer, scaler=scaler, lr_schedule=np.full(total, 1e-4),
-                          wd_schedule=np.full(total, 0.05), dist=DistInfo(device=device), amp_dtype=_amp_dtype(cfg.amp),
+                          wd_schedule=np.full(total, 0.05), dist=DistInfo(device=device), amp_dtype=amp_dtype_of(cfg.amp),
                           clip_grad=3.0, params=[q for q in model.parameters() if q.requires_grad])
     return state, reference, make_batch(cfg, tokenizer, device)
 
@@ -205,7 +205,7 @@ def run_finetune_step(model: str = "beit_base_patch16_224", batch_size: int = 8,
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(batch_size, 3, input_size, input_size, generator=g).to(dev),
                 torch.randint(0, 1000, (batch_size,), generator=g).to(dev)) for _ in range(2)]
-    amp_dtype = _amp_dtype(amp)
+    amp_dtype = amp_dtype_of(amp)
     optimizer = build_optimizer(net, opt="adamw", lr=1e-4, weight_decay=0.05, layer_decay=0.65)
     n = warmup + steps
     state = FinetuneState(model=net, model_without_ddp=net, optimizer=optimizer,

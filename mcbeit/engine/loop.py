@@ -31,6 +31,25 @@ def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+def native_low_precision(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``device`` computes in ``dtype`` (bf16 / fp16) natively: every GPU autocast supports;
+    a CPU only with AVX-512-BF16 / AVX512-FP16 or AMX, else oneDNN emulates it, several times
+    slower than fp32 (the VQGAN tokenizer ~7x on an AVX2 CPU)."""
+    if device.type != "cpu":
+        return True
+    check = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+             torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype)
+    return check is not None and bool(check())
+
+
+def tokenizer_amp_dtype(device: torch.device, amp_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype the tokenizer runs under: the step's, or fp32 (None) where that dtype is
+    emulated (a frozen target network gains nothing from slower low precision)."""
+    if amp_dtype is None or not native_low_precision(device, amp_dtype):
+        return None
+    return amp_dtype
+
+
 @dataclass
 class PretrainState:
     """Everything one step needs, built once by the task."""
@@ -77,7 +96,7 @@ def pretrain_step(state: PretrainState, batch: Sequence[torch.Tensor], temp: flo
 
     # The tokenizer is a fixed target network: inference mode (no autograd bookkeeping at all).
     # Its logits are only read afterwards (softmax / argmax under no_grad), never saved for backward.
-    with torch.inference_mode(), autocast_context(device, state.amp_dtype):
+    with torch.inference_mode(), autocast_context(device, tokenizer_amp_dtype(device, state.amp_dtype)):
         tokenizer_logits = state.tokenizer(view_b).float()                    # (B, V, h, w)
     if mark is not None:
         mark("tokenizer")

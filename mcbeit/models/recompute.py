@@ -2,17 +2,16 @@
 
 ``--recompute`` chooses, for the BEiT blocks of any model (pre-training or classification):
 
-* ``selective`` (the default): keep only the outputs of the matrix products that make
-  parameters' activations (``mm``/``addmm``: qkv, proj, fc1, fc2) and of fused attention kernels;
-  recompute everything else of the block in its backward pass: layer norms, GELU, layer-scale
-  and residual element-wise ops, and on the CPU (where the relative bias, a tensor that needs a
-  gradient, rules out the fused kernel) the attention matrix itself (q k^T, softmax, its product
-  with v). This drops the B x heads x N x N attention probabilities and the B x N x 4D GELU output
-  of every block: a base model at batch 8 needs about 0.6 GB less at its peak, for element-wise
-  work and two small batched products per block (see ``python -m bench``).
+* ``selective`` (the default): keep the outputs of every matrix product (``mm``/``addmm``/``bmm``:
+  qkv, the attention scores and their product with v, proj, fc1, fc2) and of fused attention
+  kernels; recompute the element-wise work in backward: layer norms, GELU, softmax, layer scale,
+  residual adds. This drops the B x N x 4D GELU output and the layer norms' outputs of every
+  block: ViT-B at batch 8 keeps 812 MB of activations instead of 1199 MB, for +2.7% of the
+  forward + backward time on a 2-core CPU (`python -m bench`; not yet measured on a GPU, where
+  element-wise work is a larger share of the step: try ``none`` there when memory allows).
 * ``full``: timm's gradient checkpointing (only each block's input is kept; the whole block
   runs again in backward): the least memory, one more forward's worth of compute.
-* ``none``: autograd keeps everything (the original code's behaviour).
+* ``none``: autograd keeps everything (the original code's behaviour), the fastest.
 
 Built on PyTorch's selective activation checkpointing (``torch.utils.checkpoint`` with
 ``create_selective_checkpoint_contexts``); random ops (drop path) replay the same draws.
@@ -34,9 +33,10 @@ RECOMPUTE_MODES = ("selective", "full", "none")
 DEFAULT_RECOMPUTE = "selective"
 
 _aten = torch.ops.aten
-# Outputs kept from the forward pass: the products with weights, and fused attention kernels
-# (their saved outputs are small: the result and the log-sum-exp, never the N x N matrix).
-_KEEP = {_aten.mm.default, _aten.addmm.default}
+# Outputs kept from the forward pass: matrix products (recomputing the attention's two batched
+# products as well saved another 226 MB for ViT-B but cost +6% instead of +2.7%) and fused
+# attention kernels (their saved outputs are small: the result and the log-sum-exp).
+_KEEP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default}
 for _name in ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
               "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
     if hasattr(_aten, _name):

@@ -71,3 +71,22 @@ def test_a_non_finite_gradient_is_skipped_and_leaves_weights_and_optimizer_untou
     assert all(torch.equal(v, weights[k]) for k, v in state.model.state_dict().items() if k != "lm_head.weight")
     after = state.optimizer.state_dict()["state"][0]
     assert all(torch.equal(after[k], v) for k, v in moments.items())  # moments and step count unchanged
+
+
+def test_the_tokenizer_runs_fp32_where_the_cpu_only_emulates_bf16():
+    """--amp bf16: the ViT computes in bf16 everywhere; the frozen tokenizer only where bf16 is native
+    (GPUs; CPUs with AVX-512-BF16 / AMX), fp32 on others, where oneDNN's emulation is ~7x slower."""
+    from mcbeit.engine.loop import native_low_precision, tokenizer_amp_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert native_low_precision(gpu, torch.bfloat16) and tokenizer_amp_dtype(gpu, torch.bfloat16) is torch.bfloat16
+    assert tokenizer_amp_dtype(cpu, torch.bfloat16) is (torch.bfloat16 if native else None)
+    assert tokenizer_amp_dtype(cpu, None) is None
+    state = _state(False, torch.bfloat16)
+    seen = {}
+    conv = next(m for m in state.tokenizer.modules() if any(p.dim() == 4 for p in m.parameters(recurse=False)))
+    conv.register_forward_hook(lambda m, i, o: seen.update(tokenizer=o.dtype) and None)
+    state.model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: seen.update(vit=o.dtype) and None)
+    pretrain_step(state, _batch(), temp=4.0)
+    assert seen == {"tokenizer": torch.bfloat16 if native else torch.float32, "vit": torch.bfloat16}

@@ -66,7 +66,7 @@ def _kept_bytes(model, x, mask) -> int:
     return kept
 
 
-def test_selective_drops_the_attention_matrix_and_gelu_output_of_every_block():
+def test_selective_drops_the_gelu_and_layer_norm_outputs_of_every_block():
     model = _model()
     x, mask = _inputs()
     kept = {}
@@ -74,10 +74,10 @@ def test_selective_drops_the_attention_matrix_and_gelu_output_of_every_block():
         set_recompute(model, mode)
         assert recompute_mode(model) == mode
         kept[mode] = _kept_bytes(model, x, mask)
-    depth, heads, dim, tokens = len(model.blocks), model.blocks[0].attn.num_heads, model.embed_dim, N + 1
-    attention = B * heads * tokens * tokens * 4              # (B,H,1+N,1+N) fp32 probabilities
+    depth, dim, tokens = len(model.blocks), model.embed_dim, N + 1
     gelu = B * tokens * 4 * dim * 4                          # (B,1+N,4D) fp32
-    assert kept["selective"] <= kept["none"] - depth * (attention + gelu)
+    norms = 2 * B * tokens * dim * 4                         # norm1 and norm2 outputs, (B,1+N,D) fp32
+    assert kept["selective"] <= kept["none"] - depth * (gelu + norms)
     assert kept["full"] < kept["selective"] / 4
 
 
