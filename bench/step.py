@@ -22,7 +22,7 @@ from mcbeit.data.masking import BlockMaskGenerator
 from mcbeit.engine.distributed import DistInfo
 from mcbeit.engine.loop import PretrainState, pretrain_step
 from mcbeit.engine.optim import build_optimizer
-from mcbeit.models.recompute import DEFAULT_RECOMPUTE, set_recompute
+from mcbeit.models.recompute import DEFAULT_RECOMPUTE, FINETUNE_RECOMPUTE, set_recompute
 from mcbeit.objectives import build_objective
 from mcbeit.tokenizers import build_tokenizer
 
@@ -200,7 +200,7 @@ def run_finetune_step(model: str = "beit_base_patch16_224", batch_size: int = 8,
     dev = torch.device(device)
     torch.manual_seed(0)
     net = timm.create_model(model, **classifier_kwargs(nb_classes=1000, input_size=input_size, drop_path=0.1)).to(dev)
-    set_recompute(net, DEFAULT_RECOMPUTE)
+    set_recompute(net, FINETUNE_RECOMPUTE)
     ref = reference_model(net)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(batch_size, 3, input_size, input_size, generator=g).to(dev),

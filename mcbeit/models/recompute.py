@@ -2,7 +2,7 @@
 
 ``--recompute`` chooses, for the BEiT blocks of any model (pre-training or classification):
 
-* ``selective`` (the default): keep the outputs of every matrix product (``mm``/``addmm``/``bmm``:
+* ``selective`` (pre-training's default): keep the outputs of every matrix product (``mm``/``addmm``/``bmm``:
   qkv, the attention scores and their product with v, proj, fc1, fc2) and of fused attention
   kernels; recompute the element-wise work in backward: layer norms, GELU, softmax, layer scale,
   residual adds. This drops the B x N x 4D GELU output and the layer norms' outputs of every
@@ -11,7 +11,8 @@
   element-wise work is a larger share of the step: try ``none`` there when memory allows).
 * ``full``: timm's gradient checkpointing (only each block's input is kept; the whole block
   runs again in backward): the least memory, one more forward's worth of compute.
-* ``none``: autograd keeps everything (the original code's behaviour), the fastest.
+* ``none`` (fine-tuning's default): autograd keeps everything (the original code's behaviour),
+  the fastest.
 
 Built on PyTorch's selective activation checkpointing (``torch.utils.checkpoint`` with
 ``create_selective_checkpoint_contexts``); random ops (drop path) replay the same draws.
@@ -27,10 +28,11 @@ import torch.nn as nn
 from timm.models.beit import Block
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["RECOMPUTE_MODES", "DEFAULT_RECOMPUTE", "set_recompute", "recompute_mode"]
+__all__ = ["RECOMPUTE_MODES", "DEFAULT_RECOMPUTE", "FINETUNE_RECOMPUTE", "set_recompute", "recompute_mode"]
 
 RECOMPUTE_MODES = ("selective", "full", "none")
-DEFAULT_RECOMPUTE = "selective"
+DEFAULT_RECOMPUTE = "selective"  # pre-training: a third less activation memory for ~3% of the step
+FINETUNE_RECOMPUTE = "none"      # fine-tuning: nothing else to save there, so the fastest
 
 _aten = torch.ops.aten
 # Outputs kept from the forward pass: matrix products (recomputing the attention's two batched

@@ -332,13 +332,13 @@ def add_runtime_arguments(p: argparse.ArgumentParser, *, output_dir: str, print_
                         "then it stops with an error, and torchrun --max-restarts can restart the group")
 
 
-def add_recompute_argument(p: argparse.ArgumentParser) -> None:
+def add_recompute_argument(p: argparse.ArgumentParser, default: str) -> None:
     """``--recompute``: how much of each block's activations backward keeps (mcbeit.models.recompute)."""
-    from mcbeit.models.recompute import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
+    from mcbeit.models.recompute import RECOMPUTE_MODES
 
-    p.add_argument("--recompute", default=DEFAULT_RECOMPUTE, choices=RECOMPUTE_MODES,
-                   help="selective (default): keep matrix-product outputs, recompute layer norms, GELU, softmax "
-                        "in backward (a third less activation memory, ~3%% slower on a CPU); full: recompute "
+    p.add_argument("--recompute", default=default, choices=RECOMPUTE_MODES,
+                   help=f"default {default}. selective: keep matrix-product outputs, recompute layer norms, GELU, "
+                        "softmax in backward (a third less activation memory, ~3%% slower on a CPU); full: recompute "
                         "whole blocks (least memory); none: keep everything (fastest)")
 
 

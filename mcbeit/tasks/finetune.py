@@ -32,7 +32,7 @@ from mcbeit.engine.optim import optimizer_from_args
 from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.models.checkpoint import load_into
 from mcbeit.models.classifier import build_classifier
-from mcbeit.models.recompute import DEFAULT_RECOMPUTE, set_recompute
+from mcbeit.models.recompute import FINETUNE_RECOMPUTE, set_recompute
 from mcbeit.models.linear_probe import LinearProbe
 from mcbeit.tasks.common import (add_compile_arguments, add_optimizer_arguments, add_recompute_argument,
                                  add_runtime_arguments, compile_modules, amp_settings, fill_defaults,
@@ -84,7 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop", type=float, default=0.0, help="dropout before the head")
     p.add_argument("--attn_drop_rate", type=float, default=0.0)
     p.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
-    add_recompute_argument(p)
+    add_recompute_argument(p, FINETUNE_RECOMPUTE)
     add_compile_arguments(p)
     p.add_argument("--disable_eval_during_finetuning", action="store_true", default=False)
     p.add_argument("--model_ema", action="store_true", default=False)
@@ -248,7 +248,7 @@ def build_model(args) -> torch.nn.Module:
                              rel_pos_bias=args.rel_pos_bias, abs_pos_emb=args.abs_pos_emb,
                              layer_scale_init_value=args.layer_scale_init_value, drop=args.drop,
                              attn_drop_rate=args.attn_drop_rate, drop_path=args.drop_path)
-    return set_recompute(model, getattr(args, "recompute", DEFAULT_RECOMPUTE))
+    return set_recompute(model, getattr(args, "recompute", FINETUNE_RECOMPUTE))
 
 
 def build_criterion(args, mixup_fn):

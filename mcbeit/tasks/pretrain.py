@@ -96,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--second_input_size", default=None, type=int,
                    help="image size for the tokenizer; default 112" + emb.format(EMBEDDED_DEFAULTS["second_input_size"]))
     p.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate")
-    add_recompute_argument(p)
+    add_recompute_argument(p, DEFAULT_RECOMPUTE)
     add_compile_arguments(p)
     # optimisation
     add_optimizer_arguments(p, opt_betas=[0.9, 0.98], min_lr=1e-5,
