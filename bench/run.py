@@ -1,7 +1,7 @@
 """``python -m bench`` / ``mcbeit-bench``: what a pre-training step, the data pipeline and a
 fine-tuning step cost, ours against the reference formulation, measured side by side in one run.
 
-    python -m bench                       # the full table on this machine (CPU: about 10 minutes)
+    python -m bench                       # the full table on this machine (2-core CPU: about 7 minutes)
     python -m bench --quick               # seconds: tiny models and images (CI runs this)
     python -m bench --json figures.json   # also write every figure
 
