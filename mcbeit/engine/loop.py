@@ -6,6 +6,7 @@ interval, not per step); TensorBoard still gets one point per step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -31,6 +32,7 @@ def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+@functools.lru_cache(maxsize=None)  # asked every step; the answer is the hardware's
 def native_low_precision(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``device`` computes in ``dtype`` (bf16 / fp16) natively: every GPU autocast supports;
     a CPU only with AVX-512-BF16 / AVX512-FP16 or AMX, else oneDNN emulates it, several times
