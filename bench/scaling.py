@@ -2,6 +2,7 @@
 one process to two (gloo on the CPU, NCCL on GPUs) at a fixed batch per process."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import statistics
@@ -41,7 +42,7 @@ def _worker(rank: int, world: int, port: int, cfg: StepConfig, out) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        cfg = StepConfig(**{**cfg.__dict__, "device": str(device)})
+        cfg = dataclasses.replace(cfg, device=str(device))
         state, _, batch = build(cfg)
         state.dist = DistInfo(rank=rank, world_size=world, device=device)
         state.model = wrap_ddp(state.model_without_ddp, state.dist)  # as the task wraps it

@@ -8,6 +8,7 @@ two alternate step by step (so both see the same machine), after warm-up steps o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -163,7 +164,7 @@ def run_step(cfg: StepConfig) -> dict:
 def run_compile(cfg: StepConfig, backend: str = "inductor") -> dict:
     """The product's step eager and under ``--compile`` (model and loss): the first compiled step's
     time (compilation included) and the median step time of each, on the same inputs."""
-    state, _, batch = build(StepConfig(**{**cfg.__dict__, "reference": False}))
+    state, _, batch = build(dataclasses.replace(cfg, reference=False))
     times = {}
     for name in ("eager", "compiled"):
         if name == "compiled":
