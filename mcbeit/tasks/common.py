@@ -17,6 +17,7 @@ import torch
 from mcbeit.data.folders import CLASSIFICATION_LAYOUTS, EVAL_LAYOUT, BadListFileError, DataPathError, check_data_folder
 from mcbeit.data.images import TooManyBadImagesError
 from mcbeit.engine import checkpoint as ckpt_io
+from mcbeit.errors import InputError
 from mcbeit.engine.distributed import DistInfo, init_distributed
 from mcbeit.engine.logging import setup_logging
 from mcbeit.engine.control import EXIT_PREEMPTED, Preempted, gather_rng, restore_rank_rng
@@ -382,7 +383,7 @@ EXIT_DIVERGED = 3  # the run stopped on non-finite losses / gradients (its messa
 EXIT_BAD_DATA = 4  # too many unreadable images (their paths are in the warnings)
 # Errors of the input (data folders, list files, checkpoints read or loaded) whose messages name the
 # flag or file and say what to do: a SystemExit with the message, no traceback.
-INPUT_ERRORS = (DataPathError, BadListFileError, CheckpointError)
+INPUT_ERRORS = (InputError, DataPathError, BadListFileError, CheckpointError)
 EXIT_PEER_LOST = 5  # a collective failed: another process hung past --dist_timeout or died
 
 # How gloo / NCCL / the store word a peer that stopped answering (their errors are plain RuntimeErrors)
