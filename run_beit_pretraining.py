@@ -1,8 +1,8 @@
-"""BEiT's entry point name: the same pre-training; pass --hard_targets for BEiT's hard-token loss
-(its seed command lines use --discrete_vae_type dall-e)."""
+"""BEiT's entry point name: pre-training with BEiT's hard visual-token targets and unilm's BEiT
+defaults (`mcbeit-pretrain-beit`; its seed command lines pass --discrete_vae_type dall-e)."""
 import sys
 
-from mcbeit.tasks.pretrain import main_beit as main
+from mcbeit.cli.pretrain import main_beit as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 `python -m torch.distributed.launch`) runs `mcbeit-pretrain` with the same flags."""
 import sys
 
-from mcbeit.tasks.pretrain import main
+from mcbeit.cli.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

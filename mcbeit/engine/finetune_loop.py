@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mcbeit.engine.control import RunControl
 from mcbeit.engine.distributed import DistInfo, all_reduce_sum
 from mcbeit.engine.logging import RunWriter
-from mcbeit.engine.loop import autocast_context
+from mcbeit.engine.precision import autocast_context
 from mcbeit.engine.meter import StepMeter
 from mcbeit.engine.optim import clip_and_step
 from mcbeit.engine.schedules import apply_schedules, lr_stats

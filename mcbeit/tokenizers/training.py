@@ -19,7 +19,7 @@ from torch import nn
 
 from mcbeit.engine.distributed import DistInfo, all_reduce_sum
 from mcbeit.engine.logging import RunWriter
-from mcbeit.engine.loop import autocast_context
+from mcbeit.engine.precision import autocast_context
 from mcbeit.engine.meter import StepMeter
 from mcbeit.engine.control import RunControl
 from mcbeit.engine.optim import backward_and_step

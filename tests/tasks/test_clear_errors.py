@@ -17,11 +17,14 @@ import timm
 import torch
 
 import mcbeit.models.classifier  # noqa: F401  (registers the tiny and small classifiers)
+from mcbeit.engine import trainer as engine_trainer
 from mcbeit.engine.distributed import DistInfo
-from mcbeit.tasks import common, finetune, pretrain
+from mcbeit.cli import pretrain
+from mcbeit.tasks import common, finetune
 from mcbeit.tasks import tokenizer as tok_task
 from mcbeit.tokenizers.custom import CustomTokenizer
 from mcbeit.tokenizers.training import VQVAETraining
+from mcbeit.tasks.pretrain import CHECKPOINT_FORMAT as PRETRAIN_FORMAT
 from tests.tasks.conftest import FAST, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +41,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise TrainingStarted("the command started training")
 
-    for module in (pretrain, tok_task, finetune):
+    for module in (engine_trainer, tok_task, finetune):
         monkeypatch.setattr(module, "train_one_epoch", refuse)
 
 
@@ -75,7 +78,7 @@ def _checkpoints(root: Path) -> dict[str, Path]:
     small_mim = timm.create_model("beit_small_patch16_224_8k_vocab", img_size=64, use_shared_rel_pos_bias=True,
                                   init_values=0.1, vocab_size=8192)
     out["pretrain_small"] = root / "pretrain_small.pth"
-    torch.save({"format": pretrain.CHECKPOINT_FORMAT, "model": small_mim.state_dict(), "epoch": 0,
+    torch.save({"format": PRETRAIN_FORMAT, "model": small_mim.state_dict(), "epoch": 0,
                 "args": {"model": "beit_small_patch16_224_8k_vocab", "input_size": 64}}, out["pretrain_small"])
     # tokenizer training: 64 codes where the run asks for 16
     vq = VQVAETraining(CustomTokenizer(image_size=32, head="vq", vocab_size=64, n_hid=8, n_blk_per_group=1,
@@ -276,7 +279,8 @@ def test_wrong_input_stops_before_training_with_a_clear_message(command, extra, 
 def test_fewer_images_than_a_batch_on_each_of_two_processes(command, inputs, tmp_path, monkeypatch):
     """16 images, batch 12: one process has a step, each of two has none (drop_last). Seen from rank 0
     of two (the launcher's process group is not needed: the check comes before any collective)."""
-    monkeypatch.setattr(common, "init_distributed", lambda *args, **kwargs: DistInfo(rank=0, world_size=2))
+    for module in (common, engine_trainer):
+        monkeypatch.setattr(module, "init_distributed", lambda *args, **kwargs: DistInfo(rank=0, world_size=2))
     out = tmp_path / "out"
     message = refused(command, base_argv(command, inputs["data"], out) + ["--batch_size", "12"], out)
     assert "the dataset has 16 images, fewer than one batch of 12 per process x 2 processes" in message

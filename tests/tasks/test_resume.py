@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mcbeit.engine.control import EXIT_PREEMPTED
-from mcbeit.tasks import pretrain
+from mcbeit.cli import pretrain
 from tests.engine.test_meter import read_scalars
 from tests.tasks.conftest import FAST, PYTHON, REPO, cli_env
 

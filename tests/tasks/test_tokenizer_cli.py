@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mcbeit.tasks import pretrain
+from mcbeit.cli import pretrain
 from mcbeit.tasks import tokenizer as tok_task
 from tests.tasks.conftest import FAST, PYTHON, make_image_folder, run_cli
 

@@ -24,7 +24,8 @@ import pytest
 import torch
 import yaml
 
-from mcbeit.tasks import export, finetune, pretrain
+from mcbeit.cli import pretrain
+from mcbeit.tasks import export, finetune
 from mcbeit.tasks import tokenizer as tok_task
 from tests.tasks.conftest import FAST as PRETRAIN_FAST
 from tests.tasks.conftest import PYTHON, REPO, cli_env

@@ -1,0 +1,50 @@
+"""What every command line shares: the parser of a configuration class, flags -> configuration, and
+running a job under the engine's exit-status mapping."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable, Sequence, TypeVar
+
+from mcbeit.config.fields import add_arguments, resolve
+
+C = TypeVar("C")
+_CONFIG_KEY = "_config_class"  # the parser's configuration class, carried in the namespace
+
+
+def config_parser(prog: str, config_cls: type, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``config_cls``'s flags (see :func:`mcbeit.config.fields.add_arguments`)."""
+    parser = argparse.ArgumentParser(prog, description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, config_cls)
+    parser.set_defaults(**{_CONFIG_KEY: config_cls})
+    return parser
+
+
+def to_config(args: argparse.Namespace | dict, config_cls: type[C] | None = None) -> C:
+    """The frozen configuration of a parsed namespace (flags the user gave; the rest are defaults)."""
+    given = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+    cls = given.pop(_CONFIG_KEY, None) or config_cls
+    if cls is None:
+        raise TypeError("to_config needs the configuration class (the namespace was not made by config_parser)")
+    given.pop("command", None)
+    return resolve(cls, given)
+
+
+def run_command(job: Callable[[], Any], dist_timeout: float = 30.0, on_exit: Callable[[], None] | None = None) -> int:
+    """Run ``job`` under the engine's mapping of exceptions to exit statuses."""
+    from mcbeit.engine.exits import run_guarded
+
+    return run_guarded(job, dist_timeout=dist_timeout, on_exit=on_exit)
+
+
+def parse_and_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                  run: Callable[[Any], Any]) -> int:
+    """``main``: parse ``argv`` (usage errors exit 2, wrong values 1 with the message), run, exit status."""
+    from mcbeit.errors import InputError
+
+    args = parser.parse_args(argv)
+    try:
+        config = to_config(args)
+    except InputError as exc:
+        raise SystemExit(str(exc)) from None
+    return run_command(lambda: run(config), dist_timeout=getattr(config, "dist_timeout", 30.0))

@@ -1,0 +1,144 @@
+"""Pre-training configuration: the flags of the original `run_mcbeit_pretraining.py` and
+`run_beit_pretraining.py`, each with its original's defaults.
+
+With no ``--data_path`` the run is the embedded demonstration (``EMBEDDED`` values: a tiny model
+at 112 px for 4 epochs, minutes on a CPU); with it, every default is the original script's, except
+``--model``, whose original default (``deit_base_patch16_224``) has no masked-image-modelling head:
+it stays ``beit_tiny_patch16_224_8k_vocab`` (the seeds' commands pass ``--model`` explicitly).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from mcbeit.config.fields import Group, flag
+from mcbeit.config.run import CompileConfig, OptimConfig, RunConfig, at_least
+from mcbeit.errors import ConfigError
+
+TOKENIZER_KINDS = ("dall-e", "vqgan", "vqgan_gumbel_f8_8192", "vqgan_ema", "customized")
+RECOMPUTE_MODES = ("selective", "full", "none")  # mcbeit.models.recompute (kept torch-free here)
+
+
+@dataclass(frozen=True)
+class PretrainDataConfig(Group):
+    TITLE: ClassVar[str] = "data"
+    EMBEDDED: ClassVar[dict[str, Any]] = {"input_size": 112, "second_input_size": 56}
+
+    data_path: str | None = flag(None, "dataset folder: an ImageFolder tree, or train/ + train_map.txt",
+                                 show_default="the embedded images")
+    data_set: str | None = flag(None, "dataset layout", choices=("CIFAR", "IMNET", "image_folder"),
+                                show_default="detected from the folder (and said in the log)")
+    input_size: int = flag(224, "image size for the ViT")
+    second_input_size: int = flag(112, "image size for the tokenizer (the ViT's patch grid x its downsampling)")
+    train_interpolation: str = flag("bicubic", "resize filter of the ViT's view (random, bilinear, bicubic, lanczos)")
+    second_interpolation: str = flag("lanczos", "resize filter of the tokenizer's view")
+    imagenet_default_mean_and_std: bool = flag(False, "normalise the ViT's view with ImageNet's mean/std (else 0.5/0.5)")
+    color_jitter: float = flag(0.0, "brightness / contrast / saturation jitter of the image before flip and crop (0: off)")
+
+
+@dataclass(frozen=True)
+class TokenizerChoice(Group):
+    TITLE: ClassVar[str] = "tokenizer"
+    #: the tokenizer kind when weights are given and --discrete_vae_type is not (the entry point's original)
+    DEFAULT_TOKENIZER: ClassVar[str] = "vqgan"
+
+    discrete_vae_weight_path: str | None = flag(
+        None, "tokenizer weights: a VQGAN log folder (model.yaml + last.ckpt), a DALL-E folder (encoder.pkl), or a "
+              "customized tokenizer file", show_default="none: a RANDOM tokenizer (smoke runs only)")
+    discrete_vae_type: str | None = flag(
+        None, f"one of {', '.join(TOKENIZER_KINDS)}",
+        show_default="the original's with --discrete_vae_weight_path, else 'customized' (a small random tokenizer "
+                     "that keeps the no-argument run fast)")
+
+
+@dataclass(frozen=True)
+class PretrainModelConfig(Group):
+    TITLE: ClassVar[str] = "model"
+
+    model: str = flag("beit_tiny_patch16_224_8k_vocab",
+                      "beit_{tiny,small,base,large}_patch16_224_8k_vocab (the original's default deit_base_patch16_224 "
+                      "has no masked-image-modelling head)")
+    rel_pos_bias: bool = flag(True, "one relative position bias shared by all blocks",
+                              negation="--disable_rel_pos_bias", negation_help="no shared relative position bias")
+    abs_pos_emb: bool = flag(False, "absolute position embedding")
+    layer_scale_init_value: float = flag(0.1, "layer scale initial value: 0.1 for base, 1e-5 for large; 0 disables it")
+    drop_path: float = flag(0.0, "stochastic depth rate")
+    recompute: str = flag("selective", "activations backward recomputes: selective keeps matrix-product outputs and "
+                                       "recomputes norms, GELU and softmax (a third less memory, ~3% slower on a "
+                                       "CPU); full recomputes whole blocks; none keeps everything",
+                          choices=RECOMPUTE_MODES)
+
+
+@dataclass(frozen=True)
+class MaskConfig(Group):
+    TITLE: ClassVar[str] = "masking"
+    EMBEDDED: ClassVar[dict[str, Any]] = {"num_mask_patches": 19}
+
+    mask_type: str = flag("block", "block: BEiT's block-wise masking; random: --mask_ratio of the patches",
+                          choices=("block", "random"))
+    num_mask_patches: int = flag(75, "patches masked per image (block masking)")
+    max_mask_patches_per_block: int | None = flag(None, "largest block (block masking)", type=int,
+                                                  show_default="--num_mask_patches")
+    min_mask_patches_per_block: int = flag(16, "smallest block (block masking)")
+    mask_ratio: float = flag(0.75, "fraction of the patches masked (random masking)")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig(Group):
+    TITLE: ClassVar[str] = "objective"
+
+    omega: float = flag(0.2, "weight of the inter-patch refined target (mc-BEiT)")
+    temp: float = flag(4.0, "tokenizer softmax temperature (mc-BEiT)")
+    temp_warmup: float = flag(4.0, "temperature at epoch 0, warmed linearly to --temp (mc-BEiT)")
+    temp_warmup_epochs: int = flag(30, "length of the temperature warm-up, in epochs (the original's constant)")
+    hard_targets: bool = flag(False, "BEiT's loss: cross-entropy on the tokenizer's hard token ids")
+    detach_similarity: bool = flag(False, "stop the gradient through the inter-patch similarity (the reference lets "
+                                          "it flow)")
+    no_loss_masked: bool = flag(False, "accepted for compatibility; the original never reads it")
+
+
+@dataclass(frozen=True)
+class PretrainConfig(ObjectiveConfig, MaskConfig, PretrainModelConfig, TokenizerChoice, PretrainDataConfig,
+                     CompileConfig, OptimConfig, RunConfig):
+    """mc-BEiT pre-training (`run_mcbeit_pretraining.py`, `mcbeit-pretrain`)."""
+
+    TITLE: ClassVar[str] = "run"
+    EMBEDDED: ClassVar[dict[str, Any]] = {"epochs": 4, "warmup_epochs": 1, "save_ckpt_freq": 2, "batch_size": 32}
+    #: the pre-training method (mcbeit.methods) this entry point runs
+    METHOD: ClassVar[str] = "mcbeit"
+
+    output_dir: str = flag("./output/mcbeit_pretrained", "where checkpoints, log.txt and tensorboard/ go; '' writes "
+                                                         "nothing")
+
+    def derive(self, given: set[str]) -> "PretrainConfig":
+        """Fill the values that follow from others."""
+        kind = self.discrete_vae_type
+        if kind is None:
+            kind = self.DEFAULT_TOKENIZER if self.discrete_vae_weight_path else "customized"
+        return dataclasses.replace(self, discrete_vae_type=kind, weight_decay_end=self.final_weight_decay,
+                                   log_dir=self.tensorboard_dir)
+
+    def check(self) -> None:
+        self.check_run()
+        self.check_optim()
+        at_least(self, 1, ("input_size", "second_input_size", "temp_warmup_epochs"))
+        if not 0.0 <= self.color_jitter:
+            raise ConfigError(f"--color_jitter must be at least 0, got {self.color_jitter}")
+
+
+@dataclass(frozen=True)
+class BeitPretrainConfig(PretrainConfig):
+    """BEiT pre-training (`run_beit_pretraining.py`, `mcbeit-pretrain-beit`): hard visual-token targets
+    and the DALL-E tokenizer, with unilm's BEiT defaults where they differ from mc-BEiT's."""
+
+    DEFAULT_TOKENIZER: ClassVar[str] = "dall-e"
+    METHOD: ClassVar[str] = "beit"
+
+    hard_targets: bool = flag(True, "BEiT's loss: cross-entropy on the tokenizer's hard token ids (always on here)")
+
+
+def changed_defaults(cls: type, base: type = PretrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Fields whose default ``cls`` changes from ``base``: name -> (base's, cls's)."""
+    mine = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {f.name: (f.default, mine[f.name]) for f in dataclasses.fields(base) if mine[f.name] != f.default}

@@ -1,0 +1,80 @@
+"""From an exception to an exit status: the engine's one mapping (the table is in :mod:`mcbeit.errors`).
+
+:func:`run_guarded` is what every command line's ``main`` calls: it runs the job, logs the stops
+that explain themselves and returns their status, turns wrong input into ``SystemExit(message)``
+(status 1, the message without a traceback), and always leaves the process group.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from mcbeit.data.folders import BadListFileError, DataPathError
+from mcbeit.data.images import TooManyBadImagesError
+from mcbeit.engine.control import Preempted
+from mcbeit.engine.meter import NonFiniteLossError
+from mcbeit.models.checkpoint import CheckpointError
+from mcbeit.errors import EXIT_BAD_DATA, EXIT_DIVERGED, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, InputError
+
+log = logging.getLogger("mcbeit")
+
+#: wrong input: the message names the flag or file and says what to do (status 1, no traceback)
+INPUT_ERRORS = (InputError, DataPathError, BadListFileError, CheckpointError)
+
+# How gloo / NCCL / the store word a peer that stopped answering (their errors are plain RuntimeErrors)
+_PEER_LOST = ("timeout", "timed out", "connection reset", "connection closed", "broken pipe", "pair closure",
+              "connection refused")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process hung or died."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError)
+                                               and any(p in str(exc).lower() for p in _PEER_LOST))
+
+
+def exit_status(exc: BaseException, dist_timeout: float = 30.0) -> int | None:
+    """The exit status of a run that stopped with ``exc`` (logged here), or None when it is not one
+    of the stops that explain themselves (a bug: the traceback is the message)."""
+    if isinstance(exc, NonFiniteLossError):  # the message says what happened and which checkpoint is good
+        log.error("%s", exc)
+        return EXIT_DIVERGED
+    if isinstance(exc, TooManyBadImagesError):
+        log.error("%s", exc)
+        return EXIT_BAD_DATA
+    if isinstance(exc, Preempted):
+        log.warning("%s", exc)
+        return EXIT_PREEMPTED
+    if peer_lost(exc):
+        import torch.distributed as dist
+
+        log.error("this process (rank %s) lost the others: %s. Another process hung for more than --dist_timeout "
+                  "(%g min) or died (its own log says why). Checkpoints already written are whole; run the same "
+                  "command again, or let torchrun --max-restarts restart the group: it resumes from the newest one",
+                  dist.get_rank(), str(exc).splitlines()[0][:200], dist_timeout)
+        return EXIT_PEER_LOST
+    return None
+
+
+def run_guarded(job: Callable[[], Any], *, dist_timeout: float = 30.0,
+                on_exit: Callable[[], None] | None = None) -> int:
+    """Run ``job``; return its exit status (see the module docstring)."""
+    from mcbeit.engine.distributed import cleanup
+
+    try:
+        job()
+    except INPUT_ERRORS as exc:  # a data folder without images, a checkpoint that does not fit, ...
+        raise SystemExit(str(exc)) from None
+    except Exception as exc:
+        status = exit_status(exc, dist_timeout)
+        if status is None:
+            raise
+        return status
+    finally:
+        if on_exit is not None:
+            on_exit()
+        cleanup()
+    return EXIT_OK

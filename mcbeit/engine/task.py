@@ -1,0 +1,170 @@
+"""What a task tells the engine: how to build its model and data, one step, what happens at an
+epoch's end, and its extra checkpoint state. The engine (:class:`mcbeit.engine.trainer.Trainer`)
+does everything else.
+
+A task's life, as the engine drives it::
+
+    task.check_inputs()                      # files and folders the flags name, before anything is built
+    model = task.build_model(run)            # same initial weights on every rank (seeded)
+    data = task.build_data(run)              # loader, sampler, updates per epoch
+    optimizer = task.build_optimizer(model)  # parameter groups (weight decay, layer decay)
+    task.load_state(ckpt, path)              # resuming: the task's own checkpoint entries
+    for each epoch:
+        for each update:  out = task.train_step(batch, epoch)  (per micro-batch; the engine does
+                          backward, accumulation, clipping, the optimizer step), then
+                          task.after_update(stepped)
+        stats = task.end_epoch(epoch, train_stats)   # evaluation, best checkpoint, extra figures
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # the engine's context, handed to the task (no import cycle at run time)
+    from mcbeit.engine.trainer import RunContext
+
+Mark = Callable[[str], None]  # the benchmark's phase timer: mark("forward") as a phase ends
+
+
+@dataclass(frozen=True)
+class MeterSpec:
+    """What a task logs per update: device metrics (in log order), which are averaged over ranks,
+    TensorBoard heads, the progress bar's fields, the host values (from the optimizer), and the hint
+    printed when the run diverges. ``grad_norm`` and ``loss_scale`` come from the engine."""
+
+    metrics: tuple[str, ...]
+    mean_over_ranks: tuple[str, ...]
+    groups: Mapping[str, tuple[str, ...]]
+    postfix: Mapping[str, tuple[str, str]]
+    host: tuple[str, ...] = ("lr", "min_lr", "weight_decay")
+    stop_hint: str = "Lower --lr, set --clip_grad, or use --amp bf16 / off"
+
+
+@dataclass
+class StepOutput:
+    """One micro-batch's result: ``loss`` is what backward differentiates (a rank's share of the global
+    loss), ``metrics`` detached device scalars to log (``loss`` among them), ``images`` the batch size,
+    ``skipped`` the unreadable files the batch replaced."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    images: int
+    skipped: Any = 0
+
+
+@dataclass
+class TrainData:
+    """The training loader, its sampler (``set_epoch(epoch, start=...)``) and updates per epoch."""
+
+    loader: Iterable
+    sampler: Any
+    steps_per_epoch: int
+    described: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A long run's what: see the module docstring. ``config`` is the command's frozen configuration."""
+
+    checkpoint_format: ClassVar[str]
+    meter: ClassVar[MeterSpec]
+    purpose: ClassVar[str] = "training"
+    #: whether checkpoints record that the epoch-end work (evaluation) was done: a run stopped
+    #: between an epoch's last update and its evaluation evaluates that epoch when resumed
+    evaluates: ClassVar[bool] = False
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.run: RunContext | None = None
+        self.model: nn.Module | None = None
+
+    # -- building ---------------------------------------------------------------------------------
+    @property
+    def update_freq(self) -> int:
+        """Micro-batches whose gradients one update accumulates."""
+        return 1
+
+    @property
+    def deepspeed(self) -> bool:
+        """Whether the run trains through DeepSpeed (``--enable_deepspeed``)."""
+        return False
+
+    def check_inputs(self) -> None:
+        """Raise :class:`mcbeit.errors.InputError` for a file or folder the flags name that cannot be used."""
+
+    @abstractmethod
+    def build_model(self, run: RunContext) -> nn.Module:
+        """The trained module (its state dict is the checkpoint's ``model``), on the CPU or ``run.device``."""
+
+    @abstractmethod
+    def build_data(self, run: RunContext) -> TrainData:
+        """The training data."""
+
+    @abstractmethod
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer over ``model``'s parameter groups."""
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def compile(self) -> None:
+        """``torch.compile`` what the task runs (``--compile``)."""
+
+    # -- training ---------------------------------------------------------------------------------
+    def start_epoch(self, epoch: int) -> None:
+        """Called before an epoch's first update (per-epoch values such as a temperature)."""
+
+    @abstractmethod
+    def train_step(self, batch: Any, mark: Mark | None = None) -> StepOutput:
+        """Forward and loss of one micro-batch (the engine does backward and the update)."""
+
+    def after_update(self, stepped: Any) -> dict[str, torch.Tensor]:
+        """After an optimizer update (``stepped``: whether it was applied, maybe a device bool):
+        EMA updates and the like; returns extra metrics to log."""
+        return {}
+
+    def end_epoch(self, epoch: int, train_stats: dict[str, Any]) -> dict[str, Any]:
+        """The epoch's log record (``train_*`` figures are in ``train_stats``; empty when the epoch
+        was trained before a resume): evaluation, best checkpoint, extra figures."""
+        return {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+
+    def epoch_message(self, stats: Mapping[str, Any]) -> str:
+        """The epoch's log line, after ``epoch N: ``."""
+        return f"loss {stats.get('train_loss', float('nan')):.4f}, lr {stats.get('train_lr', float('nan')):.2e}"
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The task's own checkpoint entries (beside model, optimizer, scaler, position and args)."""
+        return {}
+
+    def load_state(self, ckpt: Mapping[str, Any], path: str) -> None:
+        """Restore what :meth:`state` wrote."""
+
+    def load_weights(self, ckpt: Mapping[str, Any], path: str) -> bool:
+        """Load a resumed checkpoint's weights into ``self.model``; return whether its optimizer state
+        (and random states) belong to this run (False for files of other code: weights only)."""
+        from mcbeit.engine.resume import load_resumed_weights
+
+        if ckpt.get("format") != self.checkpoint_format:
+            self.refuse_format(ckpt, path)
+        load_resumed_weights(self.model, ckpt["model"], path, self.flags(), ckpt.get("args"))
+        return True
+
+    def refuse_format(self, ckpt: Mapping[str, Any], path: str) -> None:
+        from mcbeit.errors import InputError
+
+        raise InputError(f"{path} is not a checkpoint of this command (format {ckpt.get('format')!r}, expected "
+                         f"{self.checkpoint_format!r})")
+
+    def flags(self) -> dict[str, Any]:
+        """The run's flags as checkpoints store them (``args``)."""
+        from mcbeit.config import as_flags
+
+        return as_flags(self.config)
+
+    def saved(self, path: str, epoch: int | str) -> None:
+        """Called on rank 0 after a checkpoint was written (files the task writes beside it)."""

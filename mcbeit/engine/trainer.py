@@ -1,0 +1,250 @@
+"""The run engine: one skeleton for every long job (pre-training, tokenizer training, fine-tuning,
+linear probing).
+
+The engine owns what those jobs share: the process group and device, seeding, precision
+(:mod:`mcbeit.engine.precision`), the writer (TensorBoard, ``log.txt`` JSON lines, progress bar),
+checkpoint save / verify / resume with one position record (:mod:`mcbeit.engine.resume`),
+preemption and mid-epoch checkpoints (:class:`mcbeit.engine.control.RunControl`), the divergence
+and bad-data policies (:class:`mcbeit.engine.meter.StepMeter`), gradient accumulation and the epoch
+loop (:mod:`mcbeit.engine.loop`), plain or DeepSpeed training (:mod:`mcbeit.engine.strategy`).
+A :class:`mcbeit.engine.task.Task` says what to train.
+
+    Trainer(config, task).fit()   # -> the last epoch's statistics
+
+Errors propagate as typed exceptions; :mod:`mcbeit.engine.exits` turns them into exit statuses.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mcbeit.config.run import RunConfig
+from mcbeit.engine.control import RunControl
+from mcbeit.engine.distributed import DistInfo, init_distributed
+from mcbeit.engine.logging import RunWriter, setup_logging
+from mcbeit.engine.loop import train_one_epoch
+from mcbeit.engine.precision import Precision, resolve_precision
+from mcbeit.engine.resume import position_state, resume_position
+from mcbeit.engine.schedules import cosine_scheduler
+from mcbeit.engine.task import Task, TrainData
+from mcbeit.errors import InputError
+
+log = logging.getLogger("mcbeit")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunContext:
+    """What the engine hands a task: the configuration, the process and device, precision, the
+    writer, and (once built) the strategy that runs the model, the schedules and updates per epoch."""
+
+    config: Any
+    task: Task
+    info: DistInfo
+    precision: Precision
+    writer: RunWriter | None = None
+    strategy: Any = None
+    steps_per_epoch: int = 0
+    lr_schedule: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    wd_schedule: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    n_parameters: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The trained model's forward, through DDP / DeepSpeed when they wrap it."""
+        return self.strategy.forward_model(*args, **kwargs)
+
+    def save(self, name: int | str, entries: dict[str, Any]) -> str | None:
+        """Write checkpoint ``name`` (an epoch, or e.g. 'best') with the task's ``entries``; every rank calls it."""
+        cfg = self.config
+        entries = {"format": self.task.checkpoint_format, **entries, "args": self.flags()}
+        path = self.strategy.save(cfg.output_dir, name, entries, cfg.keep_last)
+        if path and self.info.is_main:
+            self.task.saved(path, name)
+        return path
+
+    def flags(self) -> dict[str, Any]:
+        return {**self.task.flags(), "world_size": self.info.world_size, "rank": self.info.rank}
+
+
+class Trainer:
+    """Runs one task under one run configuration (see the module docstring)."""
+
+    def __init__(self, config: RunConfig, task: Task):
+        self.config, self.task = config, task
+
+    # -- the run ----------------------------------------------------------------------------------------
+    def start(self) -> RunContext:
+        """Join the process group, set up logging and the output folder, check the inputs, build the model."""
+        cfg, task = self.config, self.task
+        info = init_distributed(cfg.device, cfg.dist_on_itp, cfg.local_rank, cfg.dist_url, cfg.dist_timeout)
+        setup_logging(info.rank, cfg.debug)
+        check_output_dir(cfg.output_dir)
+        task.check_inputs()
+        if cfg.output_dir and info.is_main:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        run = RunContext(cfg, task, info, resolve_precision(cfg.amp, info.device, scaler=not task.deepspeed))
+        task.run = run
+        log.info("args: %s", json.dumps(run.flags(), sort_keys=True))
+        if getattr(cfg, "data_path", "") is None:
+            log.info("no --data_path: %s on the embedded images (a quick demonstration run)", task.purpose)
+        seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+        task.model = task.build_model(run).to(info.device)
+        run.n_parameters = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+        seed_everything(cfg.seed + info.rank)
+        return run
+
+    def fit(self) -> dict[str, Any]:
+        """Train as the configuration says; return the last epoch's log record."""
+        run = self.start()
+        cfg, task, info = self.config, self.task, run.info
+        data = task.build_data(run)
+        self.prepare(run, data.steps_per_epoch)
+        start_epoch, first, resumed_from, owed = self._restore(run)
+        run.writer = RunWriter(cfg.output_dir, cfg.log_dir, enabled=info.is_main and bool(cfg.output_dir))
+        self._log_plan(run, start_epoch, resumed_from)
+        return self._epochs(run, data, start_epoch, first, resumed_from, owed)
+
+    def ready(self, steps_per_epoch: int) -> RunContext:
+        """A run ready for :func:`mcbeit.engine.loop.run_update` without data of its own (tests, the
+        benchmark): started, with optimizer, schedules of ``steps_per_epoch`` updates and strategy."""
+        run = self.start()
+        self.prepare(run, steps_per_epoch)
+        return run
+
+    def prepare(self, run: RunContext, steps_per_epoch: int) -> None:
+        """Optimizer, schedules, compilation and the strategy that runs backward and the step."""
+        cfg, task = self.config, self.task
+        optimizer = task.build_optimizer(task.model)
+        spe = run.steps_per_epoch = steps_per_epoch
+        run.lr_schedule = cosine_scheduler(cfg.lr, cfg.min_lr, cfg.epochs, spe, warmup_epochs=cfg.warmup_epochs,
+                                           warmup_steps=warmup_steps(cfg, spe))
+        run.wd_schedule = cosine_scheduler(cfg.weight_decay, cfg.final_weight_decay, cfg.epochs, spe)
+        if getattr(cfg, "compile", False):
+            task.compile()
+            log.info("torch.compile (backend %s, mode %s): the first steps compile", cfg.compile_backend,
+                     cfg.compile_mode or "default")
+        if task.deepspeed:
+            from mcbeit.engine.strategy import DeepSpeedStrategy
+
+            run.strategy = DeepSpeedStrategy(task.model, optimizer, run.info, batch_size=cfg.batch_size,
+                                             update_freq=task.update_freq, amp=cfg.amp, zero_stage=cfg.zero_stage,
+                                             clip_grad=cfg.clip_grad)
+            run.precision = run.strategy.precision
+        else:
+            from mcbeit.engine.strategy import PlainStrategy
+
+            run.strategy = PlainStrategy(task.model, optimizer, run.precision, run.info, cfg.clip_grad,
+                                         task.trainable(task.model))
+
+    def _restore(self, run: RunContext) -> tuple[int, int, str | None, int | None]:
+        """(first epoch, its updates already done, checkpoint resumed, an epoch whose end is owed)."""
+        cfg, task = self.config, self.task
+        path = run.strategy.find_resume(cfg.resume, cfg.auto_resume, cfg.output_dir)
+        if path is None:
+            return cfg.start_epoch, 0, None, None
+        ckpt = run.strategy.read(path)
+        ours = True if task.deepspeed else task.load_weights(ckpt, path)
+        if ours:
+            run.strategy.load_optimizer(ckpt)
+        elif "optimizer" in ckpt:
+            log.warning("%s was not written by mcbeit: its weights are loaded, its optimizer state is not "
+                        "(parameter order differs between implementations)", path)
+        task.load_state(ckpt, path)
+        where = f"{path} (DeepSpeed)" if task.deepspeed else path
+        start, first = resume_position(ckpt, where, run.steps_per_epoch, run.info, cfg.start_epoch,
+                                       restore_random_state=ours)
+        owed = start - 1 if task.evaluates and ckpt.get("evaluated") is False and first == 0 and start > 0 else None
+        return start, first, path, owed
+
+    def _epochs(self, run: RunContext, data: TrainData, start_epoch: int, first: int, last_ckpt: str | None,
+                owed: int | None) -> dict[str, Any]:
+        cfg, task, info = self.config, self.task, run.info
+        spe, stats, started = run.steps_per_epoch, {}, time.perf_counter()
+        saving = bool(cfg.output_dir) and getattr(cfg, "save_ckpt", True)
+        control = RunControl(info, (lambda e, done: self.save_position(run, e, done)) if saving else None,
+                             save_every_steps=cfg.save_ckpt_steps, save_every_minutes=cfg.save_ckpt_minutes,
+                             steps_per_epoch=spe)
+        try:
+            with control:
+                if owed is not None:
+                    log.info("epoch %d ended on a stop signal before its evaluation: evaluating it now", owed)
+                    stats = self._end_epoch(run, owed, {}, saving)
+                for epoch in range(start_epoch, cfg.epochs):
+                    data.sampler.set_epoch(epoch, start=first * cfg.batch_size * task.update_freq)
+                    train_stats = train_one_epoch(run, data.loader, epoch, first=first, control=control,
+                                                  last_checkpoint=last_ckpt)
+                    first = 0
+                    last_ckpt = control.last_checkpoint or last_ckpt
+                    stats = self._end_epoch(run, epoch, train_stats, saving)
+                    last_ckpt = stats.pop("_checkpoint", None) or last_ckpt
+        finally:
+            run.writer.close()
+        if stats:
+            log.info("done in %.1f s; checkpoints and log.txt in %s", time.perf_counter() - started,
+                     os.path.abspath(cfg.output_dir) if cfg.output_dir else "(nowhere: --output_dir '')")
+        return stats
+
+    def _end_epoch(self, run: RunContext, epoch: int, train_stats: dict[str, Any], saving: bool) -> dict[str, Any]:
+        """The task's epoch end (evaluation, best checkpoint), the epoch checkpoint when due, the log record."""
+        cfg, task = self.config, self.task
+        stats = task.end_epoch(epoch, train_stats)
+        path = None
+        if saving and ((epoch + 1) % cfg.save_ckpt_freq == 0 or epoch + 1 == cfg.epochs):
+            path = self.save_position(run, epoch, run.steps_per_epoch, evaluated=True)
+            if path and run.info.is_main:
+                log.info("saved %s", path)
+        run.writer.epoch(stats)
+        log.info("epoch %d: %s", epoch, task.epoch_message(stats))
+        return {**stats, "_checkpoint": path} if path else stats
+
+    def save_position(self, run: RunContext, epoch: int, steps_done: int, evaluated: bool = False) -> str | None:
+        """A resume point after ``steps_done`` updates of ``epoch`` (every rank calls it)."""
+        entries = position_state(run.info, epoch, steps_done, run.steps_per_epoch)
+        if self.task.evaluates:
+            entries["evaluated"] = evaluated
+        return run.save(epoch, {**entries, **self.task.state()})
+
+    def _log_plan(self, run: RunContext, start_epoch: int, resumed_from: str | None) -> None:
+        cfg, info = self.config, run.info
+        log.info("%d steps per epoch, %d images per step (%d processes); amp %s; epochs %d..%d; output %s",
+                 run.steps_per_epoch, cfg.batch_size * info.world_size * self.task.update_freq, info.world_size,
+                 run.precision.dtype or "off", start_epoch, cfg.epochs - 1,
+                 os.path.abspath(cfg.output_dir) if cfg.output_dir else "(none)")
+        if start_epoch >= cfg.epochs:
+            log.warning("nothing to do: %s already finished epoch %d of %d; pass --epochs N, --no_auto_resume "
+                        "or another --output_dir to train again", resumed_from, start_epoch - 1, cfg.epochs)
+
+
+def check_output_dir(output_dir: str) -> None:
+    if output_dir and os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise InputError(f"--output_dir {output_dir} is a file, not a folder: pass a folder (it is created if "
+                         "missing), or --output_dir '' to write nothing")
+
+
+def warmup_steps(cfg: Any, steps_per_epoch: int) -> int:
+    """LR warm-up length in updates, shortened (with a warning) to the run when it is longer."""
+    steps = cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+    if steps > total:
+        log.warning("LR warm-up of %d steps is longer than the whole run (%d steps): warming up over the whole "
+                    "run instead; set --warmup_epochs / --warmup_steps to choose", steps, total)
+        steps = total
+    return steps
