@@ -2,7 +2,7 @@
 `python -m torch.distributed.launch`) runs `mcbeit-finetune` with the same flags."""
 import sys
 
-from mcbeit.tasks.finetune import main
+from mcbeit.cli.finetune import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,13 +21,19 @@ def config_parser(prog: str, config_cls: type, description: str, epilog: str | N
 
 
 def to_config(args: argparse.Namespace | dict, config_cls: type[C] | None = None) -> C:
-    """The frozen configuration of a parsed namespace (flags the user gave; the rest are defaults)."""
+    """The frozen configuration of a parsed namespace (flags the user gave; the rest are defaults);
+    values out of range or contradicting each other stop with ``SystemExit(message)`` (status 1)."""
+    from mcbeit.errors import InputError
+
     given = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
     cls = given.pop(_CONFIG_KEY, None) or config_cls
     if cls is None:
         raise TypeError("to_config needs the configuration class (the namespace was not made by config_parser)")
     given.pop("command", None)
-    return resolve(cls, given)
+    try:
+        return resolve(cls, given)
+    except InputError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def run_command(job: Callable[[], Any], dist_timeout: float = 30.0, on_exit: Callable[[], None] | None = None) -> int:
@@ -40,11 +46,5 @@ def run_command(job: Callable[[], Any], dist_timeout: float = 30.0, on_exit: Cal
 def parse_and_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
                   run: Callable[[Any], Any]) -> int:
     """``main``: parse ``argv`` (usage errors exit 2, wrong values 1 with the message), run, exit status."""
-    from mcbeit.errors import InputError
-
-    args = parser.parse_args(argv)
-    try:
-        config = to_config(args)
-    except InputError as exc:
-        raise SystemExit(str(exc)) from None
+    config = to_config(parser.parse_args(argv))
     return run_command(lambda: run(config), dist_timeout=getattr(config, "dist_timeout", 30.0))

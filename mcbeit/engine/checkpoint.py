@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
 
 
-def checkpoint_path(output_dir: str | os.PathLike, epoch: int) -> Path:
+def checkpoint_path(output_dir: str | os.PathLike, epoch: int | str) -> Path:
     return Path(output_dir) / f"checkpoint-{epoch}.pth"
 
 
@@ -99,6 +99,15 @@ def write_failure(exc: BaseException) -> str | None:
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through :func:`write_atomic`: the old checkpoint or the new one, never half of one."""
     return write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def save_checkpoint(output_dir: str | os.PathLike, name: int | str, state: Any, keep_last: int = 0) -> Path:
+    """Write ``checkpoint-<name>.pth`` atomically into ``output_dir``; after a numbered one (an epoch)
+    is safely on disk, apply ``keep_last`` (:func:`prune_checkpoints`)."""
+    path = save_atomic(state, checkpoint_path(output_dir, name))
+    if isinstance(name, int):
+        prune_checkpoints(output_dir, keep_last, name)
+    return path
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -6,6 +6,7 @@ that explain themselves and returns their status, turns wrong input into ``Syste
 """
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any, Callable
 
@@ -76,5 +77,6 @@ def run_guarded(job: Callable[[], Any], *, dist_timeout: float = 30.0,
     finally:
         if on_exit is not None:
             on_exit()
+        gc.collect()  # wrappers of the process group (DDP, DeepSpeed) go before the group itself
         cleanup()
     return EXIT_OK

@@ -75,7 +75,7 @@ def train_one_epoch(run: RunContext, loader: Iterable, epoch: int, *, first: int
     ``control`` writes mid-epoch checkpoints and stops on signals."""
     task, strategy, spe = run.task, run.strategy, run.steps_per_epoch
     strategy.forward_model.train()
-    task.start_epoch(epoch)
+    task.start_epoch(epoch, first)
     meter = _meter(run, epoch, first, last_checkpoint)
     wanted, micro_batches = set(task.meter.metrics), iter(loader)
     for update in range(first, spe):

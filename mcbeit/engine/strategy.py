@@ -71,10 +71,7 @@ class PlainStrategy:
                  "optimizer": self.optimizer.state_dict(),
                  "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
                  **entries}
-        path = ckpt_io.save_atomic(state, ckpt_io.checkpoint_path(output_dir, name))
-        if isinstance(name, int):
-            ckpt_io.prune_checkpoints(output_dir, keep_last, name)
-        return os.path.abspath(path)
+        return os.path.abspath(ckpt_io.save_checkpoint(output_dir, name, state, keep_last))
 
 
 class DeepSpeedStrategy:

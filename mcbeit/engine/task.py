@@ -89,6 +89,11 @@ class Task(ABC):
         return 1
 
     @property
+    def base_lr(self) -> float:
+        """The peak learning rate of the schedule (``--lr``)."""
+        return self.config.lr
+
+    @property
     def deepspeed(self) -> bool:
         """Whether the run trains through DeepSpeed (``--enable_deepspeed``)."""
         return False
@@ -115,8 +120,9 @@ class Task(ABC):
         """``torch.compile`` what the task runs (``--compile``)."""
 
     # -- training ---------------------------------------------------------------------------------
-    def start_epoch(self, epoch: int) -> None:
-        """Called before an epoch's first update (per-epoch values such as a temperature)."""
+    def start_epoch(self, epoch: int, first: int = 0) -> None:
+        """Called before an epoch's first update (``first``: updates already done in it, on a resume):
+        per-epoch values such as a temperature."""
 
     @abstractmethod
     def train_step(self, batch: Any, mark: Mark | None = None) -> StepOutput:
@@ -131,6 +137,10 @@ class Task(ABC):
         """The epoch's log record (``train_*`` figures are in ``train_stats``; empty when the epoch
         was trained before a resume): evaluation, best checkpoint, extra figures."""
         return {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+
+    def evaluate_only(self, run: RunContext) -> dict[str, Any]:
+        """Evaluate without training (``Trainer.evaluate``); tasks that evaluate override it."""
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation of its own")
 
     def epoch_message(self, stats: Mapping[str, Any]) -> str:
         """The epoch's log line, after ``epoch N: ``."""

@@ -83,6 +83,11 @@ class RunContext:
     def flags(self) -> dict[str, Any]:
         return {**self.task.flags(), "world_size": self.info.world_size, "rank": self.info.rank}
 
+    def close(self) -> None:
+        """Drop the strategy (DDP / DeepSpeed wrappers) now, not whenever a garbage collection finds the
+        task <-> context cycle: DDP's reducer must go before the process group does."""
+        self.strategy = None
+
 
 class Trainer:
     """Runs one task under one run configuration (see the module docstring)."""
@@ -111,6 +116,14 @@ class Trainer:
         seed_everything(cfg.seed + info.rank)
         return run
 
+    def evaluate(self) -> dict[str, Any]:
+        """Evaluate without training (fine-tuning's ``--eval``): the task's :meth:`evaluate_only`."""
+        run = self.start()
+        try:
+            return self.task.evaluate_only(run)
+        finally:
+            run.close()
+
     def fit(self) -> dict[str, Any]:
         """Train as the configuration says; return the last epoch's log record."""
         run = self.start()
@@ -120,7 +133,10 @@ class Trainer:
         start_epoch, first, resumed_from, owed = self._restore(run)
         run.writer = RunWriter(cfg.output_dir, cfg.log_dir, enabled=info.is_main and bool(cfg.output_dir))
         self._log_plan(run, start_epoch, resumed_from)
-        return self._epochs(run, data, start_epoch, first, resumed_from, owed)
+        try:
+            return self._epochs(run, data, start_epoch, first, resumed_from, owed)
+        finally:
+            run.close()
 
     def ready(self, steps_per_epoch: int) -> RunContext:
         """A run ready for :func:`mcbeit.engine.loop.run_update` without data of its own (tests, the
@@ -134,7 +150,7 @@ class Trainer:
         cfg, task = self.config, self.task
         optimizer = task.build_optimizer(task.model)
         spe = run.steps_per_epoch = steps_per_epoch
-        run.lr_schedule = cosine_scheduler(cfg.lr, cfg.min_lr, cfg.epochs, spe, warmup_epochs=cfg.warmup_epochs,
+        run.lr_schedule = cosine_scheduler(task.base_lr, cfg.min_lr, cfg.epochs, spe, warmup_epochs=cfg.warmup_epochs,
                                            warmup_steps=warmup_steps(cfg, spe))
         run.wd_schedule = cosine_scheduler(cfg.weight_decay, cfg.final_weight_decay, cfg.epochs, spe)
         if getattr(cfg, "compile", False):

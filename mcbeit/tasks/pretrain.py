@@ -86,7 +86,7 @@ class PretrainTask(Task):
             module.compile(backend=cfg.compile_backend, mode=cfg.compile_mode)
 
     # -- training -----------------------------------------------------------------------------------------
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, first: int = 0) -> None:
         self.method.start_epoch(epoch)
 
     def train_step(self, batch: Any, mark: Mark | None = None) -> StepOutput:

@@ -86,34 +86,35 @@ def test_damaged_newest_checkpoints_are_skipped_with_a_warning(tmp_path, caplog)
 
 
 def test_resume_path_falls_back_and_refuses_a_damaged_explicit_file(tmp_path):
-    from mcbeit.tasks.common import resume_path
+    from mcbeit.engine.resume import resume_path
+    from mcbeit.errors import InputError
 
     for epoch in (0, 1):
         ck.save_atomic(_state(epoch), ck.checkpoint_path(tmp_path, epoch))
     newest = ck.checkpoint_path(tmp_path, 1)
     newest.write_bytes(newest.read_bytes()[:1000])
     args = argparse.Namespace(resume="", auto_resume=True, output_dir=str(tmp_path))
-    assert resume_path(args) == str(ck.checkpoint_path(tmp_path, 0))
-    with pytest.raises(SystemExit, match=r"--resume .*checkpoint-1.pth: truncated.*pass an earlier checkpoint"):
-        resume_path(argparse.Namespace(resume=str(newest), auto_resume=True, output_dir=str(tmp_path)))
+    assert resume_path(**vars(args)) == str(ck.checkpoint_path(tmp_path, 0))
+    with pytest.raises(InputError, match=r"--resume .*checkpoint-1.pth: truncated.*pass an earlier checkpoint"):
+        resume_path(resume=str(newest), auto_resume=True, output_dir=str(tmp_path))
     ck.checkpoint_path(tmp_path, 0).write_bytes(b"\0" * 10)
-    with pytest.raises(SystemExit, match="every checkpoint in .* is damaged"):
-        resume_path(args)
+    with pytest.raises(InputError, match="every checkpoint in .* is damaged"):
+        resume_path(**vars(args))
 
 
 def test_keep_last_prunes_only_after_a_safe_write_and_never_later_epochs(tmp_path):
-    from mcbeit.tasks.common import save_checkpoint
+    from mcbeit.engine.checkpoint import save_checkpoint
 
-    args = argparse.Namespace(output_dir=str(tmp_path), keep_last=2)
+    args = dict(output_dir=str(tmp_path), keep_last=2)
     (tmp_path / "checkpoint-best.pth").write_bytes(b"best")
     for epoch in range(5):
-        save_checkpoint(args, epoch, _state(epoch))
+        save_checkpoint(args["output_dir"], epoch, _state(epoch), args["keep_last"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3.pth", "checkpoint-4.pth", "checkpoint-best.pth"]
     # A run resumed from epoch 3 (4 was damaged) writes 4 again: 9 from an older run is left alone.
     ck.save_atomic(_state(9), ck.checkpoint_path(tmp_path, 9))
-    save_checkpoint(args, 4, _state(4))
+    save_checkpoint(args["output_dir"], 4, _state(4), args["keep_last"])
     assert [e for e, _ in ck.list_checkpoints(tmp_path)] == [3, 4, 9]
-    save_checkpoint(argparse.Namespace(output_dir=str(tmp_path), keep_last=0), 5, _state(5))
+    save_checkpoint(str(tmp_path), 5, _state(5), keep_last=0)
     assert [e for e, _ in ck.list_checkpoints(tmp_path)] == [3, 4, 5, 9]  # 0 keeps all
 
 
@@ -155,11 +156,11 @@ def test_a_legacy_format_checkpoint_resumes(tmp_path):
     --resume loads it (with weights_only=True, like any other)."""
     from argparse import Namespace
 
-    from mcbeit.tasks.common import resume_path
+    from mcbeit.engine.resume import resume_path
 
     path = ck.checkpoint_path(tmp_path, 4)
     torch.save(_state(4), path, _use_new_zipfile_serialization=False)
     assert ck.checkpoint_problem(path) is None
-    assert resume_path(Namespace(resume=str(path), auto_resume=False, output_dir="")) == str(path)
-    assert resume_path(Namespace(resume="", auto_resume=True, output_dir=str(tmp_path))) == str(path)
+    assert resume_path(**vars(Namespace(resume=str(path), auto_resume=False, output_dir=""))) == str(path)
+    assert resume_path(**vars(Namespace(resume="", auto_resume=True, output_dir=str(tmp_path)))) == str(path)
     assert torch.equal(ck.load_training_checkpoint(path)["model"]["w"], _state(4)["model"]["w"])

@@ -20,11 +20,13 @@ import mcbeit.models.classifier  # noqa: F401  (registers the tiny and small cla
 from mcbeit.engine import trainer as engine_trainer
 from mcbeit.engine.distributed import DistInfo
 from mcbeit.cli import pretrain
-from mcbeit.tasks import common, finetune
-from mcbeit.tasks import tokenizer as tok_task
+from mcbeit.cli import finetune
+from mcbeit.cli import tokenizer as tok_task
 from mcbeit.tokenizers.custom import CustomTokenizer
-from mcbeit.tokenizers.training import VQVAETraining
+from mcbeit.objectives.vqvae import VQVAETraining
+from mcbeit.tasks.finetune import CHECKPOINT_FORMAT as FINETUNE_FORMAT
 from mcbeit.tasks.pretrain import CHECKPOINT_FORMAT as PRETRAIN_FORMAT
+from mcbeit.tasks.tokenizer import CHECKPOINT_FORMAT as TOKENIZER_FORMAT
 from tests.tasks.conftest import FAST, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,7 +43,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise TrainingStarted("the command started training")
 
-    for module in (engine_trainer, tok_task, finetune):
+    for module in (engine_trainer,):
         monkeypatch.setattr(module, "train_one_epoch", refuse)
 
 
@@ -84,7 +86,7 @@ def _checkpoints(root: Path) -> dict[str, Path]:
     vq = VQVAETraining(CustomTokenizer(image_size=32, head="vq", vocab_size=64, n_hid=8, n_blk_per_group=1,
                                        embed_dim=8, logit_scale=50.0), commitment=0.25, decay=0.99)
     out["tokenizer_64"] = root / "tokenizer_64.pth"
-    torch.save({"format": tok_task.CHECKPOINT_FORMAT, "model": vq.state_dict(), "epoch": 0,
+    torch.save({"format": TOKENIZER_FORMAT, "model": vq.state_dict(), "epoch": 0,
                 "args": {"vocab_size": 64, "embed_dim": 8, "hidden": 8}}, out["tokenizer_64"])
     # fine-tuning: a small (wider) and a 2-block (shallower) classifier where the run builds beit_tiny
     small_cls = timm.create_model("beit_small_patch16_224", img_size=64, num_classes=4)
@@ -94,7 +96,7 @@ def _checkpoints(root: Path) -> dict[str, Path]:
     out["finetune_shallow"] = root / "finetune_shallow.pth"
     torch.save({"model": shallow.state_dict()}, out["finetune_shallow"])
     out["finetune_resume_small"] = root / "finetune_resume_small.pth"
-    torch.save({"format": finetune.CHECKPOINT_FORMAT, "model": small_cls.state_dict(), "epoch": 0,
+    torch.save({"format": FINETUNE_FORMAT, "model": small_cls.state_dict(), "epoch": 0,
                 "args": {"model": "beit_small_patch16_224", "nb_classes": 4}}, out["finetune_resume_small"])
     return out
 
@@ -279,7 +281,7 @@ def test_wrong_input_stops_before_training_with_a_clear_message(command, extra, 
 def test_fewer_images_than_a_batch_on_each_of_two_processes(command, inputs, tmp_path, monkeypatch):
     """16 images, batch 12: one process has a step, each of two has none (drop_last). Seen from rank 0
     of two (the launcher's process group is not needed: the check comes before any collective)."""
-    for module in (common, engine_trainer):
+    for module in (engine_trainer,):
         monkeypatch.setattr(module, "init_distributed", lambda *args, **kwargs: DistInfo(rank=0, world_size=2))
     out = tmp_path / "out"
     message = refused(command, base_argv(command, inputs["data"], out) + ["--batch_size", "12"], out)

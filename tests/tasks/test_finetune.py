@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 import socket
+from pathlib import Path
 
 import pytest
 import timm
@@ -13,7 +14,7 @@ import torch
 
 import mcbeit.models.classifier  # noqa: F401  (registers the tiny and small sizes)
 from mcbeit.engine.distributed import cleanup
-from mcbeit.tasks import finetune
+from mcbeit.cli import finetune
 from tests.tasks.conftest import PYTHON, make_image_folder, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -267,7 +268,7 @@ def test_embedded_run_picks_the_newest_pretrained_checkpoint_unless_told_none(tm
     out.mkdir(parents=True)
     for epoch in (1, 3, 10):
         (out / f"checkpoint-{epoch}.pth").write_bytes(b"")
-    assert parse().finetune == str(finetune.Path(finetune.PRETRAINED_OUTPUT_DIR) / "checkpoint-10.pth")
+    assert parse().finetune == str(Path(finetune.PRETRAINED_OUTPUT_DIR) / "checkpoint-10.pth")
     assert parse("--finetune", "none").finetune == "" and parse("--finetune", "Random").finetune == ""
     assert parse("--finetune", "w.pth").finetune == "w.pth"
     assert parse("--data_path", str(tmp_path)).finetune == ""      # real data: never a checkpoint we were not given

@@ -143,7 +143,7 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint_and_keep_last_prunes(im
 def test_divergence_skips_bad_steps_then_stops_naming_the_last_good_checkpoint(image_folder, tmp_path, capfd):
     """A real blow-up: resumed with an absurd learning rate, every step after the first is non-finite."""
     from mcbeit.engine.meter import DivergenceError
-    from mcbeit.tasks.common import EXIT_DIVERGED
+    from mcbeit.errors import EXIT_DIVERGED
 
     out = tmp_path / "run"
     common = ["--batch_size", "16", "--save_ckpt_freq", "1", "--warmup_epochs", "0"]
@@ -227,7 +227,7 @@ def test_wrong_architecture_checkpoint_names_the_mismatch(image_folder, tmp_path
 
 def test_unreadable_images_are_skipped_and_counted_and_too_many_stop_the_run(tmp_path, capfd):
     from tests.tasks.conftest import make_image_folder
-    from mcbeit.tasks.common import EXIT_BAD_DATA
+    from mcbeit.errors import EXIT_BAD_DATA
 
     data = make_image_folder(tmp_path / "data", n_per_class=4)
     (data / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

@@ -134,7 +134,7 @@ def test_tokenizer_training_stopped_by_a_real_signal_resumes_bit_for_bit(image_f
     import os
     import threading
 
-    from mcbeit.tasks import tokenizer as tok_task
+    from mcbeit.cli import tokenizer as tok_task
 
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert tok_task.main(_tokenizer_argv(image_folder, whole)) == 0
@@ -159,7 +159,7 @@ def test_tokenizer_training_stopped_by_a_real_signal_resumes_bit_for_bit(image_f
 
 
 def _finetune_args(data, out, *extra):
-    from mcbeit.tasks import finetune
+    from mcbeit.cli import finetune
 
     # 32 train images / batch 4 = 8 updates per epoch; mixup (numpy's generator), RandAugment and drop
     # path (torch's) all draw random numbers.
@@ -172,7 +172,7 @@ def _finetune_args(data, out, *extra):
 
 @pytest.mark.parametrize("deepspeed", [False, True], ids=["plain", "deepspeed"])
 def test_finetuning_resumed_mid_epoch_continues_bit_for_bit(tmp_path, deepspeed):
-    from mcbeit.tasks import finetune
+    from mcbeit.cli import finetune
     from tests.tasks.conftest import make_image_folder
 
     data = tmp_path / "data"
@@ -213,7 +213,7 @@ def test_a_stop_on_an_epochs_last_step_is_evaluated_when_the_run_resumes(tmp_pat
     import os
 
     from mcbeit.engine.control import Preempted
-    from mcbeit.tasks import finetune
+    from mcbeit.cli import finetune
     from tests.tasks.conftest import make_image_folder
 
     data = tmp_path / "data"
@@ -223,10 +223,12 @@ def test_a_stop_on_an_epochs_last_step_is_evaluated_when_the_run_resumes(tmp_pat
     extra = ["--save_ckpt_freq", "1"]
     finetune.run(_finetune_args(data, whole, *extra))
 
-    build = finetune.build_criterion
+    from mcbeit.tasks import finetune as finetune_task
 
-    def signalling_criterion(args, mixup_fn):      # a real signal, sent during the 8th (last) update of epoch 0
-        criterion, calls = build(args, mixup_fn), []
+    build = finetune_task.build_criterion
+
+    def signalling_criterion(smoothing, mixup):    # a real signal, sent during the 8th (last) update of epoch 0
+        criterion, calls = build(smoothing, mixup), []
 
         def loss(*inputs):
             calls.append(1)
@@ -235,7 +237,7 @@ def test_a_stop_on_an_epochs_last_step_is_evaluated_when_the_run_resumes(tmp_pat
             return criterion(*inputs)
         return loss
 
-    monkeypatch.setattr(finetune, "build_criterion", signalling_criterion)
+    monkeypatch.setattr(finetune_task, "build_criterion", signalling_criterion)
     with pytest.raises(Preempted):
         finetune.run(_finetune_args(data, stopped, *extra))
     monkeypatch.undo()

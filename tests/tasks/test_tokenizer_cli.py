@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from mcbeit.cli import pretrain
-from mcbeit.tasks import tokenizer as tok_task
+from mcbeit.cli import tokenizer as tok_task
+from mcbeit.cli.common import to_config
 from tests.tasks.conftest import FAST, PYTHON, make_image_folder, run_cli
 
 TINY_TRAIN = ["--device", "cpu", "--input_size", "32", "--vocab_size", "64", "--embed_dim", "8", "--hidden", "8",
@@ -50,7 +51,7 @@ def test_train_defaults_are_the_embedded_run_and_a_real_run_otherwise():
             parse(bad)
     sub = tok_task.get_args_parser().parse_args(["train", "--epochs", "2"])
     assert sub.command == "train" and sub.epochs == 2
-    assert tok_task.get_args_parser().parse_args(["inspect"]).num_images == 8
+    assert to_config(tok_task.get_args_parser().parse_args(["inspect"])).num_images == 8  # flags not given: defaults
 
 
 def test_resume_refuses_a_pretraining_checkpoint(data, tmp_path):

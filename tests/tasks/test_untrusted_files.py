@@ -25,8 +25,9 @@ import torch
 import yaml
 
 from mcbeit.cli import pretrain
-from mcbeit.tasks import export, finetune
-from mcbeit.tasks import tokenizer as tok_task
+from mcbeit.cli import finetune
+from mcbeit.tasks import export
+from mcbeit.cli import tokenizer as tok_task
 from tests.tasks.conftest import FAST as PRETRAIN_FAST
 from tests.tasks.conftest import PYTHON, REPO, cli_env
 

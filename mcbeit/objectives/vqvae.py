@@ -1,35 +1,29 @@
-"""Training a VQ-VAE tokenizer: the model with its EMA codebook, and one epoch of its training.
+"""The VQ-VAE objective that trains a tokenizer: reconstruction + commitment, an EMA codebook.
 
 :class:`VQVAETraining` wraps a ``customized`` tokenizer with the ``vq`` head (the small
 DALL-E-style encoder, l2-normalised codes, an f8 conv decoder); ``mcbeit-tokenizer train``
-(:mod:`mcbeit.tasks.tokenizer`) builds it, the data and the optimiser and calls
-:func:`train_one_epoch` per epoch.
+(:mod:`mcbeit.tasks.tokenizer`) trains it through the run engine.
 """
 from __future__ import annotations
 
-import logging
 import math
-from typing import Any, Iterable
+from typing import Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mcbeit.engine.distributed import DistInfo, all_reduce_sum
-from mcbeit.engine.logging import RunWriter
-from mcbeit.engine.precision import autocast_context
-from mcbeit.engine.meter import StepMeter
-from mcbeit.engine.control import RunControl
-from mcbeit.engine.optim import backward_and_step
-from mcbeit.engine.schedules import apply_schedules
 from mcbeit.tokenizers.custom import CustomTokenizer
-from mcbeit.tokenizers.visualize import image_grid
 
-log = logging.getLogger("mcbeit.tokenizer")
 
-STEP_METRICS = ("loss", "rec_loss", "commit_loss", "perplexity", "code_usage", "dead_codes_reinit", "grad_norm")
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (``t`` itself in one process): the global batch's statistics."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
 
 
 class VQVAETraining(nn.Module):
@@ -121,7 +115,7 @@ def check_codebook_replicas(vq: VQVAETraining) -> None:
                            % (float(total), float(spread[0] + spread[1])))
 
 
-def usage_figures(counts: torch.Tensor | np.ndarray) -> dict[str, float]:
+def usage_figures(counts: torch.Tensor | Sequence[float]) -> dict[str, float]:
     """Codes used, their fraction of the vocabulary and the perplexity exp(entropy) of a usage count vector."""
     c = torch.as_tensor(counts, dtype=torch.float64).flatten()
     total = float(c.sum())
@@ -130,72 +124,3 @@ def usage_figures(counts: torch.Tensor | np.ndarray) -> dict[str, float]:
     used = int((c > 0).sum())
     return {"codes_used": used, "code_usage": used / max(len(c), 1), "perplexity": math.exp(entropy),
             "tokens": int(total)}
-
-
-def train_one_epoch(model: nn.Module, vq: VQVAETraining, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, lr_schedule: np.ndarray, loader: Iterable, epoch: int,
-                    steps_per_epoch: int, info: DistInfo, amp_dtype: torch.dtype | None, writer: RunWriter,
-                    last_good_checkpoint: str | None, *, clip_grad: float | None = None, dead_code_steps: int = 20,
-                    print_freq: int = 10, image_freq: int = 0, max_bad_steps: int = 20,
-                    max_bad_fraction: float = 1.0, first: int = 0, control: RunControl | None = None) -> dict[str, Any]:
-    """One epoch of VQ-VAE training; ``model`` is ``vq`` or its DDP wrapper. Returns the epoch's statistics.
-
-    ``first``: steps of this epoch already done (a mid-epoch resume; the loader starts there too);
-    ``control`` writes mid-epoch checkpoints and stops on signals (:class:`RunControl`).
-
-    Losses are means over ranks; codebook figures are of the global batch (their counts are summed
-    over ranks in :meth:`VQVAETraining.update_codebook`); ``epoch_*`` figures count the whole epoch.
-    """
-    model.train()
-    device = info.device
-    params = [p for p in vq.parameters() if p.requires_grad]
-    start_step = epoch * steps_per_epoch
-    meter = StepMeter(STEP_METRICS, ("loss", "rec_loss", "commit_loss"),
-                      {"loss": ("loss", "rec_loss", "commit_loss"),
-                       "codebook": ("perplexity", "code_usage", "dead_codes_reinit"), "opt": ("lr", "grad_norm")},
-                      {"rec": ("rec_loss", "{:.4f}"), "ppl": ("perplexity", "{:.0f}"), "used": ("code_usage", "{:.2f}")},
-                      epoch=epoch, first_step=start_step + first, total_steps=steps_per_epoch - first, writer=writer,
-                      show=info.is_main, last_good_checkpoint=last_good_checkpoint,
-                      stop_hint="Lower --lr or set --clip_grad", max_bad_steps=max_bad_steps,
-                      scaler_active=scaler is not None, max_bad_fraction=max_bad_fraction)
-    epoch_counts = torch.zeros(vq.tokenizer.vocab_size, dtype=torch.float64, device=device)
-    last_images = last_recon = None
-    for step, batch in enumerate(loader, start=first):
-        if step >= steps_per_epoch:
-            break
-        it = start_step + step
-        lr = float(lr_schedule[it])
-        apply_schedules(optimizer, lr, None)
-        images = batch[0].to(device, non_blocking=True)                 # (B, 3, H, W), normalised
-        with autocast_context(device, amp_dtype):
-            out = model(images)
-        grad_norm, _, stepped = backward_and_step(out["loss"], optimizer, scaler, params, clip_grad)
-        if bool(stepped):  # read now (a device flag with fused AdamW): the codebook update depends on it
-            usage = vq.update_codebook(out["features"], out["ids"], dead_code_steps)
-        else:  # a non-finite step (the same on every rank): keep its features out of the codebook too
-            zero = torch.zeros((), device=device)
-            usage = {"counts": torch.zeros_like(epoch_counts), "perplexity": zero, "code_usage": zero,
-                     "dead_codes_reinit": zero}
-        epoch_counts += usage["counts"].to(torch.float64)
-        meter.add({"loss": out["loss"].detach(), "grad_norm": grad_norm,
-                   **{k: out[k] for k in ("rec_loss", "commit_loss")},
-                   **{k: usage[k] for k in ("perplexity", "code_usage", "dead_codes_reinit")}},
-                  {"lr": lr}, images.shape[0], skipped=batch[1].sum() if len(batch) > 1 else 0, stepped=stepped)
-        last_images, last_recon = images, out["recon"]
-        if meter.steps % print_freq == 0:
-            meter.flush()
-        if image_freq > 0 and (it + 1) % image_freq == 0 and info.is_main:
-            writer.image(it, "reconstruction/input_vs_recon", image_grid(vq.tokenizer, images, out["recon"]))
-        if control is not None:
-            control.after_step(epoch, step + 1, it + 1, meter)
-    stats: dict[str, Any] = meter.epoch_stats()
-    if info.is_main and last_images is not None:
-        writer.image(start_step + meter.steps - 1, "reconstruction/epoch_end",
-                     image_grid(vq.tokenizer, last_images, last_recon))
-
-    stats["dead_codes_reinit"] = meter.totals["dead_codes_reinit"]     # a count: the epoch's total
-    stats["psnr"] = 10.0 * math.log10(4.0 / max(stats["rec_loss"], 1e-12))  # [-1, 1] space: peak-to-peak 2
-    epoch_usage = usage_figures(epoch_counts)                           # counts are already global
-    stats.update({"epoch_codes_used": epoch_usage["codes_used"], "epoch_code_usage": epoch_usage["code_usage"],
-                  "epoch_perplexity": epoch_usage["perplexity"]})
-    return stats

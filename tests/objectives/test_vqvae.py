@@ -1,4 +1,4 @@
-"""VQ-VAE tokenizer training (mcbeit.tokenizers.training, driven by `mcbeit-tokenizer train`) on real images."""
+"""VQ-VAE tokenizer training (mcbeit.objectives.vqvae, driven by `mcbeit-tokenizer train`) on real images."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mcbeit.tasks import tokenizer as tok_task
+from mcbeit.cli import tokenizer as tok_task
 from mcbeit.tokenizers import CustomTokenizer, build_tokenizer
-from mcbeit.tokenizers.training import VQVAETraining
+from mcbeit.objectives.vqvae import VQVAETraining
+from mcbeit.tasks.tokenizer import build_vq_tokenizer
 from tests.tasks.conftest import make_image_folder
 
 # 64 images of 4 classes, 32 px crops, 64 codes: 4 steps per epoch.
@@ -92,7 +93,7 @@ def test_trained_checkpoint_is_a_customized_tokenizer(trained):
     data, out, _ = trained
     ckpt = torch.load(out / "checkpoint-9.pth", weights_only=True)
     args = tok_task.resolve_train_defaults(train_args(data, out))
-    model = VQVAETraining(tok_task.build_vq_tokenizer(args))
+    model = VQVAETraining(build_vq_tokenizer(args))
     model.load_state_dict(ckpt["model"])
     model.eval()
     x = torch.stack([model.tokenizer.input_transform(torch.rand(3, 32, 32)) for _ in range(2)])

@@ -1,0 +1,1 @@
+"""Measuring models: classification accuracy (:mod:`mcbeit.evaluation.classification`)."""
