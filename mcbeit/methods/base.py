@@ -35,9 +35,18 @@ class PretrainMethod(ABC):
         {"loss": ("loss", "mlm_acc"), "opt": ("lr", "min_lr", "weight_decay", "grad_norm", "loss_scale")},
         {"loss": ("loss", "{:.4f}"), "mlm_acc": ("mlm_acc", "{:.3f}"), "lr": ("lr", "{:.2e}")})
 
+    #: whether the method feeds a tokenizer a second view at --second_input_size (then the task checks
+    #: that view's grid against the ViT's)
+    tokenizer_view: bool = False
+
     def __init__(self, config: Any):
         self.config = config
         self.run: RunContext | None = None
+
+    @property
+    def downsample(self) -> int | None:
+        """Pixels of the second view per target token, once :meth:`build` has loaded the tokenizer."""
+        return None
 
     def check_inputs(self) -> None:
         """Raise :class:`mcbeit.errors.InputError` for target-network files the flags name that cannot be used."""

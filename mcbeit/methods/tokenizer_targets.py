@@ -36,6 +36,7 @@ class TokenizerTargets(PretrainMethod):
     """A frozen tokenizer's logits as targets: mc-BEiT (soft, default) or BEiT (``hard_targets``)."""
 
     name = "mcbeit"
+    tokenizer_view = True
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -83,9 +84,9 @@ class TokenizerTargets(PretrainMethod):
                              f"{cfg.second_input_size}: {exc}") from None
 
     @property
-    def downsample(self) -> int:
-        """How many pixels of view B make one target token."""
-        return self.tokenizer.downsample
+    def downsample(self) -> int | None:
+        """Pixels of view B per target token."""
+        return None if self.tokenizer is None else self.tokenizer.downsample
 
     def transform(self, window: tuple[int, int], masks: Callable[[np.random.Generator], np.ndarray],
                   mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:

@@ -51,12 +51,13 @@ class PretrainTask(Task):
         if cfg.data_path:
             check_data_folder(cfg.data_path)
         check_model_name(cfg.model)
-        self.window = check_geometry(cfg, patch_size_of(cfg.model))
+        self.window = check_geometry(cfg, patch_size_of(cfg.model), second_view=self.method.tokenizer_view)
         self.method.check_inputs()
 
     def build_model(self, run) -> nn.Module:
         student = self.method.build(run)
-        self.window = check_geometry(self.config, student.patch_embed.patch_size[0], self.method.downsample)
+        self.window = check_geometry(self.config, student.patch_embed.patch_size[0], self.method.downsample,
+                                     second_view=self.method.tokenizer_view)
         log.info("model %s: %.2fM parameters", self.config.model,
                  sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6)
         return student
@@ -137,14 +138,18 @@ def check_patch_grid(input_size: int, patch: int, model: str) -> tuple[int, int]
     return input_size // patch, input_size // patch
 
 
-def check_geometry(cfg: PretrainConfig, patch: int, tokenizer_down: int | None = None) -> tuple[int, int]:
+def check_geometry(cfg: PretrainConfig, patch: int, tokenizer_down: int | None = None,
+                   second_view: bool = True) -> tuple[int, int]:
     """The ViT's patch grid, once --input_size, --second_input_size and the masking flags are known to
-    fit together. ``tokenizer_down`` None (before the tokenizer is loaded): --second_input_size must
-    be the grid side times a power of two (every tokenizer downsamples by one, 8 for the released
-    ones); given: exactly the grid side times the tokenizer's downsampling."""
+    fit together. With a tokenizer's ``second_view``: ``tokenizer_down`` None (before the tokenizer is
+    loaded): --second_input_size must be the grid side times a power of two (every tokenizer
+    downsamples by one, 8 for the released ones); given: exactly the grid side times the tokenizer's
+    downsampling."""
     window = check_patch_grid(cfg.input_size, patch, cfg.model)
     side, size = window[0], cfg.second_input_size
-    if tokenizer_down is None:
+    if not second_view:
+        pass
+    elif tokenizer_down is None:
         ratio = size // side if size > 0 and size % side == 0 else 0
         if ratio < 1 or ratio & (ratio - 1):
             raise ConfigError(
