@@ -156,6 +156,10 @@ class FinetuneConfig(ClassificationData, ClassifierModel, FinetuneSource, Augmen
     lr: float | None = flag(5e-4, "peak learning rate", type=float)
     layer_decay: float = flag(0.9, "layer-wise learning-rate decay (1: none)")
 
+    @property
+    def mixup_on(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
     def derive(self, given: set[str]) -> "FinetuneConfig":
         """Fill the values that follow from others (the linear probe's lr needs the number of
         processes: None here, the task computes it from --blr)."""

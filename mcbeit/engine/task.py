@@ -138,8 +138,9 @@ class Task(ABC):
         was trained before a resume): evaluation, best checkpoint, extra figures."""
         return {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
 
-    def evaluate_only(self, run: RunContext) -> dict[str, Any]:
-        """Evaluate without training (``Trainer.evaluate``); tasks that evaluate override it."""
+    def evaluate_only(self, run: RunContext, loaded: str | None) -> dict[str, Any]:
+        """Evaluate without training (``Trainer.evaluate``; ``loaded``: the checkpoint whose weights the
+        engine loaded, None when there was none); tasks that evaluate override it."""
         raise NotImplementedError(f"{type(self).__name__} has no evaluation of its own")
 
     def epoch_message(self, stats: Mapping[str, Any]) -> str:

@@ -33,10 +33,12 @@ from mcbeit.engine.distributed import DistInfo, init_distributed
 from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.loop import train_one_epoch
 from mcbeit.engine.precision import Precision, resolve_precision
-from mcbeit.engine.resume import position_state, resume_position
+from mcbeit.engine import checkpoint as ckpt_io
+from mcbeit.engine.resume import position_state, resume_path, resume_position
 from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.engine.task import Task, TrainData
 from mcbeit.errors import InputError
+from mcbeit.models.checkpoint import load_into
 
 log = logging.getLogger("mcbeit")
 
@@ -117,12 +119,34 @@ class Trainer:
         return run
 
     def evaluate(self) -> dict[str, Any]:
-        """Evaluate without training (fine-tuning's ``--eval``): the task's :meth:`evaluate_only`."""
+        """Evaluate without training (fine-tuning's ``--eval``): the weights of ``--resume`` or of the
+        newest checkpoint in ``--output_dir`` (else the task's own, e.g. ``--finetune``), then the
+        task's :meth:`~mcbeit.engine.task.Task.evaluate_only`."""
         run = self.start()
         try:
-            return self.task.evaluate_only(run)
+            return self.task.evaluate_only(run, self._weights_to_evaluate())
         finally:
             run.close()
+
+    def _weights_to_evaluate(self) -> str | None:
+        """Load the checkpoint to evaluate (a DeepSpeed folder or a file); its path, or None."""
+        cfg, task = self.config, self.task
+        if os.path.isdir(cfg.resume) if cfg.resume else task.deepspeed:
+            from mcbeit.engine.deepspeed import resume_checkpoint
+            from mcbeit.models.finetune_checkpoint import read_checkpoint, resolve_source, select_state_dict
+
+            folder = resume_checkpoint(cfg.resume, cfg.auto_resume, cfg.output_dir)
+            if folder is None:
+                return None
+            state, _, _ = select_state_dict(read_checkpoint(resolve_source(str(folder))), "module|model")
+            load_into(task.model, state, strict=True)
+            return f"{folder} (DeepSpeed)"
+        path = resume_path(cfg.resume, cfg.auto_resume, cfg.output_dir)
+        if path is not None:
+            ckpt = ckpt_io.load_training_checkpoint(path)
+            task.load_weights(ckpt, path)
+            task.load_state(ckpt, path)
+        return path
 
     def fit(self) -> dict[str, Any]:
         """Train as the configuration says; return the last epoch's log record."""

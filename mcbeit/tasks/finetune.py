@@ -8,13 +8,10 @@ per epoch the evaluation and the best checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Mapping
 
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.data.mixup import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from mcbeit.config.finetune import FinetuneConfig
@@ -27,8 +24,9 @@ from mcbeit.engine.resume import load_resumed_weights
 from mcbeit.engine.task import Mark, MeterSpec, StepOutput, Task, TrainData
 from mcbeit.errors import ConfigError, InputError
 from mcbeit.evaluation.classification import evaluate
+from mcbeit.objectives.classification import build_criterion, build_mixup
 from mcbeit.models.beit import patch_size_of
-from mcbeit.models.checkpoint import CheckpointError, load_into
+from mcbeit.models.checkpoint import CheckpointError
 from mcbeit.models.classifier import build_classifier
 from mcbeit.models.linear_probe import LinearProbe
 from mcbeit.models.recompute import set_recompute
@@ -49,7 +47,7 @@ class FinetuneTask(Task):
 
     def __init__(self, config: FinetuneConfig):
         super().__init__(config)
-        acc = () if self.mixup_on else ("class_acc",)
+        acc = () if config.mixup_on else ("class_acc",)
         self.meter = MeterSpec(("loss", "grad_norm", "loss_scale") + acc, ("loss",) + acc,
                                {"loss": ("loss",) + acc, "opt": ("lr", "min_lr", "weight_decay", "grad_norm",
                                                                  "loss_scale")},
@@ -57,11 +55,6 @@ class FinetuneTask(Task):
         self.nb_classes, self.max_accuracy = config.nb_classes, 0.0
         self.model_ema = self.mixup = self.val_loader = None
         self.sets: dict[str, Any] = {}
-
-    @property
-    def mixup_on(self) -> bool:
-        cfg = self.config
-        return cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
 
     @property
     def update_freq(self) -> int:
@@ -155,10 +148,7 @@ class FinetuneTask(Task):
         self.val_loader = self._val_loader(run)
         loader, sampler, steps = build_train_loader(self.sets["train"], cfg.batch_size, cfg.num_workers, pin, cfg.seed,
                                                     info.world_size, info.rank, batches_per_step=cfg.update_freq)
-        if self.mixup_on:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
-                               prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
-                               label_smoothing=cfg.smoothing, num_classes=self.nb_classes)
+        self.mixup = build_mixup(cfg, self.nb_classes)
         self.criterion = build_criterion(cfg.smoothing, self.mixup is not None)
         return TrainData(loader, sampler, steps)
 
@@ -231,38 +221,17 @@ class FinetuneTask(Task):
         return (f"{train}; val acc1 {stats['test_acc1']:.2f}%, acc5 {stats['test_acc5']:.2f}% "
                 f"(best {self.max_accuracy:.2f}%)")
 
-    def evaluate_only(self, run) -> dict[str, Any]:
-        """``--eval``: the weights of --resume, the newest checkpoint in --output_dir, or --finetune."""
+    def evaluate_only(self, run, loaded: str | None) -> dict[str, Any]:
+        """``--eval``: the weights the engine loaded (--resume, the newest checkpoint), else --finetune's."""
+        if loaded is None and not self.config.finetune:
+            raise InputError("--eval: nothing to evaluate; pass --resume CHECKPOINT, --finetune WEIGHTS, or an "
+                             "--output_dir that holds checkpoints")
+        log.info("evaluating %s", loaded or self.config.finetune)
         self.val_loader = self._val_loader(run)
-        self._restore_for_eval()
         stats = self._evaluate(self.model)
         log.info("accuracy of the network on the %d test images: acc1 %.2f%%, acc5 %.2f%%, loss %.4f",
                  stats["images"], stats["acc1"], stats["acc5"], stats["loss"])
         return {f"test_{k}": v for k, v in stats.items()}
-
-    def _restore_for_eval(self) -> None:
-        from mcbeit.engine import checkpoint as ckpt_io
-        from mcbeit.engine.resume import resume_path
-        from mcbeit.models.finetune_checkpoint import read_checkpoint, resolve_source, select_state_dict
-
-        cfg = self.config
-        if os.path.isdir(cfg.resume) if cfg.resume else cfg.enable_deepspeed:
-            from mcbeit.engine.deepspeed import resume_checkpoint
-
-            folder = resume_checkpoint(cfg.resume, cfg.auto_resume, cfg.output_dir)
-            if folder is not None:
-                state, _, _ = select_state_dict(read_checkpoint(resolve_source(str(folder))), "module|model")
-                load_into(self.model, state, strict=True)
-                log.info("evaluating %s (DeepSpeed)", folder)
-                return
-        elif (path := resume_path(cfg.resume, cfg.auto_resume, cfg.output_dir)) is not None:
-            ckpt = ckpt_io.load_training_checkpoint(path)
-            self.load_weights(ckpt, path)
-            self.load_state(ckpt, path)
-            return
-        if not cfg.finetune:
-            raise InputError("--eval: nothing to evaluate; pass --resume CHECKPOINT, --finetune WEIGHTS, or an "
-                             "--output_dir that holds checkpoints")
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def load_weights(self, ckpt: Mapping[str, Any], path: str) -> bool:
@@ -284,11 +253,3 @@ class FinetuneTask(Task):
     def flags(self) -> dict[str, Any]:
         lr = self.base_lr if self.run is not None else self.config.lr
         return {**super().flags(), "nb_classes": self.nb_classes, "lr": lr}
-
-
-def build_criterion(smoothing: float, mixup: bool) -> nn.Module:
-    if mixup:
-        return SoftTargetCrossEntropy()          # smoothing is in the mixed targets
-    if smoothing > 0.0:
-        return LabelSmoothingCrossEntropy(smoothing=smoothing)
-    return nn.CrossEntropyLoss()
