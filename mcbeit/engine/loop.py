@@ -23,7 +23,7 @@ from mcbeit.engine.task import Mark
 
 if TYPE_CHECKING:
     from mcbeit.engine.control import RunControl
-    from mcbeit.engine.trainer import RunContext
+    from mcbeit.engine.context import RunContext
 
 
 def _mean(values: list[torch.Tensor]) -> torch.Tensor:

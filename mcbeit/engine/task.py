@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # the engine's context, handed to the task (no import cycle at run time)
-    from mcbeit.engine.trainer import RunContext
+    from mcbeit.engine.context import RunContext
 
 Mark = Callable[[str], None]  # the benchmark's phase timer: mark("forward") as a phase ends
 

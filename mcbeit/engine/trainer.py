@@ -20,7 +20,6 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,12 @@ import numpy as np
 import torch
 
 from mcbeit.config.run import RunConfig
+from mcbeit.engine.context import RunContext
 from mcbeit.engine.control import RunControl
-from mcbeit.engine.distributed import DistInfo, init_distributed
+from mcbeit.engine.distributed import init_distributed
 from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.loop import train_one_epoch
-from mcbeit.engine.precision import Precision, resolve_precision
+from mcbeit.engine.precision import resolve_precision
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.resume import position_state, resume_path, resume_position
 from mcbeit.engine.schedules import cosine_scheduler
@@ -47,48 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@dataclass
-class RunContext:
-    """What the engine hands a task: the configuration, the process and device, precision, the
-    writer, and (once built) the strategy that runs the model, the schedules and updates per epoch."""
-
-    config: Any
-    task: Task
-    info: DistInfo
-    precision: Precision
-    writer: RunWriter | None = None
-    strategy: Any = None
-    steps_per_epoch: int = 0
-    lr_schedule: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    wd_schedule: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    n_parameters: int = 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.info.device
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The trained model's forward, through DDP / DeepSpeed when they wrap it."""
-        return self.strategy.forward_model(*args, **kwargs)
-
-    def save(self, name: int | str, entries: dict[str, Any]) -> str | None:
-        """Write checkpoint ``name`` (an epoch, or e.g. 'best') with the task's ``entries``; every rank calls it."""
-        cfg = self.config
-        entries = {"format": self.task.checkpoint_format, **entries, "args": self.flags()}
-        path = self.strategy.save(cfg.output_dir, name, entries, cfg.keep_last)
-        if path and self.info.is_main:
-            self.task.saved(path, name)
-        return path
-
-    def flags(self) -> dict[str, Any]:
-        return {**self.task.flags(), "world_size": self.info.world_size, "rank": self.info.rank}
-
-    def close(self) -> None:
-        """Drop the strategy (DDP / DeepSpeed wrappers) now, not whenever a garbage collection finds the
-        task <-> context cycle: DDP's reducer must go before the process group does."""
-        self.strategy = None
 
 
 class Trainer:

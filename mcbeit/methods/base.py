@@ -18,7 +18,7 @@ from mcbeit.engine.distributed import all_reduce_sum
 from mcbeit.engine.task import Mark, MeterSpec, StepOutput
 
 if TYPE_CHECKING:
-    from mcbeit.engine.trainer import RunContext
+    from mcbeit.engine.context import RunContext
 
 
 class PretrainMethod(ABC):
