@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bench.step import StepConfig, amp_dtype_of, run_finetune_step, run_step
-from mcbeit.engine.loop import native_low_precision
+from mcbeit.engine.precision import native_low_precision
 from mcbeit.models.recompute import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
 
 BASE, TINY = "beit_base_patch16_224_8k_vocab", "beit_tiny_patch16_224_8k_vocab"

@@ -12,19 +12,17 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.measure import PhaseTimer
-from bench.step import TEMP, StepConfig, build
+from bench.step import StepConfig, build, step
 
 TINY, BASE = "beit_tiny_patch16_224_8k_vocab", "beit_base_patch16_224_8k_vocab"
 
 
 def _time_steps(cfg: StepConfig) -> float:
-    from mcbeit.engine.loop import pretrain_step
-
-    state, _, batch = build(cfg)
-    timer = PhaseTimer(state.dist.device)
+    run, _, batch = build(cfg)
+    timer = PhaseTimer(run.device)
     for i in range(cfg.warmup + cfg.steps):
         timer.start()
-        pretrain_step(state, batch, TEMP, mark=timer.mark)
+        step(run, batch, mark=timer.mark)
         timer.stop(i >= cfg.warmup)
     return timer.medians()["step"]
 
@@ -32,8 +30,7 @@ def _time_steps(cfg: StepConfig) -> float:
 def _worker(rank: int, world: int, port: int, cfg: StepConfig, out) -> None:
     import torch.distributed as dist
 
-    from mcbeit.engine.distributed import DistInfo, wrap_ddp
-    from mcbeit.engine.loop import pretrain_step
+    from mcbeit.engine.distributed import DistInfo
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world) if cfg.device == "cpu" else 1)
     backend = "gloo" if cfg.device == "cpu" else "nccl"
@@ -43,14 +40,12 @@ def _worker(rank: int, world: int, port: int, cfg: StepConfig, out) -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         cfg = dataclasses.replace(cfg, device=str(device))
-        state, _, batch = build(cfg)
-        state.dist = DistInfo(rank=rank, world_size=world, device=device)
-        state.model = wrap_ddp(state.model_without_ddp, state.dist)  # as the task wraps it
+        run, _, batch = build(cfg, info=DistInfo(rank=rank, world_size=world, device=device))  # DDP, as in training
         times = []
         for i in range(cfg.warmup + cfg.steps):
             dist.barrier()
             t0 = time.perf_counter()
-            pretrain_step(state, batch, TEMP)
+            step(run, batch)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i >= cfg.warmup:

@@ -1,9 +1,10 @@
 """The pre-training step (tokenizer + forward + loss + backward + optimizer) and the fine-tuning
 step: the product's own code against the reference formulation, side by side on the same inputs.
 
-The product's step is :func:`mcbeit.engine.loop.pretrain_step` itself, timed through its ``mark``
-hook; the reference is :class:`bench.reference.ReferenceStep` on a copy of the same model. The
-two alternate step by step (so both see the same machine), after warm-up steps of each.
+The product's step is the engine's own update, :func:`mcbeit.engine.loop.run_update`, on a run the
+engine built (:meth:`mcbeit.engine.trainer.Trainer.ready`), timed through its ``mark`` hook; the
+reference is :class:`bench.reference.ReferenceStep` on a copy of the same model. The two alternate
+step by step (so both see the same machine), after warm-up steps of each.
 """
 from __future__ import annotations
 
@@ -19,13 +20,18 @@ import torch
 import mcbeit.models  # noqa: F401  (registers the MIM models)
 from bench.measure import PHASES, PhaseTimer, count_flops, peak_flops, peak_memory
 from bench.reference import ReferenceStep, literal_loss, reference_model
+from mcbeit.config import resolve
+from mcbeit.config.finetune import FinetuneConfig
+from mcbeit.config.pretrain import PretrainConfig
 from mcbeit.data.masking import BlockMaskGenerator
+from mcbeit.engine.context import RunContext
 from mcbeit.engine.distributed import DistInfo
-from mcbeit.engine.loop import PretrainState, pretrain_step
-from mcbeit.engine.optim import build_optimizer
+from mcbeit.engine.loop import run_update
+from mcbeit.engine.precision import resolve_precision
+from mcbeit.engine.trainer import Trainer
 from mcbeit.models.recompute import DEFAULT_RECOMPUTE, FINETUNE_RECOMPUTE, set_recompute
-from mcbeit.objectives import build_objective
-from mcbeit.tokenizers import build_tokenizer
+from mcbeit.tasks.finetune import FinetuneTask
+from mcbeit.tasks.pretrain import PretrainTask
 
 TEMP = 4.0
 
@@ -69,42 +75,53 @@ def make_batch(cfg: StepConfig, tokenizer, device: torch.device, seed: int = 0):
     return view_a.to(device), view_b.to(device), mask.to(device)
 
 
-def build(cfg: StepConfig):
-    """(product state, reference step, batch) on the same weights and inputs."""
-    device = torch.device(cfg.device)
-    torch.manual_seed(0)
-    second = cfg.input_size // 2
+def _block_masking(input_size: int) -> tuple[int, int]:
+    """(patches masked, smallest block) of :func:`make_batch`'s masks at ``input_size``."""
+    window = input_size // 16
+    return round(0.383 * window * window), min(16, window * window // 4)
+
+
+def pretrain_config(cfg: StepConfig, **flags) -> PretrainConfig:
+    """The pre-training configuration of a step configuration (a random tokenizer of ``cfg.tokenizer``)."""
+    masked, smallest = _block_masking(cfg.input_size)
+    return resolve(PretrainConfig, {
+        "model": cfg.model, "input_size": cfg.input_size, "second_input_size": cfg.input_size // 2,
+        "discrete_vae_type": cfg.tokenizer, "drop_path": 0.1, "layer_scale_init_value": 0.1, "recompute": cfg.recompute,
+        "amp": "off" if cfg.amp == "fp32" else cfg.amp, "clip_grad": 3.0, "lr": 1e-4, "weight_decay": 0.05,
+        "num_mask_patches": masked, "min_mask_patches_per_block": smallest, "output_dir": "", "device": cfg.device,
+        **flags})
+
+
+def build(cfg: StepConfig, info: DistInfo | None = None):
+    """(the product's run, reference step, batch) on the same weights and inputs."""
     factory_log = logging.getLogger("mcbeit.tokenizers.factory")
     level = factory_log.level
     factory_log.setLevel(logging.ERROR)  # "RANDOM weights": intended here
     try:
-        tokenizer = build_tokenizer(cfg.tokenizer, None, second).to(device)
+        config = pretrain_config(cfg)
+        run = Trainer(config, PretrainTask(config)).ready(steps_per_epoch=10 ** 6, info=info)
     finally:
         factory_log.setLevel(level)
-    model = timm.create_model(cfg.model, img_size=cfg.input_size, vocab_size=tokenizer.vocab_size,
-                              use_shared_rel_pos_bias=True, init_values=0.1, drop_path_rate=0.1).to(device)
-    set_recompute(model, cfg.recompute)
-    reference = ReferenceStep(reference_model(model), tokenizer, clip_grad=3.0, amp_dtype=amp_dtype_of(cfg.amp)) \
-        if cfg.reference else None
-    optimizer = build_optimizer(model, opt="adamw", lr=1e-4, weight_decay=0.05)
-    total = 10 ** 6
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-    ours_tokenizer = copy.deepcopy(tokenizer).channels_last()  # as the task builds it; the reference keeps NCHW
-    state = PretrainState(model=model, model_without_ddp=model, tokenizer=ours_tokenizer, objective=build_objective(False),
-                          optimizer=optimizer, scaler=scaler, lr_schedule=np.full(total, 1e-4),
-                          wd_schedule=np.full(total, 0.05), dist=DistInfo(device=device), amp_dtype=amp_dtype_of(cfg.amp),
-                          clip_grad=3.0, params=[q for q in model.parameters() if q.requires_grad])
-    return state, reference, make_batch(cfg, tokenizer, device)
+    tokenizer = copy.deepcopy(run.task.method.tokenizer).to(memory_format=torch.contiguous_format)  # reference: NCHW
+    reference = ReferenceStep(reference_model(run.task.model), tokenizer, clip_grad=3.0,
+                              amp_dtype=amp_dtype_of(cfg.amp)) if cfg.reference else None
+    return run, reference, make_batch(cfg, tokenizer, run.device)
 
 
-def loss_difference(state: PretrainState, reference: ReferenceStep, batch) -> float:
+def step(run: RunContext, batch, mark=None) -> dict:
+    """One optimizer update of the product (the engine's own, as in training)."""
+    return run_update(run, [batch], mark)
+
+
+def loss_difference(run: RunContext, reference: ReferenceStep, batch) -> float:
     """|product loss - literal loss| on the same weights and inputs, before any update (fp32)."""
     view_a, view_b, mask = batch
     mask = mask.flatten(1).bool()
+    method = run.task.method
     with torch.no_grad():
-        logits = state.tokenizer(view_b).float()
-        features, masked_logits = state.model(view_a, mask)
-        ours = state.objective(features, masked_logits, logits, mask, TEMP)["loss"]
+        logits = method.tokenizer(view_b).float()
+        features, masked_logits = run.task.model(view_a, mask)
+        ours = method.objective(features, masked_logits, logits, mask, TEMP)["loss"]
         prefix = reference.model.num_prefix_tokens
         ref_features = reference.model.forward_features(view_a, mask)[:, prefix:]
         theirs, _ = literal_loss(ref_features, reference.model.lm_head(ref_features), logits, mask, TEMP, 0.2)
@@ -113,19 +130,19 @@ def loss_difference(state: PretrainState, reference: ReferenceStep, batch) -> fl
 
 def run_step(cfg: StepConfig) -> dict:
     """Median time per phase and per step, images/s and peak step memory of both formulations."""
-    state, reference, batch = build(cfg)
-    device = state.dist.device
+    run, reference, batch = build(cfg)
+    device, model, optimizer = run.device, run.task.model, run.strategy.optimizer
     diff = None
     if reference is not None and cfg.amp == "fp32":  # in eval mode: no drop path in the loss check
-        state.model.eval(), reference.model.eval()
-        diff = loss_difference(state, reference, batch)
-    state.model.train()
+        model.eval(), reference.model.eval()
+        diff = loss_difference(run, reference, batch)
+    model.train()
     ours = PhaseTimer(device)
     theirs = PhaseTimer(device) if reference is not None else None
     for i in range(cfg.warmup + cfg.steps):
         keep = i >= cfg.warmup
         ours.start()
-        pretrain_step(state, batch, TEMP, mark=ours.mark)
+        step(run, batch, mark=ours.mark)
         ours.stop(keep)
         if reference is not None:
             reference.model.train()
@@ -137,8 +154,8 @@ def run_step(cfg: StepConfig) -> dict:
            "input_size": cfg.input_size, "amp": cfg.amp, "device": str(device), "steps": cfg.steps,
            "loss_abs_diff": diff, "ours": _figures(ours.medians(), cfg.batch_size)}
     if cfg.memory:
-        row["ours"]["peak_bytes"] = peak_memory(lambda: pretrain_step(state, batch, TEMP), device,
-                                                prepare=lambda: state.optimizer.zero_grad(set_to_none=True))
+        row["ours"]["peak_bytes"] = peak_memory(lambda: step(run, batch), device,
+                                                prepare=lambda: optimizer.zero_grad(set_to_none=True))
     if reference is not None:
         row["reference"] = _figures(theirs.medians(), cfg.batch_size)
         if cfg.memory:
@@ -149,11 +166,11 @@ def run_step(cfg: StepConfig) -> dict:
             row["memory_ratio"] = row["ours"]["peak_bytes"] / row["reference"]["peak_bytes"]
     if cfg.flops:  # what the step computes, and how fast: explains a speed-up (or its absence)
         peak = peak_flops(device)
-        runs = {"ours": lambda: pretrain_step(state, batch, TEMP)}
+        runs = {"ours": lambda: step(run, batch)}
         if reference is not None:
             runs["reference"] = lambda: reference(batch, TEMP)
-        for who, run in runs.items():
-            flops = count_flops(run)
+        for who, job in runs.items():
+            flops = count_flops(job)
             row[who]["gflop"] = flops / 1e9
             row[who]["gflop_per_s"] = flops / 1e9 / row[who]["step_s"]
             if peak:
@@ -164,15 +181,15 @@ def run_step(cfg: StepConfig) -> dict:
 def run_compile(cfg: StepConfig, backend: str = "inductor") -> dict:
     """The product's step eager and under ``--compile`` (model and loss): the first compiled step's
     time (compilation included) and the median step time of each, on the same inputs."""
-    state, _, batch = build(dataclasses.replace(cfg, reference=False))
+    run, _, batch = build(dataclasses.replace(cfg, reference=False))
     times = {}
     for name in ("eager", "compiled"):
         if name == "compiled":
-            state.model.compile(backend=backend), state.objective.compile(backend=backend)
-        timer = PhaseTimer(state.dist.device)
+            run.task.model.compile(backend=backend), run.task.method.objective.compile(backend=backend)
+        timer = PhaseTimer(run.device)
         for i in range(1 + cfg.steps):
             timer.start()
-            pretrain_step(state, batch, TEMP)
+            step(run, batch)
             timer.mark("step")
             timer.stop(i >= 1)
             if i == 0:
@@ -194,7 +211,7 @@ def run_finetune_step(model: str = "beit_base_patch16_224", batch_size: int = 8,
                       amp: str = "fp32", steps: int = 3, warmup: int = 1, device: str = "cpu") -> dict:
     """A fine-tuning update through the product's epoch loop (its meter and schedules included)
     against the reference loop (hand-written attention, per-tensor AdamW, ``loss.item()``)."""
-    from mcbeit.engine.finetune_loop import FinetuneState, train_one_epoch
+    from mcbeit.engine.loop import train_one_epoch
     from mcbeit.engine.optim import param_groups
     from mcbeit.models.classifier import classifier_kwargs
 
@@ -207,13 +224,14 @@ def run_finetune_step(model: str = "beit_base_patch16_224", batch_size: int = 8,
     batches = [(torch.randn(batch_size, 3, input_size, input_size, generator=g).to(dev),
                 torch.randint(0, 1000, (batch_size,), generator=g).to(dev)) for _ in range(2)]
     amp_dtype = amp_dtype_of(amp)
-    optimizer = build_optimizer(net, opt="adamw", lr=1e-4, weight_decay=0.05, layer_decay=0.65)
     n = warmup + steps
-    state = FinetuneState(model=net, model_without_ddp=net, optimizer=optimizer,
-                          criterion=torch.nn.CrossEntropyLoss(), lr_schedule=np.full(n, 1e-4),
-                          wd_schedule=np.full(n, 0.05), dist=DistInfo(device=dev), amp_dtype=amp_dtype,
-                          clip_grad=3.0, print_freq=10 ** 6,
-                          params=[p for p in net.parameters() if p.requires_grad])
+    config = resolve(FinetuneConfig, {"model": model, "input_size": input_size, "lr": 1e-4, "weight_decay": 0.05,
+                                      "layer_decay": 0.65, "clip_grad": 3.0, "print_freq": 10 ** 6, "output_dir": "",
+                                      "amp": "off" if amp == "fp32" else amp, "device": device, "smoothing": 0.0})
+    task = FinetuneTask(config)       # its model is the one above: no dataset to build
+    run = RunContext(config, task, DistInfo(device=dev), resolve_precision(config.amp, dev))
+    task.run, task.model, task.criterion = run, net, torch.nn.CrossEntropyLoss()
+    Trainer(config, task).prepare(run, steps_per_epoch=n)
     ref_opt = torch.optim.AdamW(param_groups(ref, 0.05), lr=1e-4, foreach=False, fused=False)
 
     from mcbeit.engine import meter as meter_module
@@ -222,7 +240,7 @@ def run_finetune_step(model: str = "beit_base_patch16_224", batch_size: int = 8,
         bar = meter_module.tqdm  # the epoch loop's progress bar, silenced for the benchmark's table
         meter_module.tqdm = lambda *a, **k: bar(*a, **{**k, "disable": True})
         try:
-            train_one_epoch(state, [batch], 0, 1)
+            train_one_epoch(run, [batch], 0)
         finally:
             meter_module.tqdm = bar
 
@@ -253,17 +271,17 @@ def profile_step(cfg: StepConfig, rows: int = 12) -> dict:
     """torch.profiler's top operators (self CPU / CUDA time) of one step of each formulation."""
     from torch.profiler import ProfilerActivity, profile
 
-    state, reference, batch = build(cfg)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if state.dist.device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if state.dist.device.type == "cuda" else "self_cpu_time_total"
+    run, reference, batch = build(cfg)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if run.device.type == "cuda" else "self_cpu_time_total"
     tables = {}
-    for name, step in (("ours", lambda: pretrain_step(state, batch, TEMP)),
-                       ("reference", (lambda: reference(batch, TEMP)) if reference is not None else None)):
-        if step is None:
+    for name, job in (("ours", lambda: step(run, batch)),
+                      ("reference", (lambda: reference(batch, TEMP)) if reference is not None else None)):
+        if job is None:
             continue
-        step()  # warm-up
+        job()  # warm-up
         with profile(activities=activities) as prof:
-            step()
+            job()
         tables[name] = prof.key_averages().table(sort_by=sort, row_limit=rows)
         print(f"\nTop operators, {name}, {cfg.name}:\n{tables[name]}")
     return tables

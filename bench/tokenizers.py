@@ -17,7 +17,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mcbeit.engine.loop import autocast_context
+from mcbeit.engine.precision import autocast_context
 from mcbeit.tokenizers import TOKENIZER_KINDS, build_tokenizer
 
 

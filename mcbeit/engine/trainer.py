@@ -29,7 +29,7 @@ import torch
 from mcbeit.config.run import RunConfig
 from mcbeit.engine.context import RunContext
 from mcbeit.engine.control import RunControl
-from mcbeit.engine.distributed import init_distributed
+from mcbeit.engine.distributed import DistInfo, init_distributed, resolve_device
 from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.loop import train_one_epoch
 from mcbeit.engine.precision import resolve_precision
@@ -65,12 +65,19 @@ class Trainer:
         task.check_inputs()
         if cfg.output_dir and info.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        run = self.build(info, announce=True)
+        return run
+
+    def build(self, info: DistInfo, announce: bool = False) -> RunContext:
+        """The run's context and the task's model, seeded: the same initial weights on every rank."""
+        cfg, task = self.config, self.task
         run = RunContext(cfg, task, info, resolve_precision(cfg.amp, info.device, scaler=not task.deepspeed))
         task.run = run
-        log.info("args: %s", json.dumps(run.flags(), sort_keys=True))
-        if getattr(cfg, "data_path", "") is None:
-            log.info("no --data_path: %s on the embedded images (a quick demonstration run)", task.purpose)
-        seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+        if announce:
+            log.info("args: %s", json.dumps(run.flags(), sort_keys=True))
+            if getattr(cfg, "data_path", "") is None:
+                log.info("no --data_path: %s on the embedded images (a quick demonstration run)", task.purpose)
+        seed_everything(cfg.seed)  # DDP also broadcasts rank 0's weights
         task.model = task.build_model(run).to(info.device)
         run.n_parameters = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
         seed_everything(cfg.seed + info.rank)
@@ -120,10 +127,14 @@ class Trainer:
         finally:
             run.close()
 
-    def ready(self, steps_per_epoch: int) -> RunContext:
+    def ready(self, steps_per_epoch: int, info: DistInfo | None = None) -> RunContext:
         """A run ready for :func:`mcbeit.engine.loop.run_update` without data of its own (tests, the
-        benchmark): started, with optimizer, schedules of ``steps_per_epoch`` updates and strategy."""
-        run = self.start()
+        benchmark): the model built, with optimizer, schedules of ``steps_per_epoch`` updates and
+        strategy, on ``info``'s process and device (default: this process alone, on ``--device``);
+        neither the process group nor logging is touched."""
+        if info is None:
+            info = DistInfo(device=resolve_device(self.config.device))
+        run = self.build(info)
         self.prepare(run, steps_per_epoch)
         return run
 
