@@ -11,6 +11,7 @@ import logging
 from typing import Any, Mapping
 
 import torch
+from timm.utils import ModelEmaV3
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from torch import nn
 
@@ -28,6 +29,7 @@ from mcbeit.objectives.classification import build_criterion, build_mixup
 from mcbeit.models.beit import patch_size_of
 from mcbeit.models.checkpoint import CheckpointError
 from mcbeit.models.classifier import build_classifier
+from mcbeit.models.finetune_checkpoint import load_for_finetuning, resolve_source
 from mcbeit.models.linear_probe import LinearProbe
 from mcbeit.models.recompute import set_recompute
 from mcbeit.tasks.pretrain import check_patch_grid
@@ -80,8 +82,6 @@ class FinetuneTask(Task):
         if cfg.eval_data_path:
             check_data_folder(cfg.eval_data_path, "--eval_data_path", EVAL_LAYOUT)
         if cfg.finetune and not cfg.finetune.startswith(("https://", "http://")):
-            from mcbeit.models.finetune_checkpoint import resolve_source
-
             try:
                 resolve_source(cfg.finetune)  # a file, or a DeepSpeed folder with its model states
             except CheckpointError as exc:
@@ -99,8 +99,6 @@ class FinetuneTask(Task):
                                  attn_drop_rate=cfg.attn_drop_rate, drop_path=cfg.drop_path)
         model = set_recompute(model, cfg.recompute)
         if cfg.finetune:
-            from mcbeit.models.finetune_checkpoint import load_for_finetuning
-
             load_for_finetuning(cfg.finetune, model, model_key=cfg.model_key, model_prefix=cfg.model_prefix)
         elif cfg.linear_probe:
             log.warning("--linear_probe without --finetune probes a RANDOMLY initialised backbone")
@@ -113,8 +111,6 @@ class FinetuneTask(Task):
                  f"linear probe of block {model.layer} ({cfg.probe_pool} pooling)" if cfg.linear_probe else
                  ("mean" if cfg.use_mean_pooling else "CLS") + " pooling")
         if cfg.model_ema:
-            from timm.utils import ModelEmaV3
-
             self.model_ema = ModelEmaV3(model.to(run.device), decay=cfg.model_ema_decay,
                                         device="cpu" if cfg.model_ema_force_cpu else None)
         return model
@@ -154,9 +150,7 @@ class FinetuneTask(Task):
 
     def _val_loader(self, run):
         cfg, info = self.config, run.info
-        if "val" not in self.sets:
-            return None
-        return build_eval_loader(self.sets["val"], int(1.5 * cfg.batch_size), cfg.num_workers,
+        return None if "val" not in self.sets else build_eval_loader(self.sets["val"], int(1.5 * cfg.batch_size), cfg.num_workers,
                                  cfg.pin_mem and run.device.type == "cuda", info.world_size if cfg.dist_eval else 1,
                                  info.rank if cfg.dist_eval else 0)
 
