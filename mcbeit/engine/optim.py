@@ -165,28 +165,6 @@ def build_optimizer(
     return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=0.0, momentum=momentum, **kwargs)
 
 
-def optimizer_from_args(args: Any, model: nn.Module) -> torch.optim.Optimizer:
-    """:func:`build_optimizer` from the original scripts' flags (``--opt``, ``--lr``, ``--weight_decay``,
-    ``--opt_eps``, ``--opt_betas``, ``--momentum``, ``--layer_decay``, ``--disable_weight_decay_on_rel_pos_bias``).
-
-    Missing flags take the original argparse defaults; a missing ``--opt_betas`` (None) leaves the
-    optimizer's default betas, as the original does.
-    """
-    layer_decay = getattr(args, "layer_decay", None)
-    extra = ("relative_position_bias_table",) if getattr(args, "disable_weight_decay_on_rel_pos_bias", False) else ()
-    return build_optimizer(
-        model,
-        getattr(args, "opt", "adamw"),
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        opt_eps=getattr(args, "opt_eps", 1e-8),
-        opt_betas=getattr(args, "opt_betas", None),
-        momentum=getattr(args, "momentum", 0.9),
-        layer_decay=None if layer_decay is None or layer_decay >= 1.0 else layer_decay,
-        extra_no_decay_keywords=extra,
-    )
-
-
 def grad_norm_of(params: Sequence[nn.Parameter], clip: float | None) -> torch.Tensor:
     """Total gradient norm (before clipping); clips to ``clip`` when it is > 0. A device tensor: no host sync."""
     if clip is not None and clip > 0:

@@ -98,6 +98,21 @@ class Task(ABC):
         """Whether the run trains through DeepSpeed (``--enable_deepspeed``)."""
         return False
 
+    @property
+    def zero_stage(self) -> int:
+        """DeepSpeed's ZeRO stage (``--zero_stage``), when :attr:`deepspeed`."""
+        return 0
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        """Whether the run writes checkpoints (an ``--output_dir`` is given; fine-tuning's ``--no_save_ckpt``)."""
+        return bool(self.config.output_dir)
+
+    @property
+    def embedded_data(self) -> bool:
+        """Whether the run is on the embedded images (no ``--data_path``)."""
+        return getattr(self.config, "data_path", "") is None
+
     def check_inputs(self) -> None:
         """Raise :class:`mcbeit.errors.InputError` for a file or folder the flags name that cannot be used."""
 
@@ -117,7 +132,7 @@ class Task(ABC):
         return [p for p in model.parameters() if p.requires_grad]
 
     def compile(self) -> None:
-        """``torch.compile`` what the task runs (``--compile``)."""
+        """``torch.compile`` what the task runs, when its flags ask (``--compile``)."""
 
     # -- training ---------------------------------------------------------------------------------
     def start_epoch(self, epoch: int, first: int = 0) -> None:

@@ -75,7 +75,7 @@ class Trainer:
         task.run = run
         if announce:
             log.info("args: %s", json.dumps(run.flags(), sort_keys=True))
-            if getattr(cfg, "data_path", "") is None:
+            if task.embedded_data:
                 log.info("no --data_path: %s on the embedded images (a quick demonstration run)", task.purpose)
         seed_everything(cfg.seed)  # DDP also broadcasts rank 0's weights
         task.model = task.build_model(run).to(info.device)
@@ -146,15 +146,12 @@ class Trainer:
         run.lr_schedule = cosine_scheduler(task.base_lr, cfg.min_lr, cfg.epochs, spe, warmup_epochs=cfg.warmup_epochs,
                                            warmup_steps=warmup_steps(cfg, spe))
         run.wd_schedule = cosine_scheduler(cfg.weight_decay, cfg.final_weight_decay, cfg.epochs, spe)
-        if getattr(cfg, "compile", False):
-            task.compile()
-            log.info("torch.compile (backend %s, mode %s): the first steps compile", cfg.compile_backend,
-                     cfg.compile_mode or "default")
+        task.compile()
         if task.deepspeed:
             from mcbeit.engine.strategy import DeepSpeedStrategy
 
             run.strategy = DeepSpeedStrategy(task.model, optimizer, run.info, batch_size=cfg.batch_size,
-                                             update_freq=task.update_freq, amp=cfg.amp, zero_stage=cfg.zero_stage,
+                                             update_freq=task.update_freq, amp=cfg.amp, zero_stage=task.zero_stage,
                                              clip_grad=cfg.clip_grad)
             run.precision = run.strategy.precision
         else:
@@ -187,7 +184,7 @@ class Trainer:
                 owed: int | None) -> dict[str, Any]:
         cfg, task, info = self.config, self.task, run.info
         spe, stats, started = run.steps_per_epoch, {}, time.perf_counter()
-        saving = bool(cfg.output_dir) and getattr(cfg, "save_ckpt", True)
+        saving = task.writes_checkpoints
         control = RunControl(info, (lambda e, done: self.save_position(run, e, done)) if saving else None,
                              save_every_steps=cfg.save_ckpt_steps, save_every_minutes=cfg.save_ckpt_minutes,
                              steps_per_epoch=spe)

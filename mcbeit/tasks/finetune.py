@@ -67,6 +67,14 @@ class FinetuneTask(Task):
         return self.config.enable_deepspeed
 
     @property
+    def zero_stage(self) -> int:
+        return self.config.zero_stage
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        return self.config.save_ckpt and bool(self.config.output_dir)
+
+    @property
     def base_lr(self) -> float:
         """``--lr``, or for a linear probe without it ``--blr`` x the total batch / 256 (MAE's rule)."""
         cfg = self.config
@@ -165,7 +173,8 @@ class FinetuneTask(Task):
                                layer_decay=None if cfg.layer_decay >= 1.0 else cfg.layer_decay)
 
     def compile(self) -> None:
-        self.model.compile(backend=self.config.compile_backend, mode=self.config.compile_mode)
+        if self.config.compile:
+            self.model.compile(backend=self.config.compile_backend, mode=self.config.compile_mode)
 
     # -- training -----------------------------------------------------------------------------------------
     def train_step(self, batch: Any, mark: Mark | None = None) -> StepOutput:

@@ -83,8 +83,11 @@ class PretrainTask(Task):
 
     def compile(self) -> None:
         cfg = self.config
-        for module in (self.model, *self.method.modules_to_compile()):
-            module.compile(backend=cfg.compile_backend, mode=cfg.compile_mode)
+        if cfg.compile:
+            for module in (self.model, *self.method.modules_to_compile()):
+                module.compile(backend=cfg.compile_backend, mode=cfg.compile_mode)
+            log.info("torch.compile (backend %s, mode %s): the first steps compile", cfg.compile_backend,
+                     cfg.compile_mode or "default")
 
     # -- training -----------------------------------------------------------------------------------------
     def start_epoch(self, epoch: int, first: int = 0) -> None:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from timm.models.beit import Beit
 
-from mcbeit.engine.optim import build_optimizer, layer_id, optimizer_from_args, param_groups
+from mcbeit.engine.optim import build_optimizer, layer_id, param_groups
 from mcbeit.engine.schedules import apply_schedules
 
 DEPTH = 3
@@ -148,12 +148,16 @@ def test_unknown_optimizer_is_a_clear_error():
         build_optimizer(tiny_mim_model(), "adamz", lr=1e-3, weight_decay=0.05)
 
 
-def test_optimizer_from_args_and_compiled_model_names():
-    from argparse import Namespace
+def test_optimizer_from_the_finetuning_flags_and_compiled_model_names():
+    from mcbeit.config import resolve
+    from mcbeit.config.finetune import FinetuneConfig
+    from mcbeit.tasks.finetune import FinetuneTask
+
     model = tiny_classifier(use_rel_pos_bias=True)
-    args = Namespace(opt="adamw", lr=1e-3, weight_decay=0.05, opt_eps=1e-8, opt_betas=None, momentum=0.9,
-                     layer_decay=0.75, disable_weight_decay_on_rel_pos_bias=True)
-    opt = optimizer_from_args(args, torch.compile(model))  # names without the _orig_mod. prefix
+    flags = resolve(FinetuneConfig, dict(opt="adamw", lr=1e-3, weight_decay=0.05, opt_eps=1e-8, momentum=0.9,
+                                         layer_decay=0.75, disable_weight_decay_on_rel_pos_bias=True))
+    assert flags.opt_betas is None
+    opt = FinetuneTask(flags).build_optimizer(torch.compile(model))  # names without the _orig_mod. prefix
     assert opt.param_groups[0]["betas"] == (0.9, 0.999)  # --opt_betas unset: the optimizer's default
     decay, no_decay = decay_membership(model, opt.param_groups)
     assert "blocks.2.attn.relative_position_bias_table" in no_decay
