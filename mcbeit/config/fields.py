@@ -152,9 +152,20 @@ def resolve(cls: type[C], given: Mapping[str, Any], *, embedded: bool | None = N
 
 
 def as_flags(config: Any) -> dict[str, Any]:
-    """The configuration as a plain dict of flag values (what checkpoints store as ``args``)."""
+    """Flag values as checkpoints store them (``args``): plain values only (None, bool, int, float, str
+    and lists of them; anything else as its ``str``), so ``torch.load(weights_only=True)`` reads them.
+    ``config``: a configuration, an ``argparse.Namespace`` or a mapping."""
+    if dataclasses.is_dataclass(config):
+        items = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    else:
+        items = dict(vars(config) if isinstance(config, argparse.Namespace) else config)
+    plain = (bool, int, float, str)
     out: dict[str, Any] = {}
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        out[field.name] = list(value) if isinstance(value, tuple) else value
+    for key, value in items.items():
+        if value is None or isinstance(value, plain):
+            out[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value):
+            out[key] = list(value)
+        else:
+            out[key] = str(value)
     return out

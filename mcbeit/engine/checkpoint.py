@@ -1,7 +1,8 @@
 """Training checkpoints: `checkpoint-<epoch>.pth`, written atomically, read with `weights_only=True`.
 
 A checkpoint holds plain containers only (tensors, numbers, strings, lists, dicts): `args` is
-stored as a dict, so `torch.load(path, weights_only=True)` reads it with no allow-list.
+stored as a dict of plain values (:func:`mcbeit.config.fields.as_flags`), so
+`torch.load(path, weights_only=True)` reads it with no allow-list.
 
 Writes go to a temporary file that is fsynced and renamed over the target, so a crash, a kill or
 a full disk leaves the previous file whole; a failed write says which checkpoint survived.
@@ -11,7 +12,6 @@ after a new one is safely on disk.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
@@ -32,20 +32,6 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
 
 def checkpoint_path(output_dir: str | os.PathLike, epoch: int | str) -> Path:
     return Path(output_dir) / f"checkpoint-{epoch}.pth"
-
-
-def plain_args(args: argparse.Namespace | dict) -> dict[str, Any]:
-    """`args` as a dict of plain values that `weights_only=True` can read back."""
-    items = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    out: dict[str, Any] = {}
-    for key, value in items.items():
-        if value is None or isinstance(value, (bool, int, float, str)):
-            out[key] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-            out[key] = list(value)
-        else:
-            out[key] = str(value)
-    return out
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:

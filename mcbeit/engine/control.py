@@ -121,14 +121,6 @@ class RunControl:
             # A gloo group for host-side flags: under NCCL it keeps the decision off the GPU stream.
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
-    @classmethod
-    def from_args(cls, args, info: DistInfo, save: Callable[[int, int], str | None] | None,
-                  steps_per_epoch: int) -> "RunControl":
-        """From the shared runtime flags (``--save_ckpt_steps``, ``--save_ckpt_minutes``); ``save`` is
-        None when the run writes nothing."""
-        return cls(info, save, save_every_steps=args.save_ckpt_steps, save_every_minutes=args.save_ckpt_minutes,
-                   steps_per_epoch=steps_per_epoch)
-
     # signals ---------------------------------------------------------------------------------------
     def install(self) -> "RunControl":
         """Catch SIGTERM / SIGUSR1 (main thread only): finish the step, save, exit EXIT_PREEMPTED."""

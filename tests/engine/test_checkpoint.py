@@ -7,12 +7,13 @@ import textwrap
 import pytest
 import torch
 
+from mcbeit.config.fields import as_flags
 from mcbeit.engine import checkpoint as ck
 
 
 def test_save_atomic_round_trip_with_weights_only(tmp_path):
     args = argparse.Namespace(lr=1e-3, opt_betas=[0.9, 0.98], data_path=None, model="m", device=torch.device("cpu"))
-    state = {"model": {"w": torch.arange(4.0)}, "epoch": 3, "args": ck.plain_args(args)}
+    state = {"model": {"w": torch.arange(4.0)}, "epoch": 3, "args": as_flags(args)}
     path = ck.save_atomic(state, tmp_path / "checkpoint-3.pth")
     loaded = torch.load(path, weights_only=True)
     assert loaded["epoch"] == 3
@@ -140,7 +141,8 @@ def test_a_real_process_hitting_a_file_size_limit_fails_loudly_and_harms_nothing
     before = path.read_bytes()
     script = textwrap.dedent(f"""
         import resource, signal, sys, torch
-        from mcbeit.engine import checkpoint as ck
+        from mcbeit.config.fields import as_flags
+from mcbeit.engine import checkpoint as ck
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)    # get EFBIG from write() instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
         ck.save_atomic({{"model": {{"w": torch.randn(200_000)}}, "epoch": 2}}, {str(path)!r})
