@@ -141,8 +141,7 @@ def test_a_real_process_hitting_a_file_size_limit_fails_loudly_and_harms_nothing
     before = path.read_bytes()
     script = textwrap.dedent(f"""
         import resource, signal, sys, torch
-        from mcbeit.config.fields import as_flags
-from mcbeit.engine import checkpoint as ck
+        from mcbeit.engine import checkpoint as ck
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)    # get EFBIG from write() instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
         ck.save_atomic({{"model": {{"w": torch.randn(200_000)}}, "epoch": 2}}, {str(path)!r})
