@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from mcbeit.engine import deepspeed as ds
 from mcbeit.engine.optim import backward_and_step, build_optimizer
 from mcbeit.engine.schedules import apply_schedules
+from mcbeit.errors import ConfigError, InputError
 
 if importlib.util.find_spec("deepspeed") is None:  # not imported here: DS_ACCELERATOR is set first (fixture)
     pytest.skip('DeepSpeed is not installed (pip install -e ".[deepspeed]")', allow_module_level=True)
@@ -135,31 +136,31 @@ def test_config_maps_the_flags():
     (dict(update_freq=0), "--update_freq must be at least 1"),
 ])
 def test_config_errors(kwargs, match):
-    with pytest.raises(SystemExit, match=match):
+    with pytest.raises(ConfigError, match=match):
         ds.deepspeed_config(batch_size=4, **kwargs)
 
 
 def test_missing_deepspeed_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)
-    with pytest.raises(SystemExit, match=r'pip install -e "\.\[deepspeed\]"'):
+    with pytest.raises(InputError, match=r'pip install -e "\.\[deepspeed\]"'):
         ds.import_deepspeed()
 
 
 def test_accelerator_conflicts_are_errors(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
-    with pytest.raises(SystemExit, match="DS_ACCELERATOR=cuda but the run is on cpu"):
+    with pytest.raises(ConfigError, match="DS_ACCELERATOR=cuda but the run is on cpu"):
         ds.prepare_accelerator("cpu")
     monkeypatch.delenv("DS_ACCELERATOR")
     ds.import_deepspeed("cpu")  # deepspeed is now imported with its CPU accelerator
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    with pytest.raises(SystemExit, match="imported with its cpu accelerator but the run is on cuda"):
+    with pytest.raises(InputError, match="imported with its cpu accelerator but the run is on cuda"):
         ds.prepare_accelerator("cuda")
 
 
 def test_zero_rejects_per_tensor_optimizers():
     model = tiny_beit()
     optimizer = build_optimizer(model, "lamb", lr=1e-3, weight_decay=0.05)
-    with pytest.raises(SystemExit, match="--opt adamw or --zero_stage 0"):
+    with pytest.raises(ConfigError, match="--opt adamw or --zero_stage 0"):
         ds.DeepSpeedTrainer(model, optimizer, ds.deepspeed_config(batch_size=4, zero_stage=1), device="cpu")
 
 
@@ -265,7 +266,7 @@ def test_mismatched_zero_stage_needs_weights_only(tmp_path):
     ds_run(trainer, batches(1))
     folder = trainer.save(tmp_path, 3)
     other = make_trainer(tiny_beit(seed=5), zero=1)
-    with pytest.raises(SystemExit, match="ZeRO stage 0, this run uses 1"):
+    with pytest.raises(ds.DeepSpeedCheckpointError, match="ZeRO stage 0, this run uses 1"):
         other.load(folder)
     assert other.load(tmp_path, weights_only=True)["epoch"] == 3  # the output folder: 'latest' names the tag
     assert max_diff(other.module, trainer.module) == 0.0
@@ -328,9 +329,9 @@ def test_finding_checkpoints(tmp_path):
     assert ds.resume_checkpoint(str(one), True, str(tmp_path)) == one
     assert ds.resume_checkpoint(str(tmp_path), False, None) == foreign
     assert ds.resume_checkpoint(None, False, str(tmp_path)) is None
-    with pytest.raises(SystemExit, match="not a DeepSpeed checkpoint"):
+    with pytest.raises(ds.DeepSpeedCheckpointError, match="not a DeepSpeed checkpoint"):
         ds.resume_checkpoint(str(folder("other", states=False)), False, None)
-    with pytest.raises(SystemExit, match="no such folder"):
+    with pytest.raises(ds.DeepSpeedCheckpointError, match="no such folder"):
         ds.resume_checkpoint(str(tmp_path / "nope"), False, None)
 
 
@@ -359,7 +360,7 @@ def test_keep_last_and_damaged_folders_fall_back_with_a_warning(tmp_path, caplog
         assert ds.find_resumable(tmp_path) == tmp_path / "checkpoint-2"
     assert "skipping" in caplog.text and "bytes" in caplog.text and optim.name in caplog.text
     assert optim.exists()  # nothing written is deleted on suspicion
-    with pytest.raises(SystemExit, match="--resume .*checkpoint-3.*pass an earlier"):
+    with pytest.raises(ds.DeepSpeedCheckpointError, match="--resume .*checkpoint-3.*pass an earlier"):
         ds.resume_checkpoint(str(tmp_path / "checkpoint-3"), False, None)
 
     states = tmp_path / "checkpoint-2" / "mp_rank_00_model_states.pt"
@@ -367,7 +368,7 @@ def test_keep_last_and_damaged_folders_fall_back_with_a_warning(tmp_path, caplog
     flipped[len(flipped) // 2] ^= 0xFF  # same size: only the CRC can tell
     states.write_bytes(bytes(flipped))
     assert "CRC" in ds.deepspeed_checkpoint_problem(tmp_path / "checkpoint-2")
-    with pytest.raises(SystemExit, match="every DeepSpeed checkpoint .* is damaged"):
+    with pytest.raises(ds.DeepSpeedCheckpointError, match="every DeepSpeed checkpoint .* is damaged"):
         ds.find_resumable(tmp_path)
     # a resumed run that saves again prunes only up to the epoch it wrote
     _saved_run(tmp_path, [1], keep_last=1)
@@ -480,7 +481,7 @@ def test_two_processes_write_a_checkpoint_one_process_loads(tmp_path):
 
         single = make_trainer(tiny_beit(seed=3), zero=zero, batch_size=8)
         if zero:
-            with pytest.raises(SystemExit, match="2 processes under ZeRO stage 1"):
+            with pytest.raises(ds.DeepSpeedCheckpointError, match="2 processes under ZeRO stage 1"):
                 single.load(folder)
         state = single.load(folder, weights_only=bool(zero))
         assert state["rank_count"] == 2 and state["epoch"] == 0
