@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from mcbeit.data.images import (MAX_PIXELS, OpenedImage, TooManyBadImagesError, check_bad_fraction, load_rgb_image,
                                  open_image)
+from mcbeit.errors import ConfigError
 
 from .embedded import embedded_dataset_root
+from .file_index import DroppedEntries, PathTable, image_folder_files, read_list_file
 from .folders import (CLASSIFICATION_LAYOUTS, EVAL_LAYOUT, LIST_FILE, BadListFileError, DataPathError, check_data_folder,
                       no_images_error)
 
@@ -65,45 +65,6 @@ logger = logging.getLogger(__name__)
 DATA_SETS = ("IMNET", "image_folder", "CIFAR")  # None: detect the layout
 MAX_CONSECUTIVE_BAD = 50  # give up (clearly) after this many unreadable files in a row
 _SPLIT_NAMES = {"train", "val", "validation", "test"}
-
-
-class _PathTable:
-    """Relative paths packed into one byte buffer: small, and no per-string Python objects,
-    so forked data-loader workers do not copy the table page by page (refcount writes)."""
-
-    def __init__(self, paths: Sequence[str]) -> None:
-        encoded = [os.fsencode(p) for p in paths]
-        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
-        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, i: int) -> str:
-        return os.fsdecode(self._buffer[self._offsets[i] : self._offsets[i + 1]].tobytes())
-
-
-# ----------------------------------------------------------------------------- bad data
-
-
-@dataclass(frozen=True)
-class DroppedEntries:
-    """The list-file lines a dataset left out: how many, why, and which (the first ones).
-
-    ``reasons`` counts them by reason ("missing file", "bad label", "malformed");
-    ``line_numbers`` holds the first ``MAX_REPORTED`` of them (1-based), ``examples`` a few
-    lines with their reason. A dataset that is not read from a list file has ``count`` 0.
-    """
-
-    MAX_REPORTED = 1000
-
-    source: str = ""
-    count: int = 0
-    total: int = 0  # non-blank lines read, kept and dropped
-    reasons: dict[str, int] = field(default_factory=dict)
-    line_numbers: tuple[int, ...] = ()
-    examples: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -148,7 +109,7 @@ class ImageDataset(Dataset):
         if transform is None or not callable(transform):
             raise TypeError("ImageDataset needs a transform(pil_image, rng) callable")
         self.root = Path(root)
-        self._paths = _PathTable(relative_paths)
+        self._paths = PathTable(relative_paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
         self.seed = int(seed)
@@ -241,148 +202,6 @@ def _shared_flags(length: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- layouts
 
 
-def _relative(paths: Sequence[str], root: Path) -> list[str]:
-    prefix = str(root) + os.sep
-    return [p[len(prefix) :] if p.startswith(prefix) else os.path.relpath(p, root) for p in paths]
-
-
-def _image_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
-    """(relative paths, labels, class names) of an ImageFolder tree (torchvision's rules)."""
-    try:
-        classes, class_to_idx = find_classes(str(root))
-    except FileNotFoundError:
-        # No class folders: accept images directly inside root as one unnamed class.
-        files = sorted(
-            e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)
-        )
-        return files, [0] * len(files), [""] if files else []
-    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    return _relative([p for p, _ in samples], root), [c for _, c in samples], classes
-
-
-def _parse_list_line(text: str) -> tuple[str, int | None, str]:
-    """(path, label or None, what is wrong) of one non-blank line ``<relative/path> <label>``.
-    The label is the last field, so paths may hold spaces."""
-    parts = text.rsplit(None, 1)
-    if len(parts) != 2:
-        return text, None, "malformed"
-    path, label = parts
-    try:
-        value = int(label)
-    except ValueError:
-        return path, None, "bad label"
-    return (path, value, "") if value >= 0 else (path, None, "bad label")
-
-
-def _existing(base: Path, paths: Sequence[str]) -> np.ndarray:
-    """Which ``base/path`` exist, as a boolean array.
-
-    One ``os.scandir`` per distinct folder instead of a ``stat`` per file: ImageNet's 1.28 M
-    lines cost about a thousand directory listings (cheap on network file systems too) and
-    memory for one folder's names at a time. A name the listing lacks is confirmed with
-    ``os.path.exists`` (case-insensitive file systems, paths with ``..``); a folder that does
-    not exist marks its paths missing without a ``stat`` each.
-    """
-    folder_ids: dict[str, int] = {}
-    ids = np.empty(len(paths), dtype=np.int64)
-    for i, path in enumerate(paths):
-        ids[i] = folder_ids.setdefault(os.path.dirname(path), len(folder_ids))
-    exists = np.zeros(len(paths), dtype=bool)
-    order = np.argsort(ids, kind="stable")
-    ends = np.cumsum(np.bincount(ids, minlength=len(folder_ids)))
-    start = 0
-    for folder, end in zip(folder_ids, ends):
-        try:
-            names = {entry.name for entry in os.scandir(os.path.join(base, folder))}
-        except (FileNotFoundError, NotADirectoryError):
-            start = end
-            continue
-        except OSError:  # e.g. a folder that may be traversed but not listed
-            names = set()
-        for i in order[start:end]:
-            exists[i] = os.path.basename(paths[i]) in names or os.path.exists(os.path.join(base, paths[i]))
-        start = end
-    return exists
-
-
-def _list_base(data_path: Path, split: str, paths: Sequence[str]) -> Path:
-    """The folder a list file's paths are relative to: ``<data_path>/<split>/`` as the original,
-    or ``data_path`` itself where the first few paths exist only there."""
-    base = data_path / split
-    sample = paths[:16]
-    if sample and not any((base / p).exists() for p in sample) and any((data_path / p).exists() for p in sample):
-        return data_path
-    return base
-
-
-def _describe(reasons: dict[str, int]) -> str:
-    return ", ".join(f"{count} {reason}" for reason, count in reasons.items() if count)
-
-
-def _list_file(
-    data_path: Path, name: str = LIST_FILE, split: str = "train"
-) -> tuple[Path, list[str], list[int], DroppedEntries]:
-    """(image base folder, relative paths, labels, dropped lines) from ``<data_path>/<name>``.
-
-    Lines are ``<path relative to <data_path>/<split>/> <integer label >= 0>``; blank lines are
-    ignored. Lines that are malformed, have a bad label or name a missing file are left out with
-    one warning naming them; a list of which no line is usable raises :class:`BadListFileError`.
-    """
-    map_file = data_path / name
-    paths: list[str] = []
-    labels: list[int] = []
-    line_numbers: list[int] = []  # of the kept lines, until the existence check
-    bad: list[tuple[int, str, str]] = []  # (line number, line, reason)
-    with open(map_file, encoding="utf-8-sig", errors="surrogateescape") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            path, label, problem = _parse_list_line(text)
-            if problem:
-                bad.append((line_number, text, problem))
-            else:
-                paths.append(path)
-                labels.append(label)
-                line_numbers.append(line_number)
-    base = _list_base(data_path, split, paths)
-    if base == data_path:
-        logger.info("%s: paths are relative to %s, not to %s/", map_file, data_path, split)
-    exists = _existing(base, paths)
-    if not exists.all():
-        for i in np.flatnonzero(~exists):
-            bad.append((line_numbers[i], f"{paths[i]} {labels[i]}", "missing file"))
-        bad.sort()
-        paths = [p for p, ok in zip(paths, exists) if ok]
-        labels = [label for label, ok in zip(labels, exists) if ok]
-
-    reasons = {r: sum(1 for *_, reason in bad if reason == r) for r in ("missing file", "bad label", "malformed")}
-    dropped = DroppedEntries(
-        source=str(map_file),
-        count=len(bad),
-        total=len(bad) + len(paths),
-        reasons={r: c for r, c in reasons.items() if c},
-        line_numbers=tuple(n for n, _, _ in bad[: DroppedEntries.MAX_REPORTED]),
-        examples=tuple(f"line {n}: {text!r} ({reason})" for n, text, reason in bad[:5]),
-    )
-    expected = f"'<path relative to {base}/> <integer label >= 0>'"
-    if bad and not paths:
-        raise BadListFileError(
-            f"{map_file}: none of its {len(bad)} lines is usable ({_describe(reasons)}), e.g. "
-            f"{'; '.join(dropped.examples[:3])}. Each line must be {expected}; fix the list file, "
-            "or point --data_path at the folder holding it and the images"
-        )
-    if bad:
-        shown = ", ".join(str(n) for n in dropped.line_numbers[:20])
-        more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
-        logger.warning(
-            "%s: left out %d of %d lines (%s): line%s %s%s; e.g. %s. Lines must be %s",
-            map_file, len(bad), dropped.total, _describe(reasons), "s" if len(bad) > 1 else "", shown, more,
-            "; ".join(dropped.examples), expected,
-        )
-    return base, paths, labels, dropped
-
-
 def _canonical_data_set(data_set: str | None) -> str | None:
     """``--data_set`` in its canonical spelling (case-insensitive), None kept, anything else an error."""
     if data_set is None:
@@ -423,7 +242,7 @@ def build_pretraining_dataset(
         layout, reason = "embedded", "no --data_path given"
         if data_set is not None:
             reason += f"; --data_set {data_set} ignored"
-        paths, labels, classes = _image_folder(root)
+        paths, labels, classes = image_folder_files(root)
     else:
         data_path = check_data_folder(data_path)
         if data_set is None:
@@ -440,10 +259,10 @@ def build_pretraining_dataset(
             layout, root, reason = "image_folder", data_path, f"--data_set {data_set}"
 
         if layout == "IMNET":
-            root, paths, labels, dropped = _list_file(data_path)
+            root, paths, labels, dropped = read_list_file(data_path)
             classes = None
         else:
-            paths, labels, classes = _image_folder(root)
+            paths, labels, classes = image_folder_files(root)
             if classes and set(classes) <= _SPLIT_NAMES:
                 logger.warning(
                     "the class folders of %s are %s, which look like dataset splits: pass the "
@@ -453,7 +272,7 @@ def build_pretraining_dataset(
 
     if not paths:
         raise no_images_error("--data_path", data_path, root, f"the {layout} layout", classes,
-                         Path(dropped.source) if dropped is not None and dropped.source else None)
+                              Path(dropped.source) if dropped is not None and dropped.source else None)
     dataset = ImageDataset(root, paths, labels, transform, seed, layout, classes, dropped_entries=dropped)
     logger.info(
         "data: %s layout at %s (%s): %d images, %d classes",
@@ -465,6 +284,8 @@ def build_pretraining_dataset(
 # ----------------------------------------------------------------------------- classification
 
 SPLITS = ("train", "val")
+
+
 class CifarDataset(Dataset):
     """CIFAR-100 from its python files under ``root`` (torchvision's layout; never downloaded),
     with the same item format as :class:`ImageDataset` with ``return_labels``."""
@@ -518,49 +339,51 @@ def build_classification_dataset(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     data_set = _canonical_data_set(data_set)
-    dropped = None
-    if data_path is None:
-        root = embedded_dataset_root() / split
-        paths, labels, classes = _image_folder(root)
-        layout = "embedded"
-    else:
+    if data_path is not None:
         data_path = check_data_folder(data_path, expected=CLASSIFICATION_LAYOUTS)
         if data_set == "CIFAR":
             dataset = CifarDataset(data_path, split == "train", transform, seed)
             logger.info("data (%s): CIFAR-100 at %s: %d images, 100 classes", split, data_path, len(dataset))
             return dataset
-        if data_set is None:
-            data_set = ("IMNET" if (data_path / split).is_dir() or (data_path / f"{split}_map.txt").is_file()
-                        else "image_folder")
-        list_file = data_path / f"{split}_map.txt"
-        if data_set == "IMNET" and list_file.is_file():
-            root, paths, labels, dropped = _list_file(data_path, list_file.name, split)
-            classes, layout = None, "IMNET list"
-        elif data_set == "IMNET":
-            root = data_path / split
-            if not root.is_dir():
-                raise DataPathError(
-                    f"--data_set IMNET reads {root}/ (class folders) or {list_file}; neither exists. For one "
-                    f"folder of classes per split use --data_set image_folder (with --eval_data_path)")
-            paths, labels, classes = _image_folder(root)
-            layout = "IMNET"
-        else:
-            if split == "train":
-                root = data_path
-            elif eval_data_path is None:
-                raise SystemExit("--data_set image_folder evaluates on --eval_data_path, which is not given; "
-                                 "pass it, or --disable_eval_during_finetuning")
-            else:
-                root = check_data_folder(eval_data_path, "--eval_data_path", EVAL_LAYOUT)
-            paths, labels, classes = _image_folder(root)
-            layout = "image_folder"
+    layout, root, paths, labels, classes, dropped = _classification_files(data_path, data_set, split, eval_data_path)
     if not paths:
         flag, value = (("--eval_data_path", eval_data_path) if split == "val" and layout == "image_folder"
                        else ("--data_path", data_path))
         raise no_images_error(flag, value, root, f"the {split} split", classes,
-                         Path(dropped.source) if dropped is not None and dropped.source else None)
+                              Path(dropped.source) if dropped is not None and dropped.source else None)
     dataset = ImageDataset(root, paths, labels, transform, seed, layout, classes, return_labels=True,
                            dropped_entries=dropped)
     logger.info("data (%s): %s layout at %s: %d images, %d classes", split, layout, root, len(dataset),
                 dataset.num_classes)
     return dataset
+
+
+def _classification_files(data_path: Path | None, data_set: str | None, split: str,
+                          eval_data_path: str | os.PathLike | None):
+    """(layout, image root, relative paths, labels, class names or None, dropped list lines or None)
+    of a split in one of the layouts :func:`build_classification_dataset` reads (all but CIFAR)."""
+    if data_path is None:
+        root = embedded_dataset_root() / split
+        return ("embedded", root, *image_folder_files(root), None)
+    if data_set is None:
+        data_set = ("IMNET" if (data_path / split).is_dir() or (data_path / f"{split}_map.txt").is_file()
+                    else "image_folder")
+    list_file = data_path / f"{split}_map.txt"
+    if data_set == "IMNET" and list_file.is_file():
+        root, paths, labels, dropped = read_list_file(data_path, list_file.name, split)
+        return "IMNET list", root, paths, labels, None, dropped
+    if data_set == "IMNET":
+        root = data_path / split
+        if not root.is_dir():
+            raise DataPathError(
+                f"--data_set IMNET reads {root}/ (class folders) or {list_file}; neither exists. For one "
+                f"folder of classes per split use --data_set image_folder (with --eval_data_path)")
+        return ("IMNET", root, *image_folder_files(root), None)
+    if split == "train":
+        root = data_path
+    elif eval_data_path is None:
+        raise ConfigError("--data_set image_folder evaluates on --eval_data_path, which is not given; "
+                          "pass it, or --disable_eval_during_finetuning")
+    else:
+        root = check_data_folder(eval_data_path, "--eval_data_path", EVAL_LAYOUT)
+    return ("image_folder", root, *image_folder_files(root), None)

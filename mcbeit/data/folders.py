@@ -7,14 +7,16 @@ from typing import Sequence
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from mcbeit.errors import InputError
+
 LIST_FILE = "train_map.txt"
 
 
-class BadListFileError(ValueError):
+class BadListFileError(InputError, ValueError):
     """A list file (``train_map.txt``, ``<split>_map.txt``) of which no line is usable."""
 
 
-class DataPathError(FileNotFoundError):
+class DataPathError(InputError, FileNotFoundError):
     """A data folder flag (``--data_path``, ``--eval_data_path``) names no folder, or one without images.
     The message names the flag and its value and says what to pass instead."""
 

@@ -8,7 +8,8 @@ that stops a run whose data is too broken.
   (rescaled from their value range, not clipped).
 - Files that do not decode (corrupt, truncated, zero-byte, not an image, or larger than
   ``MAX_PIXELS``, checked before any pixel is decoded) raise; the datasets skip and count them.
-- :func:`check_bad_fraction` turns a skip rate above ``--max_bad_fraction`` into a clear error.
+- :func:`check_bad_fraction` turns a skip rate above ``--max_bad_fraction`` into a clear error (the
+  engine's bad-data policy, :mod:`mcbeit.engine.bad_data`, re-exported here with its error).
 
 Truncated files must fail to decode, so Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept off
 (if another library turns it on, loading turns it off again, with a warning).
@@ -21,6 +22,8 @@ import os
 
 import numpy as np
 from PIL import Image, ImageFile
+
+from mcbeit.engine.bad_data import TooManyBadImagesError, check_bad_fraction
 
 __all__ = ["MAX_PIXELS", "OpenedImage", "TooManyBadImagesError", "check_bad_fraction", "load_rgb_image", "open_image"]
 
@@ -180,33 +183,3 @@ def load_rgb_image(path: str | os.PathLike) -> Image.Image:
     """
     with open_image(path) as opened:
         return opened.decode()
-
-
-class TooManyBadImagesError(RuntimeError):
-    """More unreadable images than a run accepts: ``--max_bad_fraction`` of an epoch, or
-    ``MAX_CONSECUTIVE_BAD`` in a row."""
-
-
-def check_bad_fraction(skipped: int, seen: int, max_fraction: float, where: str = "in this epoch") -> None:
-    """Raise :class:`TooManyBadImagesError` when too large a share of the images read was unreadable.
-
-    ``skipped``: the unreadable files skipped (the sum of the items' ``n_skipped``); ``seen``:
-    the samples delivered, each one readable image. Of the ``skipped + seen`` files read, the
-    share ``skipped / (skipped + seen)`` may be at most ``max_fraction``; reaching it exactly is
-    fine, 0 allows no bad file and 1 disables the check. ``where`` completes "N of M images ..."
-    in the message (e.g. "in epoch 3"). Call it with the same (all-reduced) counts on every
-    rank, so that all of them stop together.
-    """
-    if not 0.0 <= max_fraction <= 1.0:  # also refuses NaN
-        raise ValueError(f"--max_bad_fraction must be between 0 and 1, got {max_fraction}")
-    if skipped < 0 or seen < 0:
-        raise ValueError(f"image counts cannot be negative (skipped={skipped}, seen={seen})")
-    total = skipped + seen
-    if max_fraction >= 1.0 or skipped == 0 or skipped / total <= max_fraction:
-        return  # skipped / total is correctly rounded: 29 of 100 equals 0.29 exactly
-    scope = f" {where}" if where else ""
-    raise TooManyBadImagesError(
-        f"{skipped} of {total} images{scope} ({100.0 * skipped / total:.3g}%) were unreadable, more than "
-        f"--max_bad_fraction {max_fraction:g}; the skipped files are listed in the warnings above: fix or "
-        "remove them, or raise --max_bad_fraction (1 disables this check)"
-    )

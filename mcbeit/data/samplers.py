@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from mcbeit.errors import InputError
+
 __all__ = ["EpochTaggedSampler", "ShardSampler", "build_eval_loader", "build_train_loader"]
 
 
@@ -56,7 +58,7 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, pin_memory: b
     if steps == 0:
         step = f"one batch of {batch_size} per process" + (
             f" x {batches_per_step} accumulated batches (--update_freq)" if batches_per_step > 1 else "")
-        raise SystemExit(f"the dataset has {len(dataset)} images, fewer than {step} x {world_size} processes; "
+        raise InputError(f"the dataset has {len(dataset)} images, fewer than {step} x {world_size} processes; "
                          f"lower --batch_size{' or --update_freq' if batches_per_step > 1 else ''} or add images")
     sampler = EpochTaggedSampler(DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                     seed=seed, drop_last=True))

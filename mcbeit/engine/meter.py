@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import torch
 from tqdm import tqdm
 
-from mcbeit.data.images import check_bad_fraction
+from mcbeit.engine.bad_data import check_bad_fraction
 from mcbeit.engine.distributed import all_reduce_mean, all_reduce_sum
 from mcbeit.engine.logging import RunWriter
 

@@ -99,7 +99,7 @@ def test_unreadable_images_stop_the_epoch_as_soon_as_its_allowance_is_certainly_
     """--max_bad_fraction is checked at every flush against the WHOLE epoch: 100 steps of 10 images
     with 5% allowed may skip about 52 files. 30 skipped in the first 10 steps (23% so far) is within
     it and goes on; 60 by step 20 can never come back under it and stops there, not at step 100."""
-    from mcbeit.data.images import TooManyBadImagesError
+    from mcbeit.engine.bad_data import TooManyBadImagesError
 
     def meter():
         return StepMeter(("loss",), (), {}, {}, epoch=1, first_step=0, total_steps=100, writer=None, show=False,
