@@ -215,51 +215,7 @@ def _object(class_id: int, rng: np.random.Generator, h: int, w: int, yy, xx, bg_
     angle = rng.uniform(0, 2 * math.pi)
     colour = _random_colour(rng, bg_mean)
     name = EMBEDDED_CLASSES[class_id]
-    pattern = None  # a boolean map choosing between colour and colour2 inside the object
-
-    if name == "disc":
-        mask = _polygon_mask(h, w, [_regular(cx, cy, r, 64, angle, rng.uniform(0.8, 1.0))])
-    elif name == "ring":
-        inner = r * rng.uniform(0.45, 0.7)
-        mask = _polygon_mask(h, w, [_regular(cx, cy, r, 64, 0)], [_regular(cx, cy, inner, 64, 0)])
-    elif name == "square":
-        mask = _polygon_mask(h, w, [_regular(cx, cy, r, 4, angle)])
-    elif name == "triangle":
-        mask = _polygon_mask(h, w, [_regular(cx, cy, r * 1.1, 3, angle)])
-    elif name == "star":
-        n = 5
-        angles = angle + np.arange(2 * n) * math.pi / n
-        radii = np.where(np.arange(2 * n) % 2 == 0, r * 1.1, r * rng.uniform(0.38, 0.5))
-        mask = _polygon_mask(h, w, [_star_points(cx, cy, radii, angles)])
-    elif name == "cross":
-        a = r * rng.uniform(0.28, 0.4)  # half arm width
-        pts = [(a, r), (a, a), (r, a), (r, -a), (a, -a), (a, -r),
-               (-a, -r), (-a, -a), (-r, -a), (-r, a), (-a, a), (-a, r)]  # fmt: skip
-        c, s = math.cos(angle), math.sin(angle)
-        mask = _polygon_mask(h, w, [[(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]])
-    elif name == "blobs":
-        polys = []
-        for _ in range(int(rng.integers(2, 5))):
-            br = r * rng.uniform(0.3, 0.5)
-            bx = cx + rng.uniform(-0.6, 0.6) * r
-            by = cy + rng.uniform(-0.6, 0.6) * r
-            t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
-            rad = br * (1 + sum(rng.uniform(0, 0.25) * np.sin(k * t + rng.uniform(0, 6.3))
-                                for k in (2, 3, 4)))  # fmt: skip
-            polys.append(list(zip(bx + rad * np.cos(t), by + rad * np.sin(t))))
-        mask = _polygon_mask(h, w, polys)
-    else:  # patterned squares: stripes, checkers, grid
-        mask = _polygon_mask(h, w, [_regular(cx, cy, r * 1.15, 4, angle)])
-        u, v = _rotated(yy, xx, cy, cx, angle + math.pi / 4)
-        period = rng.uniform(9, 18)
-        if name == "stripes":
-            pattern = np.sin(2 * math.pi * u / period) > 0
-        elif name == "checkers":
-            pattern = (np.floor(u / period) + np.floor(v / period)) % 2 == 0
-        else:  # grid: thin lines, background visible between them
-            fu, fv = (u / period) % 1.0, (v / period) % 1.0
-            lines = (fu < 0.22) | (fv < 0.22)
-            mask = Image.fromarray((np.asarray(mask) * lines).astype(np.uint8))
+    mask, pattern = _shape(name, rng, h, w, yy, xx, cx, cy, r, angle)
 
     alpha = np.asarray(mask.filter(ImageFilter.BoxBlur(0.7)), dtype=np.float32) / 255.0
     # Shading: a linear ramp across the object (a sphere-like highlight for discs).
@@ -274,6 +230,56 @@ def _object(class_id: int, rng: np.random.Generator, h: int, w: int, yy, xx, bg_
     else:
         rgb = colour[:, None, None]
     return alpha, rgb * shade[None]
+
+
+def _shape(name: str, rng: np.random.Generator, h: int, w: int, yy, xx, cx: float, cy: float, r: float,
+           angle: float) -> tuple[Image.Image, np.ndarray | None]:
+    """(mask, pattern) of one object of class ``name`` centred at (cx, cy) with radius ``r``: the
+    mask an "L" image, the pattern None or a boolean map choosing between two colours inside it."""
+    if name == "disc":
+        return _polygon_mask(h, w, [_regular(cx, cy, r, 64, angle, rng.uniform(0.8, 1.0))]), None
+    if name == "ring":
+        inner = r * rng.uniform(0.45, 0.7)
+        return _polygon_mask(h, w, [_regular(cx, cy, r, 64, 0)], [_regular(cx, cy, inner, 64, 0)]), None
+    if name == "square":
+        return _polygon_mask(h, w, [_regular(cx, cy, r, 4, angle)]), None
+    if name == "triangle":
+        return _polygon_mask(h, w, [_regular(cx, cy, r * 1.1, 3, angle)]), None
+    if name == "star":
+        n = 5
+        angles = angle + np.arange(2 * n) * math.pi / n
+        radii = np.where(np.arange(2 * n) % 2 == 0, r * 1.1, r * rng.uniform(0.38, 0.5))
+        return _polygon_mask(h, w, [_star_points(cx, cy, radii, angles)]), None
+    if name == "cross":
+        a = r * rng.uniform(0.28, 0.4)  # half arm width
+        pts = [(a, r), (a, a), (r, a), (r, -a), (a, -a), (a, -r),
+               (-a, -r), (-a, -a), (-r, -a), (-r, a), (-a, a), (-a, r)]  # fmt: skip
+        c, s = math.cos(angle), math.sin(angle)
+        return _polygon_mask(h, w, [[(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]]), None
+    if name == "blobs":
+        return _polygon_mask(h, w, [_blob(rng, cx, cy, r) for _ in range(int(rng.integers(2, 5)))]), None
+    # patterned squares: stripes, checkers, grid
+    mask = _polygon_mask(h, w, [_regular(cx, cy, r * 1.15, 4, angle)])
+    u, v = _rotated(yy, xx, cy, cx, angle + math.pi / 4)
+    period = rng.uniform(9, 18)
+    if name == "stripes":
+        return mask, np.sin(2 * math.pi * u / period) > 0
+    if name == "checkers":
+        return mask, (np.floor(u / period) + np.floor(v / period)) % 2 == 0
+    fu, fv = (u / period) % 1.0, (v / period) % 1.0  # grid: thin lines, background visible between them
+    lines = (fu < 0.22) | (fv < 0.22)
+    return Image.fromarray((np.asarray(mask) * lines).astype(np.uint8)), None
+
+
+def _blob(rng: np.random.Generator, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """The outline of one wobbly disc near (cx, cy) (of the "blobs" class)."""
+    br = r * rng.uniform(0.3, 0.5)
+    bx = cx + rng.uniform(-0.6, 0.6) * r
+    by = cy + rng.uniform(-0.6, 0.6) * r
+    t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
+    rad = br * (1 + sum(rng.uniform(0, 0.25) * np.sin(k * t + rng.uniform(0, 6.3))
+                        for k in (2, 3, 4)))  # fmt: skip
+    return list(zip(bx + rad * np.cos(t), by + rad * np.sin(t)))
 
 
 def render_image(class_id: int, rng: np.random.Generator) -> Image.Image:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mcbeit.data.classification_transforms import SeededTransform, build_classification_transform
 from mcbeit.data.images import OpenedImage
 
 __all__ = ["TwoViewTransform", "OneViewTransform", "SeededTransform", "build_classification_transform", "parse_interpolation", "sample_crop_box", "sample_flipped_box",
@@ -162,19 +163,47 @@ _UNIT = ((0.0,) * 3, (1.0,) * 3)  # (mean, std) giving [0, 1]
 
 
 def _folded_affine(transform: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[tuple, tuple] | None:
-    """(mean, std) of a transform of [0, 1] views that is a per-channel affine map (none, the
-    tokenizers' ``Normalize`` and DALL-E's ``MapPixels``), to fold into the uint8 -> float
-    conversion instead of a pass of its own; None for anything else (applied after it)."""
+    """(mean, std) of a transform of [0, 1] views that is a per-channel affine map, to fold into the
+    uint8 -> float conversion instead of a pass of its own; None for anything else (applied after it).
+
+    The transform (a tokenizer's ``input_transform``) is not imported here but recognised by what it
+    says of itself, checked on a probe view: ``mean`` and ``std`` of 3 values each for
+    ``(x - mean) / std`` (the tokenizers' and torchvision's ``Normalize``), or ``eps`` for DALL-E's
+    pixel map ``x * (1 - 2 eps) + eps`` (the tokenizers' ``MapPixels``).
+    """
     if transform is None:
         return _UNIT
-    from mcbeit.tokenizers.base import MapPixels, Normalize
+    stated = _stated_affine(transform)
+    if stated is None or not _maps_as(transform, *stated):
+        return None
+    return stated
 
-    if type(transform) is Normalize and len(transform.mean) == 3:
-        return transform.mean, transform.std
-    if type(transform) is MapPixels and transform.eps != 0.5:
-        gain = 1.0 - 2.0 * transform.eps  # x * gain + eps == (x - mean) / std
-        return (-transform.eps / gain,) * 3, (1.0 / gain,) * 3
+
+def _stated_affine(transform: object) -> tuple[tuple, tuple] | None:
+    mean, std, eps = (getattr(transform, name, None) for name in ("mean", "std", "eps"))
+    if mean is not None or std is not None:
+        if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+            return None
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if isinstance(eps, (int, float)) and float(eps) != 0.5:
+        eps = float(eps)
+        gain = 1.0 - 2.0 * eps  # x * gain + eps == (x - mean) / std
+        return (-eps / gain,) * 3, (1.0 / gain,) * 3
     return None
+
+
+_PROBE = torch.linspace(0.0, 1.0, 12).reshape(3, 2, 2)  # a (3, 2, 2) view in [0, 1]
+
+
+def _maps_as(transform: Callable[[torch.Tensor], torch.Tensor], mean: tuple, std: tuple) -> bool:
+    """Whether ``transform`` maps the probe view as ``(x - mean) / std`` does (to float32 rounding)."""
+    expected = (_PROBE - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    try:
+        out = transform(_PROBE.clone())
+    except Exception:  # noqa: BLE001 - not a map of (3, H, W) float views: applied after the conversion
+        return False
+    return (isinstance(out, torch.Tensor) and out.shape == expected.shape
+            and torch.allclose(out.float(), expected, rtol=1e-5, atol=1e-6))
 
 
 def _normalised(pixels: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -329,86 +358,3 @@ class OneViewTransform:
         [view] = _resized_views(image, rng, self.flip_prob, self.scale, self.ratio,
                                 ((self.size, self.interpolation, *self._affine),))  # (3,H,W)
         return self._output_after(view) if self._output_after is not None else view
-
-
-class SeededTransform:
-    """Run a torchvision/timm transform (which draws from ``random``, numpy's and torch's global
-    generators: RandAugment picks its ops with ``np.random``) as a ``transform(pil_image, rng)``:
-    all three are seeded from ``rng`` for the call and restored after it, so an augmentation is a
-    function of (seed, epoch, index) as in pre-training."""
-
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.transform = transform
-
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        import random
-
-        seed = int(rng.integers(2**32))
-        states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            return self.transform(image)
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.random.set_rng_state(states[2])
-
-    def __repr__(self) -> str:
-        return f"SeededTransform({self.transform!r})"
-
-
-def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """PIL's posterize, with 0 bits meaning what it meant in the Pillow of the originals: all bits cleared."""
-    from PIL import ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size, 0)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def _allow_zero_bit_posterize(transform) -> None:
-    """timm's RandAugment 'PosterizeIncreasing' asks for 0 bits at magnitude 10 (reached with
-    ``mstd``), which Pillow >= 10 refuses with a ValueError that kills the data-loader worker; give
-    those ops the old behaviour (a black image) instead."""
-    for step in getattr(transform, "transforms", []):
-        for op in getattr(step, "ops", []):
-            if getattr(op, "name", "").startswith("Posterize"):
-                op.aug_fn = _posterize
-
-
-def build_classification_transform(is_train: bool, input_size: int, *, mean: Sequence[float], std: Sequence[float],
-                                   color_jitter: float = 0.4, aa: str | None = "rand-m9-mstd0.5-inc1",
-                                   train_interpolation: str = "bicubic", reprob: float = 0.25,
-                                   remode: str = "pixel", recount: int = 1, crop_pct: float | None = None,
-                                   crop_min_scale: float = 0.08) -> SeededTransform:
-    """The original fine-tuning transforms, through timm and torchvision.
-
-    Training: timm's ``create_transform`` (random-resized crop of scale (``crop_min_scale``, 1), flip, colour jitter or RandAugment
-    ``--aa``, random erasing ``--reprob/--remode/--recount``); inputs of 32 px or less use a padded
-    random crop instead of the resized crop (CIFAR). Evaluation: resize the short side to
-    ``input_size / crop_pct`` (bicubic; crop_pct 224/256 below 384 px, 1.0 from 384) and centre crop;
-    at 32 px or less no resize.
-    """
-    from timm.data import create_transform
-    from torchvision import transforms as T
-
-    if is_train:
-        aa = None if aa in (None, "", "none", "None") else aa
-        transform = create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
-                                     auto_augment=aa, interpolation=train_interpolation, re_prob=reprob,
-                                     re_mode=remode, re_count=recount, mean=tuple(mean), std=tuple(std),
-                                     scale=(crop_min_scale, 1.0))
-        if input_size <= 32:
-            transform.transforms[0] = T.RandomCrop(input_size, padding=4)
-        _allow_zero_bit_posterize(transform)
-        return SeededTransform(transform)
-    steps = []
-    if input_size > 32:
-        pct = crop_pct if crop_pct is not None else (224 / 256 if input_size < 384 else 1.0)
-        steps += [T.Resize(int(input_size / pct), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(input_size)]
-    steps += [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
-    return SeededTransform(T.Compose(steps))

@@ -152,6 +152,30 @@ def test_affine_tokenizer_transforms_are_folded_into_the_conversion():
             torch.testing.assert_close(b, b2, rtol=0, atol=1e-6)
 
 
+def test_only_maps_that_behave_as_they_say_are_folded():
+    """The data layer does not import the tokenizers: a transform is folded into the conversion when
+    its ``mean``/``std`` or ``eps`` say it is a per-channel affine map AND a probe view confirms it.
+    A look-alike that does something else, or an opaque callable, is applied after the conversion."""
+    import torchvision.transforms as T
+
+    for affine in (Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)), MapPixels(0.1), T.Normalize((0.5,) * 3, (0.2,) * 3)):
+        assert make(tokenizer_transform=affine)._tokenizer_after is None, affine
+
+    class ClampingNormalize:
+        mean, std = (0.5,) * 3, (0.5,) * 3  # says (x - 0.5) / 0.5, but clamps as well
+
+        def __call__(self, x):
+            return ((x - 0.5) / 0.5).clamp(min=0.0)
+
+    image = Image.fromarray(photo(200, 160))
+    for opaque in (ClampingNormalize(), MapPixels(0.5), lambda x: x * 2.0):
+        transform = make(tokenizer_transform=opaque)
+        assert transform._tokenizer_after is opaque
+        _, b, _ = transform(image, np.random.default_rng(0))
+        _, plain, _ = make()(image, np.random.default_rng(0))
+        assert torch.equal(b, opaque(plain))
+
+
 # ----------------------------------------------------------------------------- reduced JPEG decoding
 
 
