@@ -83,6 +83,8 @@ def ensure_process_group(device: torch.device, local_rank: int) -> None:
         raise RuntimeError(f"WORLD_SIZE={world} but no process group: call mcbeit.engine.distributed.init_distributed "
                            "before creating the DeepSpeed trainer")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.index is None:  # torch wants the device_id of a group with an index
+        device = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                             **({"device_id": device} if backend == "nccl" else {}))
     _created_group = True
