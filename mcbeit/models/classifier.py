@@ -24,6 +24,7 @@ import timm
 from timm.models.beit import Beit
 
 import mcbeit.models.beit  # noqa: F401  (registers the tiny and small sizes where timm lacks them)
+from mcbeit.errors import InputError
 
 __all__ = ["classifier_kwargs", "build_classifier", "classifier_names"]
 
@@ -47,13 +48,17 @@ def classifier_kwargs(*, nb_classes: int, input_size: int = 224, use_mean_poolin
 
 
 def build_classifier(name: str, **kwargs: Any) -> Beit:
-    """``timm.create_model(name, pretrained=False, **classifier_kwargs(**kwargs))``, with a clear error for other names."""
+    """``timm.create_model(name, pretrained=False, **classifier_kwargs(**kwargs))``.
+
+    Raises :class:`~mcbeit.errors.InputError` for a name that is not a BEiT classifier (a pre-training
+    name gets its classification counterpart as a hint). Weights: :func:`mcbeit.models.load_pretrained`.
+    """
     names = classifier_names()
     if name not in names:
         hint = (f"{name} is a pre-training model; fine-tune its classification counterpart "
                 f"{name[:-len('_8k_vocab')]}" if name.endswith("_8k_vocab") else f"{name} is not a BEiT classifier")
-        raise SystemExit(f"--model {name}: {hint}; choose one of {names}")
+        raise InputError(f"--model {name}: {hint}; choose one of {names}")
     model = timm.create_model(name, pretrained=False, **classifier_kwargs(**kwargs))
     if not isinstance(model, Beit):  # pragma: no cover - every beit* name of timm builds a Beit
-        raise SystemExit(f"--model {name} built a {type(model).__name__}, not a BEiT")
+        raise InputError(f"--model {name} built a {type(model).__name__}, not a BEiT")
     return model
