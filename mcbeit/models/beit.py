@@ -15,6 +15,13 @@ checkpoints, minus the ``relative_position_index`` buffers (non-persistent in ti
 
 timm lacks a hook between the patch embedding and the CLS concatenation, so
 ``forward_features`` is re-stated here (a dozen lines) with the mask replacement in it.
+
+Registered with timm here: ``beit_{tiny,small,base,large}_patch16_224_8k_vocab`` (this model) and the
+classification sizes timm lacks, ``beit_{tiny,small}_patch16_224`` (plain ``Beit``). Their weights
+load through the BEiT family's one conversion, :mod:`mcbeit.models.beit_weights`:
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` gives the tensors
+``--finetune`` and ``mcbeit.models.load_pretrained(model, file)`` give. timm's own names
+(``beit_base_patch16_224``, ...) keep timm's loader; that module's doc says what it does differently.
 """
 from __future__ import annotations
 
@@ -26,8 +33,10 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.beit import Beit, checkpoint_filter_fn
+from timm.models import generate_default_cfgs, register_model
+from timm.models.beit import Beit
+
+from mcbeit.models.beit_weights import build_beit
 
 try:  # timm >= 1.0.2x exports its use_reentrant=False wrapper
     from timm.models import checkpoint as _checkpoint
@@ -223,7 +232,7 @@ class BeitForMaskedImageModeling(Beit):
 # ---------------------------------------------------------------------- registry
 def _cfg(**kwargs) -> Dict[str, Any]:
     return {
-        'url': '',  # nothing is downloaded: weights come from files (mcbeit.models.checkpoint)
+        'url': '',  # nothing is downloaded: weights come from files (mcbeit.models.beit_weights)
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
         'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
         'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
@@ -241,15 +250,11 @@ default_cfgs = generate_default_cfgs({
     'beit_small_patch16_224': _cfg(),
 })
 
-_NO_DOWNLOAD = ('mcbeit never downloads weights: create the model with pretrained=False and load '
-                'a file with mcbeit.models.checkpoint (load_checkpoint_file, '
-                'filter_pretraining_state_dict, load_into)')
-
 
 def _create_mim(variant: str, pretrained: bool = False, **kwargs) -> BeitForMaskedImageModeling:
-    if pretrained:
-        raise ValueError(_NO_DOWNLOAD)
-    return build_model_with_cfg(BeitForMaskedImageModeling, variant, pretrained=False, **kwargs)
+    """``pretrained=True`` loads only a file the caller names (``pretrained_cfg_overlay=dict(file=...)``),
+    through :mod:`mcbeit.models.beit_weights` (the conversion of ``--finetune``)."""
+    return build_beit(BeitForMaskedImageModeling, variant, pretrained, **kwargs)
 
 
 _MIM_DEFAULTS = dict(
@@ -285,15 +290,12 @@ def _create_classifier(variant: str, pretrained: bool = False, **kwargs) -> Beit
     """Plain timm ``Beit`` (same builder arguments as timm's own BEiT entrypoints).
 
     ``pretrained=True`` loads only weights the caller names on this machine
-    (``pretrained_cfg_overlay=dict(file=...)``, ``'local-dir:DIR'``): the default cfg has no url.
+    (``pretrained_cfg_overlay=dict(file=...)``, ``'local-dir:DIR'``), through
+    :mod:`mcbeit.models.beit_weights`: the same tensors as ``--finetune`` gives from that file.
     """
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        Beit, variant, pretrained=pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_beit(Beit, variant, pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+                      **kwargs)
 
 
 _CLS_DEFAULTS = dict(patch_size=16, mlp_ratio=4, use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1)

@@ -5,6 +5,11 @@ Released BEiT / mc-BEiT checkpoints are ``torch.save`` pickles of a dict such as
 with ``torch.load(weights_only=True)`` and ``argparse.Namespace`` as the only extra allowed class:
 a file that needs any other Python object is refused (never unpickled in full), so a hostile file
 cannot run code.
+
+Also here, for every family: where a checkpoint comes from (:func:`resolve_source`: a file, a DeepSpeed
+folder or an ``https://`` URL already in the hub cache), :func:`read_checkpoint` (``.safetensors`` too)
+and :func:`select_state_dict` (the original's ``--model_key`` / ``--model_prefix``). What a BEiT model
+does with the weights is :mod:`mcbeit.models.beit_weights`.
 """
 from __future__ import annotations
 
@@ -13,17 +18,20 @@ import logging
 import os
 import pickle
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from mcbeit.errors import InputError
+
 __all__ = [
     'CheckpointError', 'CheckpointNotFoundError', 'UnsafeCheckpointError', 'StateDictMismatchError',
     'LoadReport', 'load_checkpoint_file', 'extract_state_dict', 'filter_pretraining_state_dict',
-    'load_into',
+    'load_into', 'compare_state_dict', 'resolve_source', 'read_checkpoint', 'select_state_dict',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -32,10 +40,12 @@ _logger = logging.getLogger(__name__)
 SAFE_GLOBALS = [argparse.Namespace]
 #: prefixes wrappers add to parameter names: DistributedDataParallel / DeepSpeed, torch.compile
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+#: the model-states file of a DeepSpeed checkpoint folder
+DEEPSPEED_FILE = 'mp_rank_00_model_states.pt'
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read or does not fit the model."""
+class CheckpointError(InputError, RuntimeError):
+    """A checkpoint could not be read or does not fit the model (wrong input: the command line exits 1)."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -116,6 +126,74 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def _cached_download(url: str, what: str) -> str:
+    """The hub-cache copy of ``url`` (``torch.hub.get_dir()/checkpoints/<basename>``), downloaded if absent."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise CheckpointError(f'{what} {url!r}: the URL does not end with a file name')
+    dst = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
+    if os.path.isfile(dst):
+        return dst
+    match = torch.hub.HASH_REGEX.search(name)  # as check_hash=True: 'name-<sha256 prefix>.pth'
+    try:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        _logger.info('downloading %s to %s', url, dst)
+        torch.hub.download_url_to_file(url, dst, match.group(1) if match else None, progress=False)
+    except Exception as e:
+        where = f'to {what}' if what.startswith('-') else 'instead'
+        raise CheckpointError(
+            f'could not download {url} ({type(e).__name__}: {e}). Without network access, fetch the file '
+            f'elsewhere and put it at {dst} (it is used from there), or pass its local path {where}'
+        ) from None
+    return dst
+
+
+def _deepspeed_file(folder: str, what: str) -> str:
+    """The model-states file of a DeepSpeed checkpoint folder (tag read from its ``latest`` file)."""
+    candidates = []
+    latest = os.path.join(folder, 'latest')
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            candidates.append(os.path.join(folder, f.read().strip(), DEEPSPEED_FILE))
+    candidates.append(os.path.join(folder, DEEPSPEED_FILE))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise CheckpointNotFoundError(
+        f'{what} {folder!r} is a folder but not a DeepSpeed checkpoint: none of {candidates} exists; '
+        f'pass a checkpoint file or a DeepSpeed folder (with a latest file naming the tag folder)')
+
+
+def resolve_source(spec: str | os.PathLike, what: str = '--finetune') -> str:
+    """The local file behind ``spec``: a file path, a DeepSpeed folder or an http(s) URL (hub cache).
+
+    ``what`` names ``spec`` in error messages: the flag that gave it, or e.g. ``'checkpoint'``.
+    """
+    spec = os.fspath(spec)
+    if spec.startswith(('https://', 'http://')):
+        return _cached_download(spec, what)
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        return _deepspeed_file(path, what)
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(
+            f'{what} {spec!r} does not exist: pass a checkpoint file (.pth/.pt/.bin/.safetensors), '
+            f'a DeepSpeed checkpoint folder or an https:// URL')
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> Mapping:
+    """A ``.safetensors`` file with safetensors, anything else with the safe ``load_checkpoint_file``."""
+    path = os.fspath(path)
+    if not path.endswith('.safetensors'):
+        return load_checkpoint_file(path)
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device='cpu')
+    except Exception as e:
+        raise CheckpointError(f'{path!r} is not a readable safetensors file ({type(e).__name__}: {e})') from None
+
+
 # ---------------------------------------------------------------------- state dicts
 def _is_state_dict(d: Mapping) -> bool:
     return len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
@@ -154,6 +232,28 @@ def extract_state_dict(ckpt: Mapping, keys: Sequence[str] = ('model', 'module', 
     for k, v in sd.items():
         out[_strip_prefixes(k)] = v
     return out
+
+
+def select_state_dict(ckpt: Mapping, model_key: str = 'model|module',
+                      model_prefix: str = '') -> Tuple[Dict[str, torch.Tensor], Optional[str], Dict[str, str]]:
+    """(state dict, key used or None, keys outside ``model_prefix`` -> reason).
+
+    Takes the first of ``model_key.split('|')`` present (the whole dict when none is), strips
+    ``module.``/``_orig_mod.``, keeps only keys starting with ``model_prefix`` and strips it.
+    """
+    keys = [k for k in model_key.split('|') if k]
+    flat = len(ckpt) > 0 and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+    used = None if flat else next((k for k in keys if isinstance(ckpt.get(k), Mapping)), None)
+    sd = extract_state_dict(ckpt, keys)
+    outside: Dict[str, str] = {}
+    if model_prefix:
+        kept = {k[len(model_prefix):]: v for k, v in sd.items() if k.startswith(model_prefix)}
+        if not kept:
+            raise CheckpointError(f'--model_prefix {model_prefix!r}: no checkpoint key starts with it '
+                                  f'(keys look like {sorted(sd)[:5]})')
+        outside = {k: f'outside --model_prefix {model_prefix!r}' for k in sd if not k.startswith(model_prefix)}
+        sd = kept
+    return sd, used, outside
 
 
 def _regenerated_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -35,8 +35,9 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMA
 from timm.layers import Mlp
 from timm.models.beit import Beit
 
-from mcbeit.models.checkpoint import (StateDictMismatchError, extract_state_dict, filter_pretraining_state_dict,
-                                      load_checkpoint_file, load_into)
+from mcbeit.errors import InputError
+from mcbeit.models.beit_weights import PRETRAINING_ONLY, convert_state_dict
+from mcbeit.models.checkpoint import LoadReport, StateDictMismatchError, extract_state_dict, load_checkpoint_file
 from mcbeit.models.classifier import classifier_names
 
 __all__ = ['ExportError', 'Exportable', 'load_for_export', 'architecture_from_weights', 'timm_config',
@@ -45,11 +46,11 @@ __all__ = ['ExportError', 'Exportable', 'load_for_export', 'architecture_from_we
 _logger = logging.getLogger(__name__)
 
 PRETRAIN_FORMAT = 'mcbeit-pretrain-v1'
-_MIM_KEYS = ('mask_token', 'lm_head.', 'cls_pt_layers.')  # pre-training only (cls_pt_layers: BEiT v2 patch aggregation)
+_MIM_KEYS = PRETRAINING_ONLY  # mask_token, lm_head, BEiT v2's cls_pt_layers, ConMIM's projectors
 _VOCAB_SUFFIX = '_8k_vocab'
 
 
-class ExportError(RuntimeError):
+class ExportError(InputError, RuntimeError):
     """The checkpoint cannot be exported as asked (the message says why and what to do)."""
 
 
@@ -158,12 +159,16 @@ def load_for_export(path: str | os.PathLike, *, use_ema: bool = False,
                           f'patches ({size} px); export at {size} (fine-tune at another size to get such a model)')
     model_args = dict(arch, img_size=size)
     model = timm.create_model(name, pretrained=False, **model_args)
-    try:
-        load_into(model, filter_pretraining_state_dict(sd, model), strict=True)
+    try:  # the BEiT family's one conversion; the architecture fits the weights, so nothing may stay fresh
+        converted, report = convert_state_dict(sd, model, source=os.fspath(path), what=os.fspath(path))
+        if report.fresh:
+            raise StateDictMismatchError(f'{os.fspath(path)}: no weights for {report.fresh}',
+                                         LoadReport(missing=report.fresh))
     except StateDictMismatchError as e:
         raise ExportError(f'the weights do not fit {name}: shape mismatches mean another size (pass the --model '
                           f'the checkpoint was trained as); other keys, an architecture this export does not know.'
                           f'\n{e}') from None
+    model.load_state_dict(converted)
     source = ('pre-trained' if pretrained else 'fine-tuned') + (' (EMA)' if use_ema else '')
     return Exportable(model.eval(), name, model_args, _data_config(args, size), source)
 

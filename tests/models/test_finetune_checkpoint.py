@@ -17,7 +17,8 @@ from mcbeit.engine.checkpoint import save_atomic
 from mcbeit.models.checkpoint import (CheckpointError, CheckpointNotFoundError, StateDictMismatchError,
                                       UnsafeCheckpointError)
 from mcbeit.models.classifier import build_classifier  # importing mcbeit.models registers the names
-from mcbeit.models.finetune_checkpoint import load_for_finetuning, relative_position_coords
+from mcbeit.models.beit_weights import load_for_finetuning
+from mcbeit.models.position_resize import relative_position_coords
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
