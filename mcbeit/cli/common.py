@@ -48,3 +48,14 @@ def parse_and_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     """``main``: parse ``argv`` (usage errors exit 2, wrong values 1 with the message), run, exit status."""
     config = to_config(parser.parse_args(argv))
     return run_command(lambda: run(config), dist_timeout=getattr(config, "dist_timeout", 30.0))
+
+
+def run_in_process(job: Callable[[Any], Any], args: argparse.Namespace, config_cls: type) -> Any:
+    """Run a parsed command line in this process (tests, notebooks): ``job(config)``; wrong input
+    stops with ``SystemExit(message)``, every other stop propagates as its exception."""
+    from mcbeit.engine.exits import INPUT_ERRORS
+
+    try:
+        return job(to_config(args, config_cls))
+    except INPUT_ERRORS as exc:
+        raise SystemExit(str(exc)) from None

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from mcbeit.cli.common import config_parser, parse_and_run, to_config
+from mcbeit.cli.common import config_parser, parse_and_run, run_in_process, to_config
 from mcbeit.config.fields import embedded_values
 from mcbeit.config.finetune import PRETRAINED_OUTPUT_DIR, FinetuneConfig, LinprobeConfig  # noqa: F401
 
@@ -54,14 +54,8 @@ def train(config: FinetuneConfig) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Run a parsed command line in this process (tests, notebooks): wrong input stops with
-    ``SystemExit(message)``; every other stop propagates as its exception."""
-    from mcbeit.engine.exits import INPUT_ERRORS
-
-    try:
-        return train(to_config(args, FinetuneConfig))
-    except INPUT_ERRORS as exc:
-        raise SystemExit(str(exc)) from None
+    """Run a parsed command line in this process: wrong input stops with ``SystemExit(message)``."""
+    return run_in_process(train, args, FinetuneConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from mcbeit.cli.common import config_parser, parse_and_run, to_config
+from mcbeit.cli.common import config_parser, parse_and_run, run_in_process, to_config
 from mcbeit.config.fields import embedded_values
 from mcbeit.config.pretrain import BeitPretrainConfig, PretrainConfig, changed_defaults
 
@@ -58,14 +58,8 @@ def train(config: PretrainConfig) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Run a parsed command line in this process (tests, notebooks): wrong input stops with
-    ``SystemExit(message)``; every other stop propagates as its exception."""
-    from mcbeit.engine.exits import INPUT_ERRORS
-
-    try:
-        return train(to_config(args, PretrainConfig))
-    except INPUT_ERRORS as exc:
-        raise SystemExit(str(exc)) from None
+    """Run a parsed command line in this process: wrong input stops with ``SystemExit(message)``."""
+    return run_in_process(train, args, PretrainConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Sequence
 
-from mcbeit.cli.common import config_parser, parse_and_run, to_config
+from mcbeit.cli.common import config_parser, parse_and_run, run_in_process, to_config
 from mcbeit.config.fields import add_arguments, embedded_values
 from mcbeit.config.tokenizer import TokenizerInspectConfig, TokenizerTrainConfig
 
@@ -63,23 +63,14 @@ def inspect(config: TokenizerInspectConfig) -> dict:
     return inspect_tokenizer(config)
 
 
-def _in_process(job, args: argparse.Namespace, cls: type) -> dict:
-    from mcbeit.engine.exits import INPUT_ERRORS
-
-    try:
-        return job(to_config(args, cls))
-    except INPUT_ERRORS as exc:
-        raise SystemExit(str(exc)) from None
-
-
 def run_train(args: argparse.Namespace) -> dict:
     """Run a parsed `train` command line in this process: wrong input stops with ``SystemExit(message)``."""
-    return _in_process(train, args, TokenizerTrainConfig)
+    return run_in_process(train, args, TokenizerTrainConfig)
 
 
 def run_inspect(args: argparse.Namespace) -> dict:
     """Run a parsed `inspect` command line in this process."""
-    return _in_process(inspect, args, TokenizerInspectConfig)
+    return run_in_process(inspect, args, TokenizerInspectConfig)
 
 
 def histogram_path(output):
