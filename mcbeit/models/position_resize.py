@@ -16,7 +16,6 @@ from typing import Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.interpolate import RectBivariateSpline
 
 from mcbeit.models.checkpoint import CheckpointError
 
@@ -72,6 +71,8 @@ def interpolate_rel_pos_table(table: torch.Tensor, dst_num_pos: int, grid: Seque
     src_num_pos, heads = table.shape
     src_size = _side(src_num_pos - num_extra, 'checkpoint relative position table')
     dst_size = _side(dst_num_pos - num_extra, 'model relative position table')
+    from scipy.interpolate import RectBivariateSpline  # here: importing scipy.interpolate takes 0.3 s
+
     x, dx = relative_position_coords(src_size, dst_size)
     offsets = table[:-num_extra].float().numpy()  # (src*src, heads)
     columns = []
