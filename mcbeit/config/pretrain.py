@@ -34,7 +34,8 @@ class PretrainDataConfig(Group):
     train_interpolation: str = flag("bicubic", "resize filter of the ViT's view (random, bilinear, bicubic, lanczos)")
     second_interpolation: str = flag("lanczos", "resize filter of the tokenizer's view")
     imagenet_default_mean_and_std: bool = flag(False, "normalise the ViT's view with ImageNet's mean/std (else 0.5/0.5)")
-    color_jitter: float = flag(0.0, "brightness / contrast / saturation jitter of the image before flip and crop (0: off)")
+    color_jitter: float = flag(0.0, "brightness / contrast / saturation jitter of the whole image before the flip and "
+                                    "the crop (0: off; unilm's BEiT hard-codes 0.4, mc-BEiT has none)")
 
 
 @dataclass(frozen=True)
@@ -130,11 +131,20 @@ class PretrainConfig(ObjectiveConfig, MaskConfig, PretrainModelConfig, Tokenizer
 @dataclass(frozen=True)
 class BeitPretrainConfig(PretrainConfig):
     """BEiT pre-training (`run_beit_pretraining.py`, `mcbeit-pretrain-beit`): hard visual-token targets
-    and the DALL-E tokenizer, with unilm's BEiT defaults where they differ from mc-BEiT's."""
+    and the DALL-E tokenizer, with the defaults of unilm's `beit/run_beit_pretraining.py` and
+    `beit/datasets.py` (at their newest commit, unchanged since 2022-01) where they differ from
+    mc-BEiT's: drop path 0.1, AdamW betas (0.9, 0.999), ColorJitter(0.4, 0.4, 0.4) before the flip,
+    `beit_base_patch16_224_8k_vocab` (the embedded run keeps the tiny model)."""
 
     DEFAULT_TOKENIZER: ClassVar[str] = "dall-e"
     METHOD: ClassVar[str] = "beit"
+    EMBEDDED: ClassVar[dict[str, Any]] = {"model": "beit_tiny_patch16_224_8k_vocab"}
 
+    model: str = flag("beit_base_patch16_224_8k_vocab", "beit_{tiny,small,base,large}_patch16_224_8k_vocab")
+    drop_path: float = flag(0.1, "stochastic depth rate")
+    opt_betas: tuple[float, ...] | None = flag((0.9, 0.999), "optimizer betas", nargs="+", type=float)
+    color_jitter: float = flag(0.4, "brightness / contrast / saturation jitter of the whole image before the flip and "
+                                    "the crop, as unilm's BEiT (which hard-codes it); 0 turns it off")
     hard_targets: bool = flag(True, "BEiT's loss: cross-entropy on the tokenizer's hard token ids (always on here)")
 
 

@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import nn
 
+from mcbeit.data.color import JitterThenViews
 from mcbeit.data.transforms import TwoViewTransform
 from mcbeit.engine.schedules import temperature_schedule
 from mcbeit.engine.task import Mark, StepOutput
@@ -91,8 +92,9 @@ class TokenizerTargets(PretrainMethod):
     def transform(self, window: tuple[int, int], masks: Callable[[np.random.Generator], np.ndarray],
                   mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
         cfg = self.config
-        return TwoViewTransform(cfg.input_size, cfg.second_input_size, cfg.train_interpolation,
-                                cfg.second_interpolation, mean, std, self.tokenizer.input_transform, masks)
+        views = TwoViewTransform(cfg.input_size, cfg.second_input_size, cfg.train_interpolation,
+                                 cfg.second_interpolation, mean, std, self.tokenizer.input_transform, masks)
+        return JitterThenViews(views, cfg.color_jitter) if cfg.color_jitter > 0 else views
 
     def start_epoch(self, epoch: int) -> None:
         self.temp = float(self.temperatures[epoch])

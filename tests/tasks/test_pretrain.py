@@ -242,3 +242,17 @@ def test_unreadable_images_are_skipped_and_counted_and_too_many_stop_the_run(tmp
             "--batch_size", "6", "--epochs", "1"]                          # the default: at most 1 %
     assert pretrain.main(argv) == EXIT_BAD_DATA
     assert re.search(r"images in epoch 0 (so far \(step \d of 3: .*?\) )?\(", capfd.readouterr().err) and not (tmp_path / "strict" / "checkpoint-0.pth").exists()
+
+
+def test_beit_entry_point_has_unilms_defaults_and_says_so():
+    """run_beit_pretraining.py / mcbeit-pretrain-beit: unilm's BEiT defaults (newest commit), not mc-BEiT's."""
+    beit = pretrain.to_config(pretrain.get_beit_args_parser().parse_args(["--data_path", "x"]))
+    assert (beit.drop_path, list(beit.opt_betas), beit.color_jitter, beit.hard_targets) == (0.1, [0.9, 0.999], 0.4, True)
+    assert beit.model == "beit_base_patch16_224_8k_vocab" and beit.discrete_vae_type == "customized"
+    assert pretrain.to_config(pretrain.get_beit_args_parser().parse_args([])).model == "beit_tiny_patch16_224_8k_vocab"
+    mc = parse(["--data_path", "x"])
+    assert (mc.drop_path, list(mc.opt_betas), mc.color_jitter, mc.hard_targets) == (0.0, [0.9, 0.98], 0.0, False)
+    described = pretrain.get_beit_args_parser().format_help()
+    for said in ("--drop_path 0.1 (mc-BEiT: 0.0)", "--opt_betas 0.9 0.999 (mc-BEiT: 0.9 0.98)",
+                 "--color_jitter 0.4 (mc-BEiT: 0.0)"):
+        assert said in " ".join(described.split()), said
