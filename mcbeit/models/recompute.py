@@ -7,7 +7,7 @@
   kernels; recompute the element-wise work in backward: layer norms, GELU, softmax, layer scale,
   residual adds. This drops the B x N x 4D GELU output and the layer norms' outputs of every
   block: ViT-B at batch 8 keeps 812 MB of activations instead of 1199 MB, for +2.7% of the
-  forward + backward time on a 2-core CPU (`python -m bench`; not yet measured on a GPU, where
+  forward + backward time on a 2-core CPU (`python -m mcbeit.bench`; not yet measured on a GPU, where
   element-wise work is a larger share of the step: try ``none`` there when memory allows).
 * ``full``: timm's gradient checkpointing (only each block's input is kept; the whole block
   runs again in backward): the least memory, one more forward's worth of compute.

@@ -1,7 +1,7 @@
-"""The benchmark runs and prints (figures are not asserted: performance lives in bench/, not in tests)."""
+"""The benchmark runs and prints (figures are not asserted: performance lives in mcbeit/bench/, not in tests)."""
 import json
 
-from bench import run, tokenizers
+from mcbeit.bench import run, tokenizers
 
 
 def test_tokenizer_benchmark_runs_and_prints(capsys):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.reference import literal_loss
+from mcbeit.bench.reference import literal_loss
 from mcbeit.objectives import HardTokenLoss, MultiChoiceLoss, build_objective
 
 B, GRID, D, V = 3, 4, 8, 12

@@ -3,7 +3,7 @@ step: the product's own code against the reference formulation, side by side on 
 
 The product's step is the engine's own update, :func:`mcbeit.engine.loop.run_update`, on a run the
 engine built (:meth:`mcbeit.engine.trainer.Trainer.ready`), timed through its ``mark`` hook; the
-reference is :class:`bench.reference.ReferenceStep` on a copy of the same model. The two alternate
+reference is :class:`mcbeit.bench.reference.ReferenceStep` on a copy of the same model. The two alternate
 step by step (so both see the same machine), after warm-up steps of each.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import timm
 import torch
 
 import mcbeit.models  # noqa: F401  (registers the MIM models)
-from bench.measure import PHASES, PhaseTimer, count_flops, peak_flops, peak_memory
-from bench.reference import ReferenceStep, literal_loss, reference_model
+from mcbeit.bench.measure import PHASES, PhaseTimer, count_flops, peak_flops, peak_memory
+from mcbeit.bench.reference import ReferenceStep, literal_loss, reference_model
 from mcbeit.config import resolve
 from mcbeit.config.finetune import FinetuneConfig
 from mcbeit.config.pretrain import PretrainConfig

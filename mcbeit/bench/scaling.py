@@ -11,8 +11,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from bench.measure import PhaseTimer
-from bench.step import StepConfig, build, step
+from mcbeit.bench.measure import PhaseTimer
+from mcbeit.bench.step import StepConfig, build, step
 
 TINY, BASE = "beit_tiny_patch16_224_8k_vocab", "beit_base_patch16_224_8k_vocab"
 

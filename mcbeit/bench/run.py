@@ -1,9 +1,9 @@
-"""``python -m bench`` / ``mcbeit-bench``: what a pre-training step, the data pipeline and a
+"""``python -m mcbeit.bench`` / ``mcbeit-bench``: what a pre-training step, the data pipeline and a
 fine-tuning step cost, ours against the reference formulation, measured side by side in one run.
 
-    python -m bench                       # the full table on this machine (2-core CPU: about 7 minutes)
-    python -m bench --quick               # seconds: tiny models and images (CI runs this)
-    python -m bench --json figures.json   # also write every figure
+    python -m mcbeit.bench                       # the full table on this machine (2-core CPU: about 7 minutes)
+    python -m mcbeit.bench --quick               # seconds: tiny models and images (CI runs this)
+    python -m mcbeit.bench --json figures.json   # also write every figure
 
 Speed-ups are the reference's time over ours and memory ratios ours over the reference's, both
 measured in the same process on the same inputs. On a GPU (``--device cuda``) the step table adds
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.step import StepConfig, amp_dtype_of, run_finetune_step, run_step
+from mcbeit.bench.step import StepConfig, amp_dtype_of, run_finetune_step, run_step
 from mcbeit.engine.precision import native_low_precision
 from mcbeit.models.recompute import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
 
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
             result["memory_ratio_step_base_fp32"] = key.get("memory_ratio")
 
     if "data" in sections:
-        from bench.data import run_data
+        from mcbeit.bench.data import run_data
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(args.work_dir or tmp) / "bench_jpegs"
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
         result["finetune"] = row
 
     if "tokenizers" in sections:
-        from bench import tokenizers
+        from mcbeit.bench import tokenizers
 
         print("\nTokenizers, cost per image as pre-training runs them")
         tok_argv = (["--kinds", "customized", "--image_size", "32", "--batch_size", "2", "--repeats", "1",
@@ -168,12 +168,12 @@ def main(argv=None) -> dict:
         result["tokenizers"] = tokenizers.main(tok_argv)
 
     if "scaling" in sections:
-        from bench.scaling import run_scaling
+        from mcbeit.bench.scaling import run_scaling
 
         result["scaling"] = run_scaling(args.device, quick=args.quick)
 
     if "compile" in sections:
-        from bench.step import run_compile
+        from mcbeit.bench.step import run_compile
 
         cfg = _step_configs(args)[0] if args.quick else StepConfig(model=TINY, device=args.device, steps=args.steps)
         row = run_compile(cfg, backend="eager" if args.quick else "inductor")
@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
         result["compile"] = row
 
     if args.profile:
-        from bench.step import profile_step
+        from mcbeit.bench.step import profile_step
 
         cfg = _step_configs(args)[0] if args.quick else StepConfig(model=BASE, device=args.device, steps=1)
         result["profile"] = profile_step(cfg)

@@ -1,7 +1,7 @@
 """Cost of each tokenizer per image, as pre-training runs it (inference mode, optional bf16).
 
-    python -m bench.tokenizers                      # every kind, 112 px, batch 8, fp32 and bf16
-    python -m bench.tokenizers --kinds customized --batch_size 32
+    python -m mcbeit.bench.tokenizers                      # every kind, 112 px, batch 8, fp32 and bf16
+    python -m mcbeit.bench.tokenizers --kinds customized --batch_size 32
 
 Prints GFLOPs per image (torch's FlopCounterMode, FLOPs = 2 x MACs) and the median seconds per
 image over a few timed calls after a warm-up call; `--json PATH` writes the same figures.

@@ -4,7 +4,7 @@ The benchmark writes its own JPEGs (photo-like content: smooth colour fields, sh
 noise, quality 90) at a chosen size, then times, in one process (one loader worker's work), the
 product's dataset item (:class:`mcbeit.data.datasets.ImageDataset` with
 :class:`mcbeit.data.transforms.TwoViewTransform`) and the reference pipeline
-(:class:`bench.reference.ReferenceTwoViews`) on the same files, alternating file by file.
+(:class:`mcbeit.bench.reference.ReferenceTwoViews`) on the same files, alternating file by file.
 Both run with one intra-op thread, as in a data-loader worker (PyTorch sets that in each one):
 with more, their small torch ops wait on each other's threads when the machine is busy.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from bench.reference import ReferenceTwoViews
+from mcbeit.bench.reference import ReferenceTwoViews
 from mcbeit.data.datasets import build_pretraining_dataset
 from mcbeit.data.masking import build_mask_generator
 from mcbeit.data.transforms import TwoViewTransform
