@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
 from mcbeit.data.classification_transforms import SeededTransform, build_classification_transform
 from mcbeit.data.images import OpenedImage
@@ -39,6 +40,14 @@ _RANDOM_CHOICES = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
 _TORCH_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 
 Interpolation = Image.Resampling | str  # a PIL filter, or the string "random"
+
+
+def normalisation(imagenet_default_mean_and_std: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the ViT's input: ImageNet's with ``--imagenet_default_mean_and_std``, else the
+    originals' default (0.5, 0.5, 0.5) / (0.5, 0.5, 0.5)."""
+    if imagenet_default_mean_and_std:
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
 
 def parse_interpolation(name: str | Image.Resampling) -> Interpolation:

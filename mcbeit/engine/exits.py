@@ -10,17 +10,16 @@ import gc
 import logging
 from typing import Any, Callable
 
-from mcbeit.data.folders import BadListFileError, DataPathError
-from mcbeit.data.images import TooManyBadImagesError
+from mcbeit.engine.bad_data import TooManyBadImagesError
 from mcbeit.engine.control import Preempted
 from mcbeit.engine.meter import NonFiniteLossError
-from mcbeit.models.checkpoint import CheckpointError
 from mcbeit.errors import EXIT_BAD_DATA, EXIT_DIVERGED, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, InputError
 
 log = logging.getLogger("mcbeit")
 
-#: wrong input: the message names the flag or file and says what to do (status 1, no traceback)
-INPUT_ERRORS = (InputError, DataPathError, BadListFileError, CheckpointError)
+#: wrong input: the message names the flag or file and says what to do (status 1, no traceback); data
+#: folders, list files and checkpoints raise subclasses of it
+INPUT_ERRORS = (InputError,)
 
 # How gloo / NCCL / the store word a peer that stopped answering (their errors are plain RuntimeErrors)
 _PEER_LOST = ("timeout", "timed out", "connection reset", "connection closed", "broken pipe", "pair closure",

@@ -82,26 +82,17 @@ class Task(ABC):
         self.run: RunContext | None = None
         self.model: nn.Module | None = None
 
-    # -- building ---------------------------------------------------------------------------------
-    @property
-    def update_freq(self) -> int:
-        """Micro-batches whose gradients one update accumulates."""
-        return 1
+    #: micro-batches whose gradients one update accumulates (``--update_freq``)
+    update_freq: int = 1
+    #: whether the run trains through DeepSpeed (``--enable_deepspeed``), and its ZeRO stage
+    deepspeed: bool = False
+    zero_stage: int = 0
 
+    # -- building ---------------------------------------------------------------------------------
     @property
     def base_lr(self) -> float:
         """The peak learning rate of the schedule (``--lr``)."""
         return self.config.lr
-
-    @property
-    def deepspeed(self) -> bool:
-        """Whether the run trains through DeepSpeed (``--enable_deepspeed``)."""
-        return False
-
-    @property
-    def zero_stage(self) -> int:
-        """DeepSpeed's ZeRO stage (``--zero_stage``), when :attr:`deepspeed`."""
-        return 0
 
     @property
     def writes_checkpoints(self) -> bool:

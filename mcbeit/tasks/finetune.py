@@ -12,26 +12,26 @@ from typing import Any, Mapping
 
 import torch
 from timm.utils import ModelEmaV3
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from torch import nn
 
 from mcbeit.config.finetune import FinetuneConfig
+from mcbeit.data.classification_transforms import build_classification_transform
 from mcbeit.data.datasets import build_classification_dataset
 from mcbeit.data.folders import CLASSIFICATION_LAYOUTS, EVAL_LAYOUT, check_data_folder
 from mcbeit.data.samplers import build_eval_loader, build_train_loader
-from mcbeit.data.transforms import build_classification_transform
+from mcbeit.data.transforms import normalisation
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.resume import load_resumed_weights
 from mcbeit.engine.task import Mark, MeterSpec, StepOutput, Task, TrainData
 from mcbeit.errors import ConfigError, InputError
 from mcbeit.evaluation.classification import evaluate
-from mcbeit.objectives.classification import build_criterion, build_mixup
 from mcbeit.models.beit import patch_size_of
 from mcbeit.models.checkpoint import CheckpointError
 from mcbeit.models.classifier import build_classifier
 from mcbeit.models.finetune_checkpoint import load_for_finetuning, resolve_source
 from mcbeit.models.linear_probe import LinearProbe
 from mcbeit.models.recompute import set_recompute
+from mcbeit.objectives.classification import build_criterion, build_mixup
 from mcbeit.tasks.pretrain import check_patch_grid
 
 log = logging.getLogger("mcbeit.finetune")
@@ -57,18 +57,7 @@ class FinetuneTask(Task):
         self.nb_classes, self.max_accuracy = config.nb_classes, 0.0
         self.model_ema = self.mixup = self.val_loader = None
         self.sets: dict[str, Any] = {}
-
-    @property
-    def update_freq(self) -> int:
-        return self.config.update_freq
-
-    @property
-    def deepspeed(self) -> bool:
-        return self.config.enable_deepspeed
-
-    @property
-    def zero_stage(self) -> int:
-        return self.config.zero_stage
+        self.update_freq, self.deepspeed, self.zero_stage = config.update_freq, config.enable_deepspeed, config.zero_stage
 
     @property
     def writes_checkpoints(self) -> bool:
@@ -126,8 +115,7 @@ class FinetuneTask(Task):
     def _datasets(self) -> None:
         """The train / val datasets (the model needs their number of classes)."""
         cfg = self.config
-        mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if cfg.imagenet_default_mean_and_std
-                     else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
+        mean, std = normalisation(cfg.imagenet_default_mean_and_std)
         train_tf = build_classification_transform(
             True, cfg.input_size, mean=mean, std=std, color_jitter=cfg.color_jitter, aa=cfg.aa,
             train_interpolation=cfg.train_interpolation, reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount,

@@ -11,7 +11,6 @@ from typing import Any, Mapping
 
 import timm
 import torch
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from torch import nn
 
 import mcbeit.models  # noqa: F401  (registers the model names with timm)
@@ -20,6 +19,7 @@ from mcbeit.data.datasets import build_pretraining_dataset
 from mcbeit.data.folders import check_data_folder
 from mcbeit.data.masking import build_mask_generator, check_mask_flags
 from mcbeit.data.samplers import build_train_loader
+from mcbeit.data.transforms import normalisation
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.resume import load_resumed_weights
 from mcbeit.engine.task import Mark, StepOutput, Task, TrainData
@@ -64,8 +64,7 @@ class PretrainTask(Task):
 
     def build_data(self, run) -> TrainData:
         cfg = self.config
-        mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if cfg.imagenet_default_mean_and_std
-                     else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
+        mean, std = normalisation(cfg.imagenet_default_mean_and_std)
         masks = build_mask_generator(cfg.mask_type, self.window, cfg.num_mask_patches, cfg.mask_ratio,
                                      cfg.min_mask_patches_per_block, cfg.max_mask_patches_per_block)
         transform = self.method.transform(self.window, masks, mean, std)
