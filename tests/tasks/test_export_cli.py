@@ -4,7 +4,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from mcbeit.tasks.export import main
+from mcbeit.cli.export import main
 from tests.models.test_export import CLS_NAME, images, make_finetuned, make_pretrained
 from tests.tasks.conftest import PYTHON, run_cli
 
@@ -60,7 +60,7 @@ def test_errors_say_what_to_do(tmp_path, case, extra, match):
 
 def test_python_m_exports_a_pretrained_backbone(tmp_path):
     path, _ = make_pretrained(tmp_path / "pt.pth")
-    proc = run_cli([PYTHON, "-m", "mcbeit.tasks.export", str(path), "--output", str(tmp_path / "out")], tmp_path)
+    proc = run_cli([PYTHON, "-m", "mcbeit.cli.export", str(path), "--output", str(tmp_path / "out")], tmp_path)
     assert f"exported the pre-trained {CLS_NAME}" in proc.stdout
     assert "local-dir:" in proc.stdout and "verified on random images" in proc.stdout
     assert (tmp_path / "out" / "config.json").is_file()

@@ -26,7 +26,7 @@ import yaml
 
 from mcbeit.cli import pretrain
 from mcbeit.cli import finetune
-from mcbeit.tasks import export
+from mcbeit.cli import export
 from mcbeit.cli import tokenizer as tok_task
 from tests.tasks.conftest import FAST as PRETRAIN_FAST
 from tests.tasks.conftest import PYTHON, REPO, cli_env
@@ -322,8 +322,8 @@ def test_the_payload_runs_when_unpickled_in_full(tmp_path, fmt):
 @pytest.mark.parametrize("script, argv, expected", [
     ("run_class_finetuning.py", ["--finetune", "{ckpt}", "--data_path", "{data}", "--eval_data_path", "{data}",
                                  "--output_dir", "{tmp}/run", *FINETUNE], "^" + UNSAFE),  # the message alone, no traceback
-    ("-m", ["mcbeit.tasks.export", "{ckpt}", "--output", "{tmp}/export"], r"mcbeit-export: refusing to unpickle"),
-], ids=["run_class_finetuning.py --finetune", "python -m mcbeit.tasks.export"])
+    ("-m", ["mcbeit.cli.export", "{ckpt}", "--output", "{tmp}/export"], r"mcbeit-export: refusing to unpickle"),
+], ids=["run_class_finetuning.py --finetune", "python -m mcbeit.cli.export"])
 def test_console_commands_exit_non_zero_with_the_reason(script, argv, expected, image_folder, tmp_path):
     marker = tmp_path / MARKER
     ckpt = write_hostile(tmp_path / "evil.pth", "zip", marker, args={"model": "beit_tiny_patch16_224"})

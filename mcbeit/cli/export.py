@@ -16,12 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from timm.models import model_entrypoint
-
-from mcbeit.engine.logging import setup_logging
-from mcbeit.models.checkpoint import CheckpointError
-from mcbeit.models.export import (ExportError, hf_config_kwargs, load_for_export, save_hf, save_timm, timm_create_calls,
-                                  verify_export)
+from mcbeit.errors import InputError
 
 log = logging.getLogger("mcbeit.export")
 
@@ -54,6 +49,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     """Export as ``args`` say; return {'output': folder, 'calls': [timm calls], 'diffs': {route: max |diff|}}."""
+    from timm.models import model_entrypoint
+
+    from mcbeit.models.export import (ExportError, hf_config_kwargs, load_for_export, save_hf, save_timm,
+                                      timm_create_calls, verify_export)
+
     out = Path(args.output)
     if (out / "model.safetensors").exists() and not args.overwrite:
         raise ExportError(f"{out} already holds an export: pass --overwrite to replace it, or another --output")
@@ -86,7 +86,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = get_args_parser().parse_args(argv)  # before torch is imported: --help is instant
+    from mcbeit.engine.logging import setup_logging
+    from mcbeit.models.export import ExportError
+
     setup_logging()
     if args.hf:
         try:
@@ -96,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("mcbeit-export: --hf needs transformers: pip install 'mcbeit[hf]'") from None
     try:
         run(args)
-    except (ExportError, CheckpointError) as e:
+    except (ExportError, InputError) as e:
         raise SystemExit(f"mcbeit-export: {e}") from None
     return 0
 
