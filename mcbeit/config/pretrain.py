@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from mcbeit.config.fields import Group, flag
-from mcbeit.config.run import CompileConfig, OptimConfig, RunConfig, at_least
+from mcbeit.config.run import CompileConfig, ImageFolderData, OptimConfig, RunConfig, at_least
 from mcbeit.errors import ConfigError
 
 TOKENIZER_KINDS = ("dall-e", "vqgan", "vqgan_gumbel_f8_8192", "vqgan_ema", "customized")
@@ -21,14 +21,9 @@ RECOMPUTE_MODES = ("selective", "full", "none")  # mcbeit.models.recompute (kept
 
 
 @dataclass(frozen=True)
-class PretrainDataConfig(Group):
-    TITLE: ClassVar[str] = "data"
+class PretrainDataConfig(ImageFolderData):
     EMBEDDED: ClassVar[dict[str, Any]] = {"input_size": 112, "second_input_size": 56}
 
-    data_path: str | None = flag(None, "dataset folder: an ImageFolder tree, or train/ + train_map.txt",
-                                 show_default="the embedded images")
-    data_set: str | None = flag(None, "dataset layout", choices=("CIFAR", "IMNET", "image_folder"),
-                                show_default="detected from the folder (and said in the log)")
     input_size: int = flag(224, "image size for the ViT")
     second_input_size: int = flag(112, "image size for the tokenizer (the ViT's patch grid x its downsampling)")
     train_interpolation: str = flag("bicubic", "resize filter of the ViT's view (random, bilinear, bicubic, lanczos)")

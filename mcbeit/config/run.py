@@ -67,6 +67,18 @@ class RunConfig(Group):
 
 
 @dataclass(frozen=True)
+class ImageFolderData(Group):
+    """Where the images are: the flags every command that reads an image folder shares."""
+
+    TITLE: ClassVar[str] = "data"
+
+    data_path: str | None = flag(None, "dataset folder: an ImageFolder tree, or train/ + train_map.txt",
+                                 show_default="the embedded images")
+    data_set: str | None = flag(None, "dataset layout", choices=("CIFAR", "IMNET", "image_folder"),
+                                show_default="detected from the folder (and said in the log)")
+
+
+@dataclass(frozen=True)
 class CompileConfig(Group):
     """``torch.compile`` of the model and the loss (pre-training and fine-tuning)."""
 

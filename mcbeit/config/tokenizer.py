@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from mcbeit.config.fields import Group, flag
 from mcbeit.config.pretrain import TOKENIZER_KINDS
-from mcbeit.config.run import RunConfig, at_least
+from mcbeit.config.run import ImageFolderData, RunConfig, at_least
 from mcbeit.errors import ConfigError
 
 VQ_DEFAULT_EMBED_DIM = 32       # mcbeit.tokenizers.custom's (kept torch-free here)
@@ -40,13 +40,7 @@ class VQVAEObjective(Group):
 
 
 @dataclass(frozen=True)
-class TokenizerData(Group):
-    TITLE: ClassVar[str] = "data"
-
-    data_path: str | None = flag(None, "dataset folder: an ImageFolder tree, or train/ + train_map.txt",
-                                 show_default="the embedded images")
-    data_set: str | None = flag(None, "dataset layout", choices=("CIFAR", "IMNET", "image_folder"),
-                                show_default="detected from the folder (and said in the log)")
+class TokenizerData(ImageFolderData):
     input_size: int = flag(112, "training crop size (a multiple of 8: tokens = size / 8)")
     crop_min_scale: float = flag(0.35, "random-resized-crop scale range (min, 1)")
     interpolation: str = flag("lanczos", "resize filter (pre-training's --second_interpolation is lanczos)")
@@ -103,7 +97,7 @@ class TokenizerTrainConfig(VQVAEModel, VQVAEObjective, TokenizerData, TokenizerO
 
 
 @dataclass(frozen=True)
-class TokenizerInspectConfig(Group):
+class TokenizerInspectConfig(ImageFolderData):
     """`mcbeit-tokenizer inspect`: token maps, reconstructions and codebook usage of any tokenizer."""
 
     TITLE: ClassVar[str] = "inspect"
@@ -111,9 +105,6 @@ class TokenizerInspectConfig(Group):
     discrete_vae_type: str = flag("customized", f"one of {', '.join(TOKENIZER_KINDS)}")
     discrete_vae_weight_path: str | None = flag(None, "tokenizer weights (as in pre-training)", type=str,
                                                 show_default="none: RANDOM weights")
-    data_path: str | None = flag(None, "dataset folder", show_default="the embedded images")
-    data_set: str | None = flag(None, "dataset layout", choices=("CIFAR", "IMNET", "image_folder"),
-                                show_default="detected")
     input_size: int = flag(112, "image size given to the tokenizer (centre crop)")
     num_images: int = flag(8, "images (columns) in the grid")
     output: str = flag("./output/tokenizer_inspect.png", "PNG of the grid; the histogram goes beside it as "
