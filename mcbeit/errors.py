@@ -1,8 +1,8 @@
 """The exceptions library code raises, and the exit status the command line gives each.
 
-Library code (everything below ``mcbeit/tasks``) raises; it never calls ``sys.exit`` nor raises
-``SystemExit``. The command-line layer (``mcbeit.tasks.*.main``) turns an exception into a message
-and one of these exit statuses:
+Library code (everything below ``mcbeit/cli``) raises; it never calls ``sys.exit`` nor raises
+``SystemExit``. The command-line layer (``mcbeit.cli``, with the engine's mapping
+``mcbeit.engine.exits``) turns an exception into a message and one of these exit statuses:
 
 ====  ======================================================================================
 0     the run finished

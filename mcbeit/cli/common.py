@@ -37,10 +37,14 @@ def to_config(args: argparse.Namespace | dict, config_cls: type[C] | None = None
 
 
 def run_command(job: Callable[[], Any], dist_timeout: float = 30.0, on_exit: Callable[[], None] | None = None) -> int:
-    """Run ``job`` under the engine's mapping of exceptions to exit statuses."""
-    from mcbeit.engine.exits import run_guarded
+    """Run ``job`` under the engine's mapping of exceptions to exit statuses; wrong input stops with
+    ``SystemExit(message)``: status 1, the message without a traceback."""
+    from mcbeit.engine.exits import INPUT_ERRORS, run_guarded
 
-    return run_guarded(job, dist_timeout=dist_timeout, on_exit=on_exit)
+    try:
+        return run_guarded(job, dist_timeout=dist_timeout, on_exit=on_exit)
+    except INPUT_ERRORS as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def parse_and_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,

@@ -1,8 +1,8 @@
 """From an exception to an exit status: the engine's one mapping (the table is in :mod:`mcbeit.errors`).
 
 :func:`run_guarded` is what every command line's ``main`` calls: it runs the job, logs the stops
-that explain themselves and returns their status, turns wrong input into ``SystemExit(message)``
-(status 1, the message without a traceback), and always leaves the process group.
+that explain themselves and returns their status, lets wrong input (:data:`INPUT_ERRORS`, status 1)
+through for the command line to print, and always leaves the process group.
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def run_guarded(job: Callable[[], Any], *, dist_timeout: float = 30.0,
 
     try:
         job()
-    except INPUT_ERRORS as exc:  # a data folder without images, a checkpoint that does not fit, ...
-        raise SystemExit(str(exc)) from None
+    except INPUT_ERRORS:  # a data folder without images, a checkpoint that does not fit: the caller says it
+        raise
     except Exception as exc:
         status = exit_status(exc, dist_timeout)
         if status is None:
