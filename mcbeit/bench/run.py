@@ -88,7 +88,7 @@ def print_step_table(rows: list[dict], header: bool = True) -> None:
             print(f"{'':<22}  -> speed-up {row['speedup']:.2f}x{memory}{diff}", flush=True)
 
 
-def main(argv=None) -> dict:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mcbeit-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models and images: checks that everything runs")
@@ -107,9 +107,87 @@ def main(argv=None) -> dict:
     p.add_argument("--work_dir", default=None, help="where the generated JPEGs go (default: a temporary folder)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top operators of one base fp32 step, ours and the reference")
+    return p
+
+
+def _section_step(args, result: dict) -> None:
+    rows = []
+    for cfg in _step_configs(args):
+        rows.append(run_step(cfg))
+        print_step_table(rows[-1:], header=len(rows) == 1)
+        _save(args.json, {**result, "step": rows})   # a long run keeps what it measured
+    result["step"] = rows
+    key = next((r for r in rows if r["model"] == (TINY if args.quick else BASE) and r["amp"] == "fp32"
+                and r["batch_size"] == (2 if args.quick else 8)), None)
+    if key is not None:
+        result["speedup_step_base_fp32"] = key["speedup"]
+        result["memory_ratio_step_base_fp32"] = key.get("memory_ratio")
+
+
+def _section_data(args, result: dict) -> None:
+    from mcbeit.bench.data import run_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.work_dir or tmp) / "bench_jpegs"
+        if args.quick:
+            rows = [run_data(folder / "q", count=4, size=(128, 96), input_size=64, repeats=1)]
+        else:
+            rows = [run_data(folder / "imagenet", count=64, size=(500, 375)),
+                    run_data(folder / "large", count=32, size=(1024, 768))]
+    print("\nData pipeline per worker (decode + two views + mask), median ms per image")
+    for row in rows:
+        print(f"{row['config']:<34} ours {row['ours']['ms_per_image']:6.2f} ms ({row['ours']['images_per_s']:5.0f}/s)"
+              f"   reference {row['reference']['ms_per_image']:6.2f} ms   -> speed-up {row['speedup']:.2f}x")
+    result["data"] = rows
+    result["speedup_data_per_worker"] = rows[0]["speedup"]
+
+
+def _section_finetune(args, result: dict) -> None:
+    if args.quick:
+        row = run_finetune_step("beit_tiny_patch16_224", batch_size=2, input_size=64, steps=1, warmup=0,
+                                device=args.device)
+    else:
+        row = run_finetune_step("beit_base_patch16_224", steps=args.steps, device=args.device)
+    print(f"\nFine-tuning step: {row['config']}: ours {row['ours']['step_s']:.3f} s, reference "
+          f"{row['reference']['step_s']:.3f} s -> speed-up {row['speedup']:.2f}x")
+    result["finetune"] = row
+
+
+def _section_tokenizers(args, result: dict) -> None:
+    from mcbeit.bench import tokenizers
+
+    print("\nTokenizers, cost per image as pre-training runs them")
+    tok_argv = (["--kinds", "customized", "--image_size", "32", "--batch_size", "2", "--repeats", "1",
+                 "--amp", "fp32"] if args.quick else ["--amp", "fp32", "--repeats", "1"])
+    result["tokenizers"] = tokenizers.main(tok_argv)
+
+
+def _section_scaling(args, result: dict) -> None:
+    from mcbeit.bench.scaling import run_scaling
+
+    result["scaling"] = run_scaling(args.device, quick=args.quick)
+
+
+def _section_compile(args, result: dict) -> None:
+    from mcbeit.bench.step import run_compile
+
+    cfg = _step_configs(args)[0] if args.quick else StepConfig(model=TINY, device=args.device, steps=args.steps)
+    row = run_compile(cfg, backend="eager" if args.quick else "inductor")
+    print(f"\n--compile ({row['backend']}), {row['config']}: first step {row['compiled_first_s']:.1f} s "
+          f"(compiling), then {row['compiled_step_s']:.3f} s per step against {row['eager_step_s']:.3f} s eager "
+          f"-> {row['speedup']:.2f}x")
+    result["compile"] = row
+
+
+SECTIONS = {"step": _section_step, "data": _section_data, "finetune": _section_finetune,
+            "tokenizers": _section_tokenizers, "scaling": _section_scaling, "compile": _section_compile}
+
+
+def main(argv=None) -> dict:
+    p = get_args_parser()
     args = p.parse_args(argv)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"step", "data", "finetune", "tokenizers", "scaling", "compile"}
+    unknown = sections - set(SECTIONS)
     if unknown:
         p.error(f"unknown --sections {sorted(unknown)}")
 
@@ -118,70 +196,9 @@ def main(argv=None) -> dict:
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
     print(f"mcbeit-bench ({result['mode']}): {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-
-    if "step" in sections:
-        rows = []
-        for cfg in _step_configs(args):
-            rows.append(run_step(cfg))
-            print_step_table(rows[-1:], header=len(rows) == 1)
-            _save(args.json, {**result, "step": rows})   # a long run keeps what it measured
-        result["step"] = rows
-        key = next((r for r in rows if r["model"] == (TINY if args.quick else BASE) and r["amp"] == "fp32"
-                    and r["batch_size"] == (2 if args.quick else 8)), None)
-        if key is not None:
-            result["speedup_step_base_fp32"] = key["speedup"]
-            result["memory_ratio_step_base_fp32"] = key.get("memory_ratio")
-
-    if "data" in sections:
-        from mcbeit.bench.data import run_data
-
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(args.work_dir or tmp) / "bench_jpegs"
-            if args.quick:
-                rows = [run_data(folder / "q", count=4, size=(128, 96), input_size=64, repeats=1)]
-            else:
-                rows = [run_data(folder / "imagenet", count=64, size=(500, 375)),
-                        run_data(folder / "large", count=32, size=(1024, 768))]
-        print("\nData pipeline per worker (decode + two views + mask), median ms per image")
-        for row in rows:
-            print(f"{row['config']:<34} ours {row['ours']['ms_per_image']:6.2f} ms ({row['ours']['images_per_s']:5.0f}/s)"
-                  f"   reference {row['reference']['ms_per_image']:6.2f} ms   -> speed-up {row['speedup']:.2f}x")
-        result["data"] = rows
-        result["speedup_data_per_worker"] = rows[0]["speedup"]
-
-    if "finetune" in sections:
-        if args.quick:
-            row = run_finetune_step("beit_tiny_patch16_224", batch_size=2, input_size=64, steps=1, warmup=0,
-                                    device=args.device)
-        else:
-            row = run_finetune_step("beit_base_patch16_224", steps=args.steps, device=args.device)
-        print(f"\nFine-tuning step: {row['config']}: ours {row['ours']['step_s']:.3f} s, reference "
-              f"{row['reference']['step_s']:.3f} s -> speed-up {row['speedup']:.2f}x")
-        result["finetune"] = row
-
-    if "tokenizers" in sections:
-        from mcbeit.bench import tokenizers
-
-        print("\nTokenizers, cost per image as pre-training runs them")
-        tok_argv = (["--kinds", "customized", "--image_size", "32", "--batch_size", "2", "--repeats", "1",
-                     "--amp", "fp32"] if args.quick else ["--amp", "fp32", "--repeats", "1"])
-        result["tokenizers"] = tokenizers.main(tok_argv)
-
-    if "scaling" in sections:
-        from mcbeit.bench.scaling import run_scaling
-
-        result["scaling"] = run_scaling(args.device, quick=args.quick)
-
-    if "compile" in sections:
-        from mcbeit.bench.step import run_compile
-
-        cfg = _step_configs(args)[0] if args.quick else StepConfig(model=TINY, device=args.device, steps=args.steps)
-        row = run_compile(cfg, backend="eager" if args.quick else "inductor")
-        print(f"\n--compile ({row['backend']}), {row['config']}: first step {row['compiled_first_s']:.1f} s "
-              f"(compiling), then {row['compiled_step_s']:.3f} s per step against {row['eager_step_s']:.3f} s eager "
-              f"-> {row['speedup']:.2f}x")
-        result["compile"] = row
-
+    for name, section in SECTIONS.items():  # in this order
+        if name in sections:
+            section(args, result)
     if args.profile:
         from mcbeit.bench.step import profile_step
 
