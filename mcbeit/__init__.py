@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 _PUBLIC = {
     # models (registered with timm)
     "BeitForMaskedImageModeling": "mcbeit.models", "build_classifier": "mcbeit.models.classifier",
-    "LinearProbe": "mcbeit.models.linear_probe",
+    "LinearProbe": "mcbeit.models.linear_probe", "load_pretrained": "mcbeit.models",
+    "convert_state_dict": "mcbeit.models", "load_for_export": "mcbeit.models",
     # tokenizers
     "build_tokenizer": "mcbeit.tokenizers", "Tokenizer": "mcbeit.tokenizers", "TOKENIZER_KINDS": "mcbeit.tokenizers",
     # objectives

@@ -98,7 +98,7 @@ class Trainer:
         cfg, task = self.config, self.task
         if os.path.isdir(cfg.resume) if cfg.resume else task.deepspeed:
             from mcbeit.engine.deepspeed import resume_checkpoint
-            from mcbeit.models.finetune_checkpoint import read_checkpoint, resolve_source, select_state_dict
+            from mcbeit.models.checkpoint import read_checkpoint, resolve_source, select_state_dict
 
             folder = resume_checkpoint(cfg.resume, cfg.auto_resume, cfg.output_dir)
             if folder is None:

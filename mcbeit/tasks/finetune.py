@@ -26,9 +26,9 @@ from mcbeit.engine.task import Mark, MeterSpec, StepOutput, Task, TrainData
 from mcbeit.errors import ConfigError, InputError
 from mcbeit.evaluation.classification import evaluate
 from mcbeit.models.beit import patch_size_of
-from mcbeit.models.checkpoint import CheckpointError
+from mcbeit.models.checkpoint import CheckpointError, resolve_source
 from mcbeit.models.classifier import build_classifier
-from mcbeit.models.finetune_checkpoint import load_for_finetuning, resolve_source
+from mcbeit.models.beit_weights import load_for_finetuning
 from mcbeit.models.linear_probe import LinearProbe
 from mcbeit.models.recompute import set_recompute
 from mcbeit.objectives.classification import build_criterion, build_mixup

@@ -206,7 +206,7 @@ def test_seed_002_command_runs_with_small_data(data, tmp_path):
 def test_finetune_at_a_larger_size_interpolates_the_pretrained_tables(data, tmp_path):
     """A 64 px pre-training checkpoint (4x4 patches) fine-tuned at 96 px (6x6): every block's table is the
     shared table interpolated by the original's rule (lr ~ 0, so one epoch leaves it as loaded)."""
-    from mcbeit.models.finetune_checkpoint import interpolate_rel_pos_table
+    from mcbeit.models.position_resize import interpolate_rel_pos_table
 
     pre = _pretrained_checkpoint(tmp_path / "pre.pth", input_size=64)
     out = tmp_path / "big"

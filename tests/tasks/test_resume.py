@@ -194,7 +194,7 @@ def test_finetuning_resumed_mid_epoch_continues_bit_for_bit(tmp_path, deepspeed)
     assert sorted(a) == list(range(16)) and sorted(b) == list(range(5, 16))
     assert all(a[step] == b[step] for step in b), {s: (a[s], b[s]) for s in b if a[s] != b[s]}
     if deepspeed:
-        from mcbeit.models.finetune_checkpoint import read_checkpoint, resolve_source, select_state_dict
+        from mcbeit.models.checkpoint import read_checkpoint, resolve_source, select_state_dict
 
         wa, wb = (select_state_dict(read_checkpoint(resolve_source(str(d / "checkpoint-1"))), "module|model")[0]
                   for d in (whole, resumed))
@@ -248,7 +248,7 @@ def test_a_stop_on_an_epochs_last_step_is_evaluated_when_the_run_resumes(tmp_pat
     finetune.run(_finetune_args(data, stopped, *extra))
     rows = [[json.loads(line) for line in (d / "log.txt").read_text().splitlines()] for d in (whole, stopped)]
     assert [r["epoch"] for r in rows[1]] == [0, 1]
-    for a, b in zip(*rows):
+    for a, b in zip(*rows, strict=True):
         assert (a["test_acc1"], a["test_loss"], a["max_accuracy"]) == (b["test_acc1"], b["test_loss"], b["max_accuracy"])
     assert torch.load(stopped / "checkpoint-0.pth", weights_only=True)["evaluated"] is True
     _assert_same_state(whole / "checkpoint-1.pth", stopped / "checkpoint-1.pth")
