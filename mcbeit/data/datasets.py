@@ -159,11 +159,10 @@ class ImageDataset(Dataset):
                     out = self.transform(opened if decodes_itself else opened.decode(), rng)
             except MemoryError:
                 raise
-            except Exception as error:  # noqa: BLE001 - any decoder failure means "bad file"
-                if opened is not None:
-                    if opened.error is None:
-                        raise  # the file decoded (or was not decoded yet): the transform's own failure
-                    error = opened.error
+            except Exception as exc:  # noqa: BLE001 - any decoder failure means "bad file"
+                if opened is not None and opened.error is None:
+                    raise  # the file decoded (or was not decoded yet): the transform's own failure
+                error = exc if opened is None else opened.error
                 self._warn_unreadable(loaded, path, error)
                 last_error = f"{path} ({_reason(error)})"
                 continue

@@ -195,7 +195,7 @@ def _polygon_mask(h: int, w: int, polygons: list[list[tuple[float, float]]], hol
 
 
 def _star_points(cx, cy, radii, angles) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(a), cy + r * math.sin(a)) for r, a in zip(radii, angles)]
+    return [(cx + r * math.cos(a), cy + r * math.sin(a)) for r, a in zip(radii, angles, strict=True)]
 
 
 def _regular(cx, cy, r, n, angle, aspect=1.0) -> list[tuple[float, float]]:
@@ -203,7 +203,7 @@ def _regular(cx, cy, r, n, angle, aspect=1.0) -> list[tuple[float, float]]:
     t = np.arange(n) * 2 * math.pi / n
     x, y = r * aspect * np.cos(t), r * np.sin(t)
     c, s = math.cos(angle), math.sin(angle)
-    return list(zip(cx + x * c - y * s, cy + x * s + y * c))
+    return list(zip(cx + x * c - y * s, cy + x * s + y * c, strict=True))
 
 
 def _object(class_id: int, rng: np.random.Generator, h: int, w: int, yy, xx, bg_mean):
@@ -279,7 +279,7 @@ def _blob(rng: np.random.Generator, cx: float, cy: float, r: float) -> list[tupl
     t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
     rad = br * (1 + sum(rng.uniform(0, 0.25) * np.sin(k * t + rng.uniform(0, 6.3))
                         for k in (2, 3, 4)))  # fmt: skip
-    return list(zip(bx + rad * np.cos(t), by + rad * np.sin(t)))
+    return list(zip(bx + rad * np.cos(t), by + rad * np.sin(t), strict=True))
 
 
 def render_image(class_id: int, rng: np.random.Generator) -> Image.Image:

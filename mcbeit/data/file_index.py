@@ -98,8 +98,8 @@ def read_list_file(
         for i in np.flatnonzero(~exists):
             bad.append((line_numbers[i], f"{paths[i]} {labels[i]}", "missing file"))
         bad.sort()
-        paths = [p for p, ok in zip(paths, exists) if ok]
-        labels = [label for label, ok in zip(labels, exists) if ok]
+        paths = [p for p, ok in zip(paths, exists, strict=True) if ok]
+        labels = [label for label, ok in zip(labels, exists, strict=True) if ok]
     _report_dropped(map_file, base, bad, len(paths))
     return base, paths, labels, _dropped_entries(map_file, bad, len(paths))
 
@@ -192,7 +192,7 @@ def _existing(base: Path, paths: Sequence[str]) -> np.ndarray:
     order = np.argsort(ids, kind="stable")
     ends = np.cumsum(np.bincount(ids, minlength=len(folder_ids)))
     start = 0
-    for folder, end in zip(folder_ids, ends):
+    for folder, end in zip(folder_ids, ends, strict=True):
         try:
             names = {entry.name for entry in os.scandir(os.path.join(base, folder))}
         except (FileNotFoundError, NotADirectoryError):

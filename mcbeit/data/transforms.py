@@ -240,7 +240,7 @@ def _resized_views(image: Image.Image | OpenedImage, rng: np.random.Generator, f
     whole_pixels = all(float(c).is_integer() for c in box)
     pixels = None
     outputs = []
-    for ((height, width), _, scale_, offset), resample in zip(views, filters):
+    for ((height, width), _, scale_, offset), resample in zip(views, filters, strict=True):
         if resample in _TORCH_MODES and whole_pixels:
             if pixels is None:
                 pixels = _box_pixels(decoded, tuple(int(c) for c in box))

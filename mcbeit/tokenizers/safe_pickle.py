@@ -249,7 +249,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     offset, size, stride = int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride)
     if len(size) != len(stride) or any(n < 0 for n in size) or any(st < 0 for st in stride) or offset < 0:
         raise pickle.UnpicklingError("tensor with an invalid size, stride or offset")
-    if all(size) and offset + sum((n - 1) * st for n, st in zip(size, stride)) >= storage.numel:
+    if all(size) and offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True)) >= storage.numel:
         raise pickle.UnpicklingError("tensor view exceeds its storage")
     # a view on the storage's flat tensor: filled in place once the raw data is read
     return torch.as_strided(storage.flat, size, stride, offset)

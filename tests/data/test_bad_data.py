@@ -197,7 +197,7 @@ def test_bad_files_skipped_counted_and_warned_once_by_path(bad_folder, truncatio
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == sum(bad)  # one per bad file, although each was skipped in both epochs
-    for name in (n for n, is_bad in zip(names, bad) if is_bad):
+    for name in (n for n, is_bad in zip(names, bad, strict=True) if is_bad):
         [message] = [m for m in warnings if str(root / name) in m]
         assert message.startswith("skipping unreadable image") and "Error: " in message
     text = "\n".join(warnings)

@@ -40,7 +40,7 @@ def test_contrast_uses_the_whole_images_mean_so_the_jitter_comes_before_the_crop
     rng = np.random.default_rng(3)
     whole = jitter_colour(Image.open(path).convert("RGB"), 0.4, rng)
     b = views(whole, rng)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     plain = views(Image.open(path).convert("RGB"), np.random.default_rng(3))
     assert not torch.equal(a[0], plain[0])
 

@@ -206,9 +206,9 @@ def _load_by_key(dataset, sampler, epoch, batch_size):
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=2)
     out = {}
     batches = list(loader)
-    flat = [(a, b, m) for view_a, view_b, mask, _ in batches for a, b, m in zip(view_a, view_b, mask)]
+    flat = [(a, b, m) for view_a, view_b, mask, _ in batches for a, b, m in zip(view_a, view_b, mask, strict=True)]
     assert len(flat) == len(keys)
-    for (index, _), sample in zip(keys, flat):
+    for (index, _), sample in zip(keys, flat, strict=True):
         out[index] = sample
     return out
 
@@ -222,7 +222,7 @@ def test_dataloader_workers_reproducible_and_epoch_dependent(folder_tree):
     next_epoch = _load_by_key(dataset, EpochTaggedSampler(SequentialSampler(dataset)), 1, 3)
     assert first.keys() == again.keys() == set(range(len(dataset)))
     for index in first:
-        assert all(torch.equal(x, y) for x, y in zip(first[index], again[index]))
+        assert all(torch.equal(x, y) for x, y in zip(first[index], again[index], strict=True))
     changed = [not torch.equal(first[i][2], next_epoch[i][2]) or
                not torch.equal(first[i][0], next_epoch[i][0]) for i in first]  # fmt: skip
     assert sum(changed) >= len(first) - 1

@@ -118,7 +118,7 @@ def test_same_seed_same_views_and_different_seed_differs():
     first = transform(image, np.random.default_rng([5, 0, 3]))
     second = transform(image, np.random.default_rng([5, 0, 3]))
     other = transform(image, np.random.default_rng([5, 1, 3]))
-    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
     assert not torch.equal(first[0], other[0]) and not torch.equal(first[2], other[2])
 
 

@@ -50,7 +50,6 @@ def test_wrap_ddp_broadcasts_buffers_only_for_batch_norm():
     """One process is the model itself; in a (real, one-process gloo) group DDP broadcasts buffers
     before each forward only for models with batch norm (running statistics), not for BEiT."""
     import timm
-    import torch
     import torch.distributed as dist
 
     import mcbeit.models  # noqa: F401

@@ -40,7 +40,7 @@ def names_by_group(model, groups):
 
 def decay_membership(model, groups):
     decay, no_decay = set(), set()
-    for group, names in zip(groups, names_by_group(model, groups)):
+    for group, names in zip(groups, names_by_group(model, groups), strict=True):
         (decay if group["weight_decay"] > 0 else no_decay).update(names)
     return decay, no_decay
 
@@ -78,7 +78,7 @@ def test_layer_decay_scales():
     decay = 0.65
     groups = param_groups(model, 0.05, skip_list=model.no_weight_decay(), layer_decay=decay)
     scale = {}
-    for group, names in zip(groups, names_by_group(model, groups)):
+    for group, names in zip(groups, names_by_group(model, groups), strict=True):
         for n in names:
             scale[n] = group["lr_scale"]
     top = DEPTH + 1

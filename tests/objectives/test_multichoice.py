@@ -60,7 +60,7 @@ def test_matches_literal_original(omega, temp, detach_similarity):
     ref_grads = [features.grad, head.weight.grad, head.bias.grad]
 
     torch.testing.assert_close(ours["loss"], ref_loss, rtol=1e-5, atol=1e-5)
-    for got, want in zip(ours_grads, ref_grads):
+    for got, want in zip(ours_grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert ours["mlm_acc"].item() == pytest.approx(ref_acc.item())
     assert not ours["mlm_acc"].requires_grad

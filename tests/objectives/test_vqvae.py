@@ -52,7 +52,7 @@ def test_dead_code_is_reinitialised_from_batch_features():
                                    torch.tensor([[0.1, 1.0, 0.2]]).repeat(5, 1)]), dim=1)
     ids = torch.tensor([0] * 5 + [1] * 5)
     before = vq.tokenizer.codebook.clone()
-    for step in range(2):
+    for _ in range(2):
         usage = vq.update_codebook(feats, ids, dead_code_steps=3)
         assert usage["dead_codes_reinit"].item() == 0 and usage["code_usage"].item() == 0.5
     assert vq.unused_steps.tolist() == [0, 0, 2, 2]
