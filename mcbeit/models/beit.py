@@ -59,6 +59,20 @@ def patch_size_of(model_name: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+def _check_original_arguments(qk_scale, attn_head_dim, global_pool, drop_block_rate) -> None:
+    """Arguments of the original constructor that timm's ``Beit`` cannot honour: an error, or (drop block) ignored."""
+    if qk_scale is not None:
+        raise ValueError('qk_scale is not supported: timm scales attention by head_dim ** -0.5')
+    if attn_head_dim is not None:
+        raise ValueError('attn_head_dim is not supported by timm.models.beit.Beit')
+    if global_pool not in (None, ''):
+        raise ValueError(
+            f"global_pool={global_pool!r}: the pre-training model has no pooling/head; "
+            "build a classification Beit (e.g. beit_base_patch16_224) for that")
+    if drop_block_rate:
+        _logger.debug('drop_block_rate=%s ignored (not used by BEiT)', drop_block_rate)
+
+
 class BeitForMaskedImageModeling(Beit):
     """BEiT ViT with a mask token and a visual-token prediction head (``lm_head``).
 
@@ -79,8 +93,7 @@ class BeitForMaskedImageModeling(Beit):
             depth: int = 12,
             num_heads: int = 12,
             mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            qk_scale: Optional[float] = None,
+            qkv_bias: bool = True, qk_scale: Optional[float] = None,
             drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
@@ -94,20 +107,10 @@ class BeitForMaskedImageModeling(Beit):
             num_classes: Optional[int] = None,  # tolerated, dropped (the original pops it)
             global_pool: Optional[str] = None,
             drop_block_rate: Optional[float] = None,  # tolerated, dropped (timm 0.3 factory arg)
-            device=None,
-            dtype=None,
+            device=None, dtype=None,
             **kwargs: Any,
     ):
-        if qk_scale is not None:
-            raise ValueError('qk_scale is not supported: timm scales attention by head_dim ** -0.5')
-        if attn_head_dim is not None:
-            raise ValueError('attn_head_dim is not supported by timm.models.beit.Beit')
-        if global_pool not in (None, ''):
-            raise ValueError(
-                f"global_pool={global_pool!r}: the pre-training model has no pooling/head; "
-                "build a classification Beit (e.g. beit_base_patch16_224) for that")
-        if drop_block_rate:
-            _logger.debug('drop_block_rate=%s ignored (not used by BEiT)', drop_block_rate)
+        _check_original_arguments(qk_scale, attn_head_dim, global_pool, drop_block_rate)
         if norm_layer is not None:
             kwargs['norm_layer'] = norm_layer  # default: timm LayerNorm, eps 1e-6 as the original
         if device is not None or dtype is not None:  # only newer timm takes these
@@ -136,8 +139,7 @@ class BeitForMaskedImageModeling(Beit):
             **kwargs,
         )
         dd = {'device': device, 'dtype': dtype}
-        self.vocab_size = vocab_size
-        self.init_std = init_std
+        self.vocab_size, self.init_std = vocab_size, init_std
         self.mask_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))  # (1,1,D)
         self.lm_head = nn.Linear(embed_dim, vocab_size, **dd)  # D -> V
         self.init_weights(needs_reset=False)
