@@ -40,7 +40,7 @@ _PUBLIC = {
     "InputError": "mcbeit.errors", "ConfigError": "mcbeit.errors",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = list(_PUBLIC)  # noqa: PLE0605  (the names of _PUBLIC, resolved lazily by __getattr__)
 
 
 def __getattr__(name: str) -> Any:

@@ -123,7 +123,7 @@ class StepMeter:
         ok = torch.stack([s.to(values.device, torch.float32).reshape(()) if isinstance(s, torch.Tensor)
                           else values.new_tensor(float(s)) for s in self._pending_ok])         # (steps,)
         table = torch.cat([values, ok[None]]).cpu().tolist()                                   # one device read
-        rows, oks = dict(zip(self.metrics, table[:-1])), [v > 0.5 for v in table[-1]]
+        rows, oks = dict(zip(self.metrics, table[:-1], strict=True)), [v > 0.5 for v in table[-1]]
         first = self.first_step + self.steps - len(self._pending)
         for i, host in enumerate(self._pending_host):
             if isinstance(self._pending_ok[i], torch.Tensor):

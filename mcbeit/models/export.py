@@ -307,7 +307,7 @@ def timm_to_hf_state_dict(model: Beit) -> Dict[str, torch.Tensor]:
     for p in ('weight', 'bias'):
         move(f'patch_embed.proj.{p}', f'{pre}embeddings.patch_embeddings.projection.{p}')
     move('rel_pos_bias.relative_position_bias_table', pre + 'encoder.relative_position_bias.relative_position_bias_table')
-    for i, blk in enumerate(model.blocks):
+    for i in range(len(model.blocks)):
         src, dst = f'blocks.{i}.', f'{pre}encoder.layer.{i}.'
         att = dst + 'attention.attention.'
         q, k, v = sd.pop(src + 'attn.qkv.weight').chunk(3)  # (3D, D) -> 3 x (D, D)
