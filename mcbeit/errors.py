@@ -42,3 +42,8 @@ class InputError(McbeitError):
 
 class ConfigError(InputError, ValueError):
     """Flags whose values are out of range or contradict each other."""
+
+
+class TooManyBadImagesError(McbeitError, RuntimeError):
+    """More unreadable images than a run accepts: ``--max_bad_fraction`` of an epoch, or too many in a
+    row (:mod:`mcbeit.engine.bad_data`); the command line exits with :data:`EXIT_BAD_DATA`."""

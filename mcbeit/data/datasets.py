@@ -14,8 +14,9 @@ Bad data never stops a run of weeks, but is never silently trained on either:
   path and the reason are warned about once per run, and the item counts them (``n_skipped``);
 - list-file lines naming a missing file, or with a bad label or the wrong shape, are left out
   when the dataset is built, with one warning naming the lines (``dataset.dropped_entries``);
-- :func:`check_bad_fraction` turns a skip rate above ``--max_bad_fraction`` into a clear error,
-  and ``MAX_CONSECUTIVE_BAD`` unreadable files in a row stop the run as well.
+- the engine's :func:`mcbeit.engine.bad_data.check_bad_fraction` turns a skip rate above
+  ``--max_bad_fraction`` into a clear error, and ``MAX_CONSECUTIVE_BAD`` unreadable files in a row
+  stop the run as well (:class:`mcbeit.errors.TooManyBadImagesError`).
 
 Truncated files must fail to decode, so Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept off
 (if another library turns it on, loading turns it off again, with a warning).
@@ -34,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mcbeit.data.images import (MAX_PIXELS, OpenedImage, TooManyBadImagesError, check_bad_fraction, load_rgb_image,
+from mcbeit.data.images import (MAX_PIXELS, OpenedImage, TooManyBadImagesError, load_rgb_image,
                                  open_image)
 from mcbeit.errors import ConfigError
 
@@ -57,7 +58,6 @@ __all__ = [
     "DataPathError",
     "DroppedEntries",
     "TooManyBadImagesError",
-    "check_bad_fraction",
 ]
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ that stops a run whose data is too broken.
   (rescaled from their value range, not clipped).
 - Files that do not decode (corrupt, truncated, zero-byte, not an image, or larger than
   ``MAX_PIXELS``, checked before any pixel is decoded) raise; the datasets skip and count them.
-- :func:`check_bad_fraction` turns a skip rate above ``--max_bad_fraction`` into a clear error (the
-  engine's bad-data policy, :mod:`mcbeit.engine.bad_data`, re-exported here with its error).
+- A skip rate above ``--max_bad_fraction`` stops the run: the engine's bad-data policy
+  (:func:`mcbeit.engine.bad_data.check_bad_fraction`, raising :class:`mcbeit.errors.TooManyBadImagesError`).
 
 Truncated files must fail to decode, so Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept off
 (if another library turns it on, loading turns it off again, with a warning).
@@ -23,9 +23,9 @@ import os
 import numpy as np
 from PIL import Image, ImageFile
 
-from mcbeit.engine.bad_data import TooManyBadImagesError, check_bad_fraction
+from mcbeit.errors import TooManyBadImagesError
 
-__all__ = ["MAX_PIXELS", "OpenedImage", "TooManyBadImagesError", "check_bad_fraction", "load_rgb_image", "open_image"]
+__all__ = ["MAX_PIXELS", "OpenedImage", "TooManyBadImagesError", "load_rgb_image", "open_image"]
 
 logger = logging.getLogger("mcbeit.data.datasets")  # the warnings users already know by this name
 

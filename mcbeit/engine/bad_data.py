@@ -5,17 +5,13 @@ The datasets skip a file that does not decode and count it (``n_skipped``); they
 an epoch over the ranks and calls :func:`check_bad_fraction`, which stops the run once more than
 ``--max_bad_fraction`` of the files read were unreadable.
 
-This module imports nothing of the package, so the data layer can raise its error too (and
-:mod:`mcbeit.data.images` re-exports both names).
+The error lives in :mod:`mcbeit.errors`, so that the data layer raises it without importing the engine.
 """
 from __future__ import annotations
 
+from mcbeit.errors import TooManyBadImagesError
+
 __all__ = ["TooManyBadImagesError", "check_bad_fraction"]
-
-
-class TooManyBadImagesError(RuntimeError):
-    """More unreadable images than a run accepts: ``--max_bad_fraction`` of an epoch, or
-    ``MAX_CONSECUTIVE_BAD`` in a row."""
 
 
 def check_bad_fraction(skipped: int, seen: int, max_fraction: float, where: str = "in this epoch") -> None:
