@@ -11,6 +11,7 @@ from mcbeit.models.beit_weights import load_for_finetuning
 from mcbeit.models.checkpoint import StateDictMismatchError, read_checkpoint, resolve_source, select_state_dict
 from mcbeit.models.classifier import classifier_kwargs
 from mcbeit.models.position_resize import interpolate_rel_pos_table
+from tests.models.test_finetune_checkpoint import randomized  # every tensor off its initial value
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,15 +20,6 @@ CLS_KW = classifier_kwargs(nb_classes=10)  # --finetune's defaults: mean pooling
 MIM_KW = dict(vocab_size=64)
 TABLE = 'blocks.{}.attn.relative_position_bias_table'
 SHARED = 'rel_pos_bias.relative_position_bias_table'
-
-
-def randomized(model, seed):
-    """Every tensor off its initial value: zero tables and equal gammas would hide a wrong copy."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def pretraining_state(img_size, seed):
