@@ -44,3 +44,15 @@ def test_public_names_resolve():
     assert mcbeit.build_objective(hard_targets=True).__class__ is mcbeit.HardTokenLoss
     with pytest.raises(AttributeError):
         mcbeit.no_such_name  # noqa: B018
+
+
+def test_the_torch_free_copies_in_config_match_their_sources():
+    """config/ repeats a few constants so that --help needs no torch: they must not drift."""
+    from mcbeit.config import pretrain as pc, tokenizer as tc
+    from mcbeit.models.recompute import RECOMPUTE_MODES
+    from mcbeit.tokenizers import TOKENIZER_ALIASES, TOKENIZER_KINDS
+    from mcbeit.tokenizers.custom import VQ_DEFAULT_EMBED_DIM, VQ_DEFAULT_LOGIT_SCALE
+
+    assert pc.RECOMPUTE_MODES == RECOMPUTE_MODES
+    assert set(pc.TOKENIZER_KINDS) == set(TOKENIZER_KINDS) | set(TOKENIZER_ALIASES)  # what --help names
+    assert (tc.VQ_DEFAULT_EMBED_DIM, tc.VQ_DEFAULT_LOGIT_SCALE) == (VQ_DEFAULT_EMBED_DIM, VQ_DEFAULT_LOGIT_SCALE)

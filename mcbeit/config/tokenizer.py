@@ -13,7 +13,7 @@ from mcbeit.config.run import ImageFolderData, RunConfig, at_least
 from mcbeit.errors import ConfigError
 
 VQ_DEFAULT_EMBED_DIM = 32       # mcbeit.tokenizers.custom's (kept torch-free here)
-VQ_DEFAULT_LOGIT_SCALE = 100.0
+VQ_DEFAULT_LOGIT_SCALE = 50.0
 
 
 @dataclass(frozen=True)
