@@ -167,15 +167,12 @@ class Task(ABC):
         from mcbeit.engine.resume import load_resumed_weights
 
         if ckpt.get("format") != self.checkpoint_format:
-            self.refuse_format(ckpt, path)
+            from mcbeit.errors import InputError
+
+            raise InputError(f"{path} is not a checkpoint of this command (format {ckpt.get('format')!r}, "
+                             f"expected {self.checkpoint_format!r})")
         load_resumed_weights(self.model, ckpt["model"], path, self.flags(), ckpt.get("args"))
         return True
-
-    def refuse_format(self, ckpt: Mapping[str, Any], path: str) -> None:
-        from mcbeit.errors import InputError
-
-        raise InputError(f"{path} is not a checkpoint of this command (format {ckpt.get('format')!r}, expected "
-                         f"{self.checkpoint_format!r})")
 
     def flags(self) -> dict[str, Any]:
         """The run's flags as checkpoints store them (``args``)."""

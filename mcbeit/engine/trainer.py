@@ -65,8 +65,7 @@ class Trainer:
         task.check_inputs()
         if cfg.output_dir and info.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        run = self.build(info, announce=True)
-        return run
+        return self.build(info, announce=True)
 
     def build(self, info: DistInfo, announce: bool = False) -> RunContext:
         """The run's context and the task's model, seeded: the same initial weights on every rank."""
@@ -192,15 +191,14 @@ class Trainer:
             with control:
                 if owed is not None:
                     log.info("epoch %d ended on a stop signal before its evaluation: evaluating it now", owed)
-                    stats = self._end_epoch(run, owed, {}, saving)
+                    stats, last_ckpt = self._end_epoch(run, owed, {}, saving, last_ckpt)
                 for epoch in range(start_epoch, cfg.epochs):
                     data.sampler.set_epoch(epoch, start=first * cfg.batch_size * task.update_freq)
                     train_stats = train_one_epoch(run, data.loader, epoch, first=first, control=control,
                                                   last_checkpoint=last_ckpt)
                     first = 0
                     last_ckpt = control.last_checkpoint or last_ckpt
-                    stats = self._end_epoch(run, epoch, train_stats, saving)
-                    last_ckpt = stats.pop("_checkpoint", None) or last_ckpt
+                    stats, last_ckpt = self._end_epoch(run, epoch, train_stats, saving, last_ckpt)
         finally:
             run.writer.close()
         if stats:
@@ -208,8 +206,10 @@ class Trainer:
                      os.path.abspath(cfg.output_dir) if cfg.output_dir else "(nowhere: --output_dir '')")
         return stats
 
-    def _end_epoch(self, run: RunContext, epoch: int, train_stats: dict[str, Any], saving: bool) -> dict[str, Any]:
-        """The task's epoch end (evaluation, best checkpoint), the epoch checkpoint when due, the log record."""
+    def _end_epoch(self, run: RunContext, epoch: int, train_stats: dict[str, Any], saving: bool,
+                   last_ckpt: str | None) -> tuple[dict[str, Any], str | None]:
+        """The task's epoch end (evaluation, best checkpoint), the epoch checkpoint when due, the log record;
+        returns the record and the newest checkpoint written."""
         cfg, task = self.config, self.task
         stats = task.end_epoch(epoch, train_stats)
         path = None
@@ -219,7 +219,7 @@ class Trainer:
                 log.info("saved %s", path)
         run.writer.epoch(stats)
         log.info("epoch %d: %s", epoch, task.epoch_message(stats))
-        return {**stats, "_checkpoint": path} if path else stats
+        return stats, path or last_ckpt
 
     def save_position(self, run: RunContext, epoch: int, steps_done: int, evaluated: bool = False) -> str | None:
         """A resume point after ``steps_done`` updates of ``epoch`` (every rank calls it)."""
