@@ -2,6 +2,13 @@
 one of the seeds' list files (``train_map.txt``: a path relative to ``train/`` and a label per
 line), and the table the paths are kept in.
 
+The one walk of image folders (:func:`image_folder_files`, every ImageFolder layout of every
+command goes through it) follows symbolic links, to files and to folders, but lists each folder
+once and never loops: a folder reached again (``a/up -> ..``, two links to one folder), one
+that holds the data folder itself, or one inside another class's folder is skipped, with one
+warning that counts the skipped paths and names the first ones; a folder reached from two
+classes, or two class folders that are one folder, is refused (its labels would be a guess).
+
 List-file lines that are malformed, have a bad label or name a missing file are left out when the
 dataset is built, with one warning naming them (:class:`DroppedEntries`); a list of which no line is
 usable raises :class:`~mcbeit.data.folders.BadListFileError`.
@@ -15,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-from .folders import LIST_FILE, BadListFileError
+from .folders import LIST_FILE, BadListFileError, DataPathError
 
 __all__ = ["DroppedEntries", "PathTable", "image_folder_files", "read_list_file"]
 
@@ -75,8 +82,131 @@ def image_folder_files(root: Path) -> tuple[list[str], list[int], list[str]]:
             e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)
         )
         return files, [0] * len(files), [""] if files else []
-    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    return _relative([p for p, _ in samples], root), [c for _, c in samples], classes
+    walk = _ClassFolderWalk(root, classes)
+    paths, labels = walk.files()
+    walk.report()
+    return _relative(paths, root), labels, classes
+
+
+class _ClassFolderWalk:
+    """The image files under each class folder of ``root``, following symbolic links without loops.
+
+    torchvision's ``make_dataset`` (``os.walk(followlinks=True)``) walks ``a/up -> ..`` until the
+    path is too long: 20 files became 820 samples, class b's files labelled a. Here each folder is
+    identified by ``(st_dev, st_ino)`` and owned by the class whose (real) folder holds it; a class
+    walk enters only folders it owns, never reached before, that do not hold the data folder.
+    Files (and links to files) are listed as torchvision does: folders in sorted path order, files
+    sorted within a folder, extensions ``IMG_EXTENSIONS`` in any case.
+    """
+
+    MAX_NAMED = 5  # skipped paths named per reason in the warning; the rest are counted
+
+    def __init__(self, root: Path, classes: Sequence[str]) -> None:
+        self.root, self.classes = root, list(classes)
+        self.real_root = os.path.realpath(root)
+        self.owners: dict[str, int] = {}  # real class folder -> class index
+        for index, name in enumerate(self.classes):
+            real = os.path.realpath(root / name)
+            if real in self.owners:
+                other = self.classes[self.owners[real]]
+                raise DataPathError(
+                    f"{root}: the class folders {other!r} and {name!r} are one folder ({real}), so its images "
+                    "would get two labels: give each class a folder of its own (remove or re-point the link)")
+            self.owners[real] = index
+        self.reached: dict[tuple[int, int], tuple[int, str]] = {}  # folder id -> (class, path it was listed at)
+        self.skipped: dict[str, list[str]] = {}  # reason -> paths relative to root
+
+    def files(self) -> tuple[list[str], list[int]]:
+        paths: list[str] = []
+        labels: list[int] = []
+        for index, name in enumerate(self.classes):
+            for folder, names in sorted(self._walk(index, os.path.join(self.root, name))):
+                paths.extend(os.path.join(folder, n) for n in sorted(names))
+                labels.extend([index] * len(names))
+        return paths, labels
+
+    def _walk(self, index: int, top: str) -> list[tuple[str, list[str]]]:
+        """(folder path, image file names) of every folder class ``index`` owns under ``top``."""
+        found: list[tuple[str, list[str]]] = []
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            if not self._enter(index, folder):
+                continue
+            names, subfolders = [], []
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as error:  # a folder that cannot be listed: named, not fatal
+                self._skip(f"cannot be listed ({error.strerror})", folder)
+                continue
+            for entry in entries:
+                if entry.is_dir():  # follows links, as is_file() below
+                    subfolders.append(entry.path)
+                elif entry.is_file():
+                    if entry.name.lower().endswith(IMG_EXTENSIONS):
+                        names.append(entry.name)
+                elif entry.is_symlink():
+                    self._skip("broken or looping links", entry.path)
+            found.append((folder, names))
+            stack.extend(reversed(subfolders))
+        return found
+
+    def _enter(self, index: int, folder: str) -> bool:
+        """Whether class ``index`` lists ``folder`` (reached at that path); records why not."""
+        try:
+            st = os.stat(folder)
+        except OSError as error:
+            self._skip(f"cannot be read ({error.strerror})", folder)
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in self.reached:
+            owner, first = self.reached[key]
+            if owner != index:
+                raise DataPathError(
+                    f"{self.root}: the folder {os.path.realpath(folder)} is reached from two classes, as "
+                    f"{self._rel(first)} and as {self._rel(folder)} (symbolic links), so its images would get two "
+                    "labels: keep it under one class only")
+            self._skip("already listed (a loop, or a second link to one folder)", folder)
+            return False
+        real = os.path.realpath(folder)
+        if real == self.real_root or self.real_root.startswith(real.rstrip(os.sep) + os.sep):
+            self._skip("links to the data folder or above it (a loop)", folder)
+            return False
+        owner = self._owner(real)
+        if owner is not None and owner != index:
+            self._skip("inside another class's folder (listed there)", folder)
+            return False
+        self.reached[key] = (index, folder)
+        return True
+
+    def _owner(self, real: str) -> int | None:
+        """The class whose real folder holds ``real`` (the innermost one), or None (e.g. outside the data)."""
+        path = real
+        while path not in self.owners:  # up the path: as many look-ups as the folder is deep
+            parent = os.path.dirname(path)
+            if parent == path:
+                return None
+            path = parent
+        return self.owners[path]
+
+    def _skip(self, reason: str, path: str) -> None:
+        self.skipped.setdefault(reason, []).append(self._rel(path))
+
+    def _rel(self, path: str) -> str:
+        return os.path.relpath(path, self.root)
+
+    def report(self) -> None:
+        """One warning: the skipped paths counted by reason, the first ``MAX_NAMED`` of each named."""
+        if not self.skipped:
+            return
+        parts = []
+        for reason, paths in self.skipped.items():
+            more = f" and {len(paths) - self.MAX_NAMED} more" if len(paths) > self.MAX_NAMED else ""
+            parts.append(f"{len(paths)} {reason}: {', '.join(paths[: self.MAX_NAMED])}{more}")
+        total = sum(len(p) for p in self.skipped.values())
+        logger.warning("%s: skipped %d path%s while listing the images: %s. Their images are listed once, where "
+                       "they belong, or not at all; fix the links to silence this", self.root, total,
+                       "s" if total > 1 else "", "; ".join(parts))
 
 
 def read_list_file(
