@@ -29,15 +29,18 @@ SECTIONS = ("data", "tokenizer", "model", "masking", "objective", "augmentation"
 def flag(default: Any, help: str, *, choices: Sequence[Any] | None = None, nargs: str | int | None = None,  # noqa: A002
          aliases: Sequence[str] = (), negation: str | None = None, negation_help: str | None = None,
          type: Callable[[str], Any] | None = None, show_default: str | None = None,  # noqa: A002
-         metavar: str | None = None) -> Any:
+         metavar: str | None = None, experiment: bool = True) -> Any:
     """A configuration field read from ``--<name>``.
 
     ``negation``: a second flag that sets a boolean False (``--disable_rel_pos_bias``); ``aliases``:
     other spellings (``--local-rank``); ``show_default``: what ``--help`` prints instead of the value
-    (e.g. "cuda when present"). Booleans are ``store_true`` flags.
+    (e.g. "cuda when present"). Booleans are ``store_true`` flags. ``experiment=False`` marks a flag
+    that says how a run goes, not what it trains (workers, logging, output, devices, launchers,
+    policies): a resumed checkpoint's value of it may differ (:func:`experiment_flags`).
     """
     meta = {"help": help, "choices": choices, "nargs": nargs, "aliases": tuple(aliases), "negation": negation,
-            "negation_help": negation_help, "type": type, "show_default": show_default, "metavar": metavar}
+            "negation_help": negation_help, "type": type, "show_default": show_default, "metavar": metavar,
+            "experiment": experiment}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for a sequence default (configurations are frozen)")
     return dataclasses.field(default=default, metadata=meta)
@@ -149,6 +152,15 @@ def resolve(cls: type[C], given: Mapping[str, Any], *, embedded: bool | None = N
     if check is not None:
         check()
     return config
+
+
+def experiment_flags(cls: type) -> tuple[str, ...]:
+    """The flags of ``cls`` that define the experiment (model, data, method, objective, batch, schedules):
+    every flag not declared with ``experiment=False`` (by ``cls`` or a base it re-declares the flag of: a
+    command's own ``--output_dir`` default stays a run flag). Auto-resume compares them with the checkpoint's."""
+    run_flags = {name for klass in cls.__mro__ for name, f in vars(klass).get("__dataclass_fields__", {}).items()
+                 if not f.metadata.get("experiment", True)}
+    return tuple(f.name for f in dataclasses.fields(cls) if "help" in f.metadata and f.name not in run_flags)
 
 
 def as_flags(config: Any) -> dict[str, Any]:

@@ -60,10 +60,10 @@ class ClassifierModel(Group):
     attn_drop_rate: float = flag(0.0, "attention dropout")
     drop_path: float = flag(0.1, "stochastic depth rate")
     recompute: str = flag("none", "activations backward recomputes (selective / full save memory, none is fastest)",
-                          choices=RECOMPUTE_MODES)
+                          choices=RECOMPUTE_MODES, experiment=False)
     model_ema: bool = flag(False, "keep an exponential moving average of the weights (evaluated too)")
     model_ema_decay: float = flag(0.9999, "its decay")
-    model_ema_force_cpu: bool = flag(False, "keep the average on the CPU")
+    model_ema_force_cpu: bool = flag(False, "keep the average on the CPU", experiment=False)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Augmentation(Group):
     remode: str = flag("pixel", "random-erasing mode")
     recount: int = flag(1, "random-erasing count")
     resplit: bool = flag(False, "accepted for compatibility: without augmentation splits it changes nothing (as in "
-                                "the original)")
+                                "the original)", experiment=False)
     mixup: float = flag(0.0, "mixup alpha (on when > 0)")
     cutmix: float = flag(0.0, "cutmix alpha (on when > 0)")
     cutmix_minmax: tuple[float, ...] | None = flag(None, "cutmix min/max box ratio (overrides --cutmix)", nargs="+",
@@ -111,10 +111,11 @@ class Augmentation(Group):
 class Evaluation(Group):
     TITLE: ClassVar[str] = "evaluation"
 
-    eval: bool = flag(False, "evaluate (--resume, the newest checkpoint, or --finetune) and exit")
-    dist_eval: bool = flag(False, "evaluate a shard per process (every image exactly once)")
-    disable_eval_during_finetuning: bool = flag(False, "no evaluation at epoch ends")
-    save_ckpt: bool = flag(True, "write checkpoints", negation="--no_save_ckpt", negation_help="write no checkpoint")
+    eval: bool = flag(False, "evaluate (--resume, the newest checkpoint, or --finetune) and exit", experiment=False)
+    dist_eval: bool = flag(False, "evaluate a shard per process (every image exactly once)", experiment=False)
+    disable_eval_during_finetuning: bool = flag(False, "no evaluation at epoch ends", experiment=False)
+    save_ckpt: bool = flag(True, "write checkpoints", negation="--no_save_ckpt", negation_help="write no checkpoint",
+                           experiment=False)
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,10 @@ class LinearProbing(Group):
 class DeepSpeedConfig(Group):
     TITLE: ClassVar[str] = "DeepSpeed"
 
-    enable_deepspeed: bool = flag(False, "train through DeepSpeed (ZeRO; its CPU accelerator without a GPU)")
+    enable_deepspeed: bool = flag(False, "train through DeepSpeed (ZeRO; its CPU accelerator without a GPU)",
+                                  experiment=False)
     zero_stage: int = flag(0, "ZeRO stage (3 would partition the weights EMA, evaluation and export read)",
-                           choices=(0, 1, 2))
+                           choices=(0, 1, 2), experiment=False)
 
 
 @dataclass(frozen=True)
@@ -147,9 +149,9 @@ class FinetuneConfig(ClassificationData, ClassifierModel, FinetuneSource, Augmen
 
     epochs: int = flag(30, "epochs to train")
     update_freq: int = flag(1, "gradient accumulation: micro-batches per update")
-    save_ckpt_freq: int = flag(5, "write checkpoint-<epoch>.pth every N epochs (and after the last)")
+    save_ckpt_freq: int = flag(5, "write checkpoint-<epoch>.pth every N epochs (and after the last)", experiment=False)
     output_dir: str = flag("./output/mcbeit_finetuned", "where checkpoints, log.txt and tensorboard/ go; '' writes "
-                                                       "nothing")
+                                                       "nothing", experiment=False)
     opt_betas: tuple[float, ...] | None = flag(None, "optimizer betas", nargs="+", type=float,
                                                show_default="the optimizer's own")
     min_lr: float = flag(1e-6, "final learning rate of the cosine schedule")
@@ -188,7 +190,7 @@ class LinprobeConfig(FinetuneConfig):
     EMBEDDED: ClassVar[dict[str, Any]] = {"layer_decay": 1.0}
 
     output_dir: str = flag("./output/mcbeit_linprobe", "where checkpoints, log.txt and tensorboard/ go; '' writes "
-                                                      "nothing")
+                                                      "nothing", experiment=False)
     linear_probe: bool = flag(True, "train only BatchNorm(affine=False) + a linear head on frozen features")
     aa: str = flag("", "RandAugment / AutoAugment policy ('' for none)")
     reprob: float = flag(0.0, "random-erasing probability")

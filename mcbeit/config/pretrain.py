@@ -63,7 +63,7 @@ class PretrainModelConfig(Group):
     recompute: str = flag("selective", "activations backward recomputes: selective keeps matrix-product outputs and "
                                        "recomputes norms, GELU and softmax (a third less memory, ~3% slower on a "
                                        "CPU); full recomputes whole blocks; none keeps everything",
-                          choices=RECOMPUTE_MODES)
+                          choices=RECOMPUTE_MODES, experiment=False)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class ObjectiveConfig(Group):
     hard_targets: bool = flag(False, "BEiT's loss: cross-entropy on the tokenizer's hard token ids")
     detach_similarity: bool = flag(False, "stop the gradient through the inter-patch similarity (the reference lets "
                                           "it flow)")
-    no_loss_masked: bool = flag(False, "accepted for compatibility; the original never reads it")
+    no_loss_masked: bool = flag(False, "accepted for compatibility; the original never reads it", experiment=False)
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class PretrainConfig(ObjectiveConfig, MaskConfig, PretrainModelConfig, Tokenizer
     METHOD: ClassVar[str] = "mcbeit"
 
     output_dir: str = flag("./output/mcbeit_pretrained", "where checkpoints, log.txt and tensorboard/ go; '' writes "
-                                                         "nothing")
+                                                         "nothing", experiment=False)
 
     def derive(self, given: set[str]) -> "PretrainConfig":
         """Fill the values that follow from others."""
@@ -129,12 +129,15 @@ class BeitPretrainConfig(PretrainConfig):
     and the DALL-E tokenizer, with the defaults of unilm's `beit/run_beit_pretraining.py` and
     `beit/datasets.py` (at their newest commit, unchanged since 2022-01) where they differ from
     mc-BEiT's: drop path 0.1, AdamW betas (0.9, 0.999), ColorJitter(0.4, 0.4, 0.4) before the flip,
-    `beit_base_patch16_224_8k_vocab` (the embedded run keeps the tiny model)."""
+    `beit_base_patch16_224_8k_vocab` (the embedded run keeps the tiny model), and its own output folder."""
 
     DEFAULT_TOKENIZER: ClassVar[str] = "dall-e"
     METHOD: ClassVar[str] = "beit"
     EMBEDDED: ClassVar[dict[str, Any]] = {"model": "beit_tiny_patch16_224_8k_vocab"}
 
+    output_dir: str = flag("./output/beit_pretrained", "where checkpoints, log.txt and tensorboard/ go (not mc-BEiT's "
+                                                       "folder: another experiment); '' writes nothing",
+                           experiment=False)
     model: str = flag("beit_base_patch16_224_8k_vocab", "beit_{tiny,small,base,large}_patch16_224_8k_vocab")
     drop_path: float = flag(0.1, "stochastic depth rate")
     opt_betas: tuple[float, ...] | None = flag((0.9, 0.999), "optimizer betas", nargs="+", type=float)

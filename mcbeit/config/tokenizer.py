@@ -72,12 +72,14 @@ class TokenizerTrainConfig(VQVAEModel, VQVAEObjective, TokenizerData, TokenizerO
     EMBEDDED: ClassVar[dict[str, Any]] = {"epochs": 5, "batch_size": 32, "save_ckpt_freq": 2}
 
     epochs: int = flag(100, "epochs to train")
-    save_ckpt_freq: int = flag(10, "write checkpoint-<epoch>.pth (and tokenizer.pth) every N epochs (and after the last)")
+    save_ckpt_freq: int = flag(10, "write checkpoint-<epoch>.pth (and tokenizer.pth) every N epochs (and after the last)",
+                               experiment=False)
     output_dir: str = flag("./output/mcbeit_tokenizer", "where checkpoints, tokenizer.pth, log.txt and tensorboard/ "
-                                                       "go; '' writes nothing")
-    print_freq: int = flag(10, "steps between progress-bar / TensorBoard updates (one device read each)")
+                                                       "go; '' writes nothing", experiment=False)
+    print_freq: int = flag(10, "steps between progress-bar / TensorBoard updates (one device read each)",
+                           experiment=False)
     image_freq: int = flag(0, "also write an input/reconstruction grid to TensorBoard every N steps (0: at epoch ends "
-                              "only)")
+                              "only)", experiment=False)
 
     def derive(self, given: set[str]) -> "TokenizerTrainConfig":
         return dataclasses.replace(self, log_dir=self.tensorboard_dir)

@@ -1,13 +1,16 @@
 """What the engine hands a task while it runs: :class:`RunContext`."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from mcbeit.config.fields import experiment_flags
 from mcbeit.engine.distributed import DistInfo
+from mcbeit.engine.identity import CHECKPOINT_KEY
 from mcbeit.engine.logging import RunWriter
 from mcbeit.engine.precision import Precision
 
@@ -39,7 +42,8 @@ class RunContext:
     def save(self, name: int | str, entries: dict[str, Any]) -> str | None:
         """Write checkpoint ``name`` (an epoch, or e.g. 'best') with the task's ``entries``; every rank calls it."""
         cfg = self.config
-        entries = {"format": self.task.checkpoint_format, **entries, "args": self.flags()}
+        entries = {"format": self.task.checkpoint_format, **entries, "args": self.flags(),
+                   CHECKPOINT_KEY: list(experiment_flags(type(cfg))) if dataclasses.is_dataclass(cfg) else []}
         path = self.strategy.save(cfg.output_dir, name, entries, cfg.keep_last)
         if path and self.info.is_main:
             self.task.saved(path, name)

@@ -18,6 +18,7 @@ import torch
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.control import gather_rng, restore_rank_rng
 from mcbeit.engine.distributed import DistInfo
+from mcbeit.engine.identity import same_value, show
 from mcbeit.errors import InputError
 from mcbeit.models.checkpoint import StateDictMismatchError, load_into
 
@@ -26,10 +27,11 @@ log = logging.getLogger("mcbeit")
 RESUME_HINT = ("pass an existing checkpoint-<epoch>.pth, or leave --resume out (the newest checkpoint in --output_dir "
                "is then resumed, if there is one)")
 
-#: flags that change the model's architecture: named when a resumed checkpoint does not fit
-ARCHITECTURE_FLAGS = ("model", "input_size", "rel_pos_bias", "abs_pos_emb", "layer_scale_init_value", "vocab_size",
-                      "embed_dim", "hidden", "blocks_per_group", "discrete_vae_type", "nb_classes", "use_mean_pooling",
-                      "linear_probe", "probe_layer")
+#: flags that change the model's architecture: named when a resumed checkpoint does not fit. The
+#: tokenizer's (pre-training) size the prediction head: its vocabulary is the head's width.
+ARCHITECTURE_FLAGS = ("model", "input_size", "window_size", "rel_pos_bias", "abs_pos_emb", "layer_scale_init_value",
+                      "vocab_size", "embed_dim", "hidden", "blocks_per_group", "discrete_vae_type",
+                      "discrete_vae_weight_path", "nb_classes", "use_mean_pooling", "linear_probe", "probe_layer")
 
 
 def missing_checkpoint(flag: str, path: str, what_to_do: str) -> str:
@@ -107,13 +109,21 @@ def _architecture_message(report, model: torch.nn.Module, path: str, flags: Mapp
         source, fix = f"--resume {path}", "or pass a checkpoint of this run's model as --resume"
     else:
         source = f"auto-resume from {path} (the newest checkpoint in --output_dir {flags.get('output_dir')})"
-        fix = "or start afresh with another --output_dir (or --no_auto_resume)"
+        fix = "or start afresh with another --output_dir (or --start_over: its checkpoints are moved aside)"
     written = dict(vars(written) if hasattr(written, "__dict__") and not isinstance(written, Mapping)
                    else written or {})
-    differ = [f"--{k} {written[k]} (this run: {flags[k]})" for k in ARCHITECTURE_FLAGS
-              if k in written and k in flags and written[k] != flags[k]]
-    said = (f"it was written with {', '.join(differ)}" if differ else
-            "its recorded flags equal this run's" if written else "the checkpoint does not record its flags")
+    compared = [k for k in ARCHITECTURE_FLAGS if k in written and k in flags]
+    differ = [f"--{k} {show(written[k])} (this run: {show(flags[k])})" for k in compared
+              if not same_value(written[k], flags[k])]
+    if differ:
+        said = f"it was written with {', '.join(differ)}"
+    elif compared:  # the flags agree: a file one of them names must hold another model now
+        named = " (e.g. the tokenizer of --discrete_vae_weight_path: its vocabulary sizes the head)" \
+            if "discrete_vae_weight_path" in compared else ""
+        said = (f"its model flags ({', '.join('--' + k for k in compared)}) equal this run's, so a file they name "
+                f"has changed since{named}")
+    else:
+        said = "the checkpoint does not record the flags that shape its model"
     lines = []
     for kind, items in (("shape mismatch", [f"{k}: checkpoint {tuple(c)} vs model {tuple(m)}"
                                             for k, c, m in report.mismatched]),

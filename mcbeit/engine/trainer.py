@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mcbeit.config.fields import experiment_flags
 from mcbeit.config.run import RunConfig
 from mcbeit.engine.context import RunContext
 from mcbeit.engine.control import RunControl
@@ -34,6 +35,7 @@ from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.loop import train_one_epoch
 from mcbeit.engine.precision import resolve_precision
 from mcbeit.engine import checkpoint as ckpt_io
+from mcbeit.engine.identity import check_experiment, prepare_fresh_start
 from mcbeit.engine.resume import position_state, resume_path, resume_position
 from mcbeit.engine.schedules import cosine_scheduler
 from mcbeit.engine.task import Task, TrainData
@@ -162,10 +164,15 @@ class Trainer:
     def _restore(self, run: RunContext) -> tuple[int, int, str | None, int | None]:
         """(first epoch, its updates already done, checkpoint resumed, an epoch whose end is owed)."""
         cfg, task = self.config, self.task
-        path = run.strategy.find_resume(cfg.resume, cfg.auto_resume, cfg.output_dir)
+        auto = prepare_fresh_start(cfg.output_dir, auto_resume=cfg.auto_resume, resume=cfg.resume,
+                                   start_over=cfg.start_over, is_main=run.info.is_main)
+        path = run.strategy.find_resume(cfg.resume, auto, cfg.output_dir)
         if path is None:
             return cfg.start_epoch, 0, None, None
         ckpt = run.strategy.read(path)
+        if ckpt.get("format") == task.checkpoint_format:  # other files: load_weights says what they are
+            check_experiment(ckpt, path, run.flags(), experiment_flags(type(cfg)), explicit=bool(cfg.resume),
+                             accepted=cfg.accept_changed_flags, output_dir=cfg.output_dir)
         ours = True if task.deepspeed else task.load_weights(ckpt, path)
         if ours:
             run.strategy.load_optimizer(ckpt)
@@ -235,8 +242,10 @@ class Trainer:
                  run.precision.dtype or "off", start_epoch, cfg.epochs - 1,
                  os.path.abspath(cfg.output_dir) if cfg.output_dir else "(none)")
         if start_epoch >= cfg.epochs:
-            log.warning("nothing to do: %s already finished epoch %d of %d; pass --epochs N, --no_auto_resume "
-                        "or another --output_dir to train again", resumed_from, start_epoch - 1, cfg.epochs)
+            log.warning("nothing to do: %s already finished epoch %d of %d. To train it on: --epochs N "
+                        "--accept_changed_flags epochs (the schedules then span N epochs); to train again from the "
+                        "start: --start_over (the earlier run's files are moved into a replaced-<time>/ subfolder) "
+                        "or another --output_dir", resumed_from, start_epoch - 1, cfg.epochs)
 
 
 def check_output_dir(output_dir: str) -> None:

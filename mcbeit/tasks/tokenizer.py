@@ -148,7 +148,7 @@ class TokenizerTrainingTask(Task):
             if cfg.resume:
                 source, fix = f"--resume {path}", "pass a checkpoint-<epoch>.pth of mcbeit-tokenizer train"
             else:
-                source, fix = f"auto-resume from {path}", "start afresh with another --output_dir (or --no_auto_resume)"
+                source, fix = f"auto-resume from {path}", "start afresh with another --output_dir (or --start_over)"
             raise InputError(f"{source} is not a checkpoint of mcbeit-tokenizer train "
                              f"(format {ckpt.get('format')!r}, expected {CHECKPOINT_FORMAT!r}); {fix}")
         load_resumed_weights(self.model, ckpt["model"], path, self.flags(), ckpt.get("args"))
