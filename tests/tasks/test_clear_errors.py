@@ -187,7 +187,7 @@ CASES = [
     ("auto_resume_of_another_width", ("pretrain",), ["--output_dir", "{out}"],
      ["auto-resume from {out}/checkpoint-0.pth", "another architecture",
       "shape mismatch: cls_token: checkpoint (1, 1, 384) vs model (1, 1, 192)", "another --output_dir",
-      "--no_auto_resume"]),
+      "--start_over"]),
     ("resume_of_another_vocabulary", ("tokenizer",), ["--resume", "{tokenizer_64}"],
      ["--resume {tokenizer_64} is a checkpoint of another architecture", "--vocab_size 64 (this run: 16)",
       "shape mismatch: tokenizer.codebook: checkpoint (64, 8) vs model (16, 8)",
