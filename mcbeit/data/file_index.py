@@ -105,16 +105,18 @@ class _ClassFolderWalk:
         self.root, self.classes = root, list(classes)
         self.real_root = os.path.realpath(root)
         self.owners: dict[str, int] = {}  # real class folder -> class index
+        self.reached: dict[tuple[int, int], tuple[int, str]] = {}  # folder id -> (class, path it was listed at)
+        self.skipped: dict[str, list[str]] = {}  # reason -> paths relative to root
         for index, name in enumerate(self.classes):
             real = os.path.realpath(root / name)
+            if self._holds_root(real):  # a class folder linking to the data folder: walked, it would list all
+                continue
             if real in self.owners:
                 other = self.classes[self.owners[real]]
                 raise DataPathError(
                     f"{root}: the class folders {other!r} and {name!r} are one folder ({real}), so its images "
                     "would get two labels: give each class a folder of its own (remove or re-point the link)")
             self.owners[real] = index
-        self.reached: dict[tuple[int, int], tuple[int, str]] = {}  # folder id -> (class, path it was listed at)
-        self.skipped: dict[str, list[str]] = {}  # reason -> paths relative to root
 
     def files(self) -> tuple[list[str], list[int]]:
         paths: list[str] = []
@@ -169,7 +171,7 @@ class _ClassFolderWalk:
             self._skip("already listed (a loop, or a second link to one folder)", folder)
             return False
         real = os.path.realpath(folder)
-        if real == self.real_root or self.real_root.startswith(real.rstrip(os.sep) + os.sep):
+        if self._holds_root(real):
             self._skip("links to the data folder or above it (a loop)", folder)
             return False
         owner = self._owner(real)
@@ -178,6 +180,10 @@ class _ClassFolderWalk:
             return False
         self.reached[key] = (index, folder)
         return True
+
+    def _holds_root(self, real: str) -> bool:
+        """Whether the real folder ``real`` is the data folder or holds it."""
+        return real == self.real_root or self.real_root.startswith(real.rstrip(os.sep) + os.sep)
 
     def _owner(self, real: str) -> int | None:
         """The class whose real folder holds ``real`` (the innermost one), or None (e.g. outside the data)."""

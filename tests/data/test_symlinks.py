@@ -113,3 +113,13 @@ def test_many_skipped_paths_make_one_warning_that_counts_them(tmp_path, caplog):
     assert len(paths) == 20
     (message,) = _warnings(caplog)
     assert "skipped 12 paths" in message and "b/gone04.jpg and 7 more" in message and "gone05" not in message
+
+
+def test_a_class_folder_linking_to_the_data_folder_lists_nothing(tmp_path, caplog):
+    root = _two_classes(tmp_path / "data")
+    os.symlink(".", root / "c")                              # a "class" that is the data folder itself
+    caplog.set_level(logging.INFO)
+    paths, labels, classes = image_folder_files(root)
+    assert classes == ["a", "b", "c"] and len(paths) == 20 and _by_class(paths, labels) == {"a": {0}, "b": {1}}
+    (message,) = _warnings(caplog)
+    assert "links to the data folder or above it (a loop): c" in message
