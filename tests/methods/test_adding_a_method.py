@@ -73,7 +73,7 @@ def test_a_new_method_trains_checkpoints_and_resumes_through_the_engine(tmp_path
              "epochs": 4, "warmup_epochs": 0, "lr": 2e-3, "save_ckpt_freq": 1, "num_workers": 0, "print_freq": 2}
     config = resolve(PretrainConfig, {**flags, "epochs": 2})
     Trainer(config, PretrainTask(config, method="patch_colour")).fit()
-    config = resolve(PretrainConfig, flags)                              # 4 epochs: auto-resume continues
+    config = resolve(PretrainConfig, {**flags, "accept_changed_flags": ("epochs",)})  # 4 epochs: auto-resume goes on
     Trainer(config, PretrainTask(config, method="patch_colour")).fit()
 
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]

@@ -37,7 +37,9 @@ def trained(tmp_path_factory):
     out = root / "run"
     tok_task.run_train(train_args(data, out, "--epochs", "8", "--save_ckpt_freq", "4", "--image_freq", "6"))
     first = read_log(out)
-    tok_task.run_train(train_args(data, out, "--epochs", "10", "--save_ckpt_freq", "4"))  # --auto_resume: continues
+    # --auto_resume continues; a longer run is another schedule, accepted explicitly
+    tok_task.run_train(train_args(data, out, "--epochs", "10", "--save_ckpt_freq", "4",
+                                  "--accept_changed_flags", "epochs"))
     return data, out, first
 
 

@@ -95,7 +95,7 @@ def test_two_torchrun_nodes_on_loopback_form_one_job_that_checkpoints_once_and_r
         endpoint = f"127.0.0.1:{_free_port()}"
         nodes = [subprocess.Popen(_torchrun("--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
                                             "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=mcbeit-test")
-                                  + _train_flags(image_folder, out, epochs, 8),
+                                  + _train_flags(image_folder, out, epochs, 8) + ["--accept_changed_flags", "epochs"],
                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for rank in (0, 1)]
         errs = [node.communicate(timeout=600)[1] for node in nodes]

@@ -116,8 +116,9 @@ def test_finetune_resume_best_and_eval(data, tmp_path):
     pre = _pretrained_checkpoint(tmp_path / "pre" / "checkpoint-799.pth")
     out = tmp_path / "out"
     common = ["--data_path", str(data), "--output_dir", str(out), *FAST, "--lr", "2e-3", "--layer_decay", "0.75"]
-    assert finetune.main([*common, "--finetune", str(tmp_path / "pre" / "checkpoint-799.pth"), "--epochs", "2",
-                          "--save_ckpt_freq", "1", "--model_ema", "--model_ema_decay", "0.5"]) == 0
+    experiment = [*common, "--finetune", str(tmp_path / "pre" / "checkpoint-799.pth"), "--save_ckpt_freq", "1",
+                  "--model_ema", "--model_ema_decay", "0.5"]
+    assert finetune.main([*experiment, "--epochs", "2"]) == 0
     first = _log(out)
     assert [r["epoch"] for r in first] == [0, 1] and all(r["train_steps"] == 4 and r["test_images"] == 15 for r in first)
     assert all(0 <= r["test_acc1"] <= r["test_acc5"] <= 100 for r in first) and "test_ema_acc1" in first[0]
@@ -130,7 +131,8 @@ def test_finetune_resume_best_and_eval(data, tmp_path):
     assert best["epoch"] == "best" and best["max_accuracy"] == max(r["test_acc1"] for r in first)
     timm.create_model("beit_tiny_patch16_224", num_classes=4, img_size=64).load_state_dict(ckpt["model"], strict=True)
 
-    assert finetune.main([*common, "--epochs", "3"]) == 0                 # auto-resume: epoch 2 only
+    # auto-resume: epoch 2 only (the same experiment's flags; its longer schedule accepted explicitly)
+    assert finetune.main([*experiment, "--epochs", "3", "--accept_changed_flags", "epochs"]) == 0
     log = _log(out)
     assert [r["epoch"] for r in log] == [0, 1, 2] and log[:2] == first
 

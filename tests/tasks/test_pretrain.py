@@ -114,7 +114,8 @@ def test_resume_continues_epochs_and_temperature_warmup(image_folder, tmp_path):
               "--warmup_epochs", "0"]
     pretrain.run(run_args(image_folder, out, "--epochs", "2", *common))
     first = read_log(out)
-    pretrain.run(run_args(image_folder, out, "--epochs", "4", *common))  # --auto_resume is the default
+    # auto-resume (the default) goes on; the longer schedule is accepted explicitly
+    pretrain.run(run_args(image_folder, out, "--epochs", "4", "--accept_changed_flags", "epochs", *common))
     log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1, 2, 3]
     assert log[:2] == first
