@@ -133,7 +133,7 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint_and_keep_last_prunes(im
     newest = out / "checkpoint-1.pth"
     newest.write_bytes(newest.read_bytes()[:4096])  # the node died while a copy of it was being made
     capfd.readouterr()
-    pretrain.run(run_args(image_folder, out, "--epochs", "3", *common))
+    pretrain.run(run_args(image_folder, out, "--epochs", "3", "--accept_changed_flags", "epochs", *common))
     err = capfd.readouterr().err
     assert f"skipping {newest}: truncated" in err and f"resumed from {out / 'checkpoint-0.pth'}" in err
     assert [r["epoch"] for r in read_log(out)] == [0, 1, 1, 2]  # epoch 1 trained again from checkpoint-0
@@ -152,10 +152,10 @@ def test_divergence_skips_bad_steps_then_stops_naming_the_last_good_checkpoint(i
     good = (out / "checkpoint-0.pth").read_bytes()
     with pytest.raises(DivergenceError, match=rf"3 consecutive steps .*Last good checkpoint: {out / 'checkpoint-0.pth'}"):
         pretrain.run(run_args(image_folder, out, "--epochs", "3", "--lr", "1e30", "--min_lr", "1e30",
-                              "--max_bad_steps", "3", *common))
+                              "--max_bad_steps", "3", "--accept_changed_flags", "epochs", "lr", "min_lr", *common))
     assert "non-finite gradient, update skipped (1 in a row; the run stops at 3)" in capfd.readouterr().err
     argv = ["--data_path", str(image_folder), "--output_dir", str(out), "--device", "cpu", *FAST, "--epochs", "3",
-            "--lr", "1e30", "--min_lr", "1e30", "--max_bad_steps", "2", *common]
+            "--lr", "1e30", "--min_lr", "1e30", "--max_bad_steps", "2", "--accept_changed_flags", "all", *common]
     assert pretrain.main(argv) == EXIT_DIVERGED                      # the command: a message, not a traceback
     assert "2 consecutive steps with a non-finite gradient" in capfd.readouterr().err
     assert (out / "checkpoint-0.pth").read_bytes() == good and not (out / "checkpoint-1.pth").exists()
