@@ -23,9 +23,10 @@ PRETRAINED_OUTPUT_DIR = "./output/mcbeit_pretrained"  # where `mcbeit-pretrain` 
 
 
 def newest_pretrained_checkpoint(folder: str = PRETRAINED_OUTPUT_DIR) -> str:
-    """The newest ``checkpoint-<epoch>.pth`` in ``folder`` ('' when there is none)."""
-    found = [(int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*.pth")
-             if (m := re.fullmatch(r"checkpoint-(\d+)\.pth", p.name))]
+    """The newest ``checkpoint-<epoch>.pth`` or mid-epoch ``checkpoint-<epoch>-step<N>.pth`` in ``folder``
+    by position ('' when there is none)."""
+    found = [((int(m.group(1)), float(m.group(2) or "inf")), p) for p in Path(folder).glob("checkpoint-*.pth")
+             if (m := re.fullmatch(r"checkpoint-(\d+)(?:-step(\d+))?\.pth", p.name))]
     return str(max(found)[1]) if found else ""
 
 

@@ -41,11 +41,13 @@ class RunConfig(Group):
                                    "<output_dir>/replaced-<time>/, then train from the start (pass it once: a rerun "
                                    "with it starts over again)", experiment=False)
     save_ckpt_steps: int = flag(0, "also write a checkpoint every N optimizer steps, inside epochs (0: only at epoch "
-                                   "ends); a preempted run then loses at most N steps", experiment=False)
+                                   "ends); a preempted run then loses at most N steps. These are transient resume "
+                                   "points, checkpoint-<epoch>-step<N>.pth: each is removed once a newer checkpoint "
+                                   "is safely written", experiment=False)
     save_ckpt_minutes: float = flag(0.0, "also write a checkpoint when this many minutes passed since the last (0: off)",
                                     experiment=False)
-    keep_last: int = flag(0, "keep only the newest K checkpoint-<epoch>.pth (0 keeps all, as the original); older ones "
-                             "are removed only after a new one is safely written", experiment=False)
+    keep_last: int = flag(0, "keep only the newest K checkpoint-<epoch>.pth (epoch ends; 0 keeps all, as the original); "
+                             "older ones are removed only after a new one is safely written", experiment=False)
     start_epoch: int = flag(0, "first epoch when not resuming", experiment=False)
     num_workers: int = flag(min(10, os.cpu_count() or 1), "data-loader worker processes per rank",
                             show_default=f"min(10, CPUs) = {min(10, os.cpu_count() or 1)}", experiment=False)

@@ -1,5 +1,13 @@
 """Training checkpoints: `checkpoint-<epoch>.pth`, written atomically, read with `weights_only=True`.
 
+Names say the position: ``checkpoint-<epoch>.pth`` holds the end of ``epoch``; a mid-epoch
+checkpoint (``--save_ckpt_steps`` / ``--save_ckpt_minutes``, a stop signal) is
+``checkpoint-<epoch>-step<N>.pth`` (N updates of that epoch done). Mid-epoch files are transient
+resume points: once a newer checkpoint is safely on disk, the older mid-epoch ones are removed
+(:func:`remove_superseded`); ``--keep_last`` counts epoch checkpoints only. Auto-resume takes the
+newest by position (:func:`list_resume_points`); a ``checkpoint-<epoch>.pth`` written mid-epoch by
+an earlier version (whose position is inside the file only) is ordered by the position it holds.
+
 A checkpoint holds plain containers only (tensors, numbers, strings, lists, dicts): `args` is
 stored as a dict of plain values (:func:`mcbeit.config.fields.as_flags`), so
 `torch.load(path, weights_only=True)` reads it with no allow-list.
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 import tempfile
@@ -23,15 +32,41 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
+from mcbeit.files import file_mode
 from mcbeit.models.checkpoint import load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
+#: ``checkpoint-<epoch>`` or ``checkpoint-<epoch>-step<N>``, then ``.pth`` (files) or nothing (DeepSpeed folders)
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
+_POSITION_RE = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?$")
+
+#: the position of an epoch's end in :func:`position_key` order (after every step of it)
+END = math.inf
 
 
-def checkpoint_path(output_dir: str | os.PathLike, epoch: int | str) -> Path:
-    return Path(output_dir) / f"checkpoint-{epoch}.pth"
+def position_name(epoch: int, steps_done: int | None = None, steps_per_epoch: int | None = None) -> str:
+    """The name part of the checkpoint after ``steps_done`` updates of ``epoch``: ``'<epoch>'`` at the
+    epoch's end (``steps_done`` None or >= ``steps_per_epoch``), else ``'<epoch>-step<steps_done>'``."""
+    if steps_done is None or (steps_per_epoch is not None and steps_done >= steps_per_epoch):
+        return str(epoch)
+    return f"{epoch}-step{steps_done}"
+
+
+def position_key(name: str) -> tuple[int, float] | None:
+    """(epoch, updates done, END for an epoch's end) of a checkpoint file or folder name, or None when
+    ``name`` is not one (``checkpoint-best.pth``, ``log.txt``)."""
+    match = _CKPT_RE.match(name) or _POSITION_RE.match(name)
+    if not match:
+        return None
+    return int(match.group(1)), END if match.group(2) is None else int(match.group(2))
+
+
+def checkpoint_path(output_dir: str | os.PathLike, epoch: int | str, steps_done: int | None = None) -> Path:
+    """``checkpoint-<epoch>.pth``, or ``checkpoint-<epoch>-step<steps_done>.pth`` mid-epoch; ``epoch`` may
+    also be a whole name part ('best', '3-step20')."""
+    name = position_name(epoch, steps_done) if isinstance(epoch, int) else str(epoch)
+    return Path(output_dir) / f"checkpoint-{name}.pth"
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
@@ -44,6 +79,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp creates 0600: the file gets the user's umask, as open() would
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -88,26 +124,82 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(output_dir: str | os.PathLike, name: int | str, state: Any, keep_last: int = 0) -> Path:
-    """Write ``checkpoint-<name>.pth`` atomically into ``output_dir``; after a numbered one (an epoch)
-    is safely on disk, apply ``keep_last`` (:func:`prune_checkpoints`)."""
+    """Write ``checkpoint-<name>.pth`` atomically into ``output_dir`` (``name``: an epoch, a mid-epoch
+    position '<epoch>-step<N>', or e.g. 'best'). After a position is safely on disk, the mid-epoch
+    checkpoints it supersedes are removed (:func:`remove_superseded`), and after an epoch's
+    ``keep_last`` is applied (:func:`prune_checkpoints`)."""
     path = save_atomic(state, checkpoint_path(output_dir, name))
-    if isinstance(name, int):
-        prune_checkpoints(output_dir, keep_last, name)
+    key = position_key(path.name)
+    if key is not None:
+        remove_superseded(output_dir, key)
+        if key[1] == END:
+            prune_checkpoints(output_dir, keep_last, key[0])
     return path
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(epoch, path) of every `checkpoint-<epoch>.pth` in `output_dir`, oldest first."""
+    """(epoch, path) of every epoch checkpoint `checkpoint-<epoch>.pth` in `output_dir`, oldest first
+    (what ``--keep_last`` counts; mid-epoch ones are in :func:`list_resume_points`)."""
+    return [(epoch, path) for (epoch, step), path in _named_positions(output_dir) if step == END]
+
+
+def _named_positions(output_dir: str | os.PathLike) -> list[tuple[tuple[int, float], Path]]:
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT_RE.match(p.name))]
-    return sorted(found)
+    return sorted((key, p) for p in root.iterdir() if _CKPT_RE.match(p.name) and (key := position_key(p.name)))
+
+
+def stored_position(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(epoch, updates done) recorded inside a checkpoint file when it stopped mid-epoch, else None.
+    Memory-maps the file: the tensors are not read."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged or not a zip archive: verification (checkpoint_problem) says why
+        return None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("epoch"), int):
+        return None
+    done, spe = ckpt.get("step_in_epoch"), ckpt.get("steps_per_epoch")
+    if isinstance(done, int) and isinstance(spe, int) and done < spe:
+        return ckpt["epoch"], done
+    return None
+
+
+def _position_of(key: tuple[int, float], path: Path, mid_epochs: set[int]) -> tuple[int, float]:
+    """``key`` (from the name), except for a ``checkpoint-<epoch>.pth`` beside mid-epoch files of the
+    same epoch: an earlier version wrote mid-epoch positions under that name, so its recorded
+    position decides where it stands."""
+    if key[1] == END and key[0] in mid_epochs:
+        stored = stored_position(path)
+        if stored is not None and stored[0] == key[0]:
+            return stored[0], stored[1]
+    return key
+
+
+def list_resume_points(output_dir: str | os.PathLike) -> list[tuple[tuple[int, float], Path]]:
+    """((epoch, updates done or END), path) of every epoch and mid-epoch checkpoint file in
+    ``output_dir``, oldest position first."""
+    named = _named_positions(output_dir)
+    mid_epochs = {epoch for (epoch, step), _ in named if step != END}
+    return sorted((_position_of(key, path, mid_epochs), path) for key, path in named)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(output_dir)
+    """The checkpoint of the newest position (verified or not)."""
+    found = list_resume_points(output_dir)
     return found[-1][1] if found else None
+
+
+def remove_superseded(output_dir: str | os.PathLike, written: tuple[int, float]) -> list[Path]:
+    """After the checkpoint of position ``written`` is safely on disk, remove the mid-epoch checkpoints
+    before it (transient resume points; a newer one is now whole). Epoch checkpoints stay (``--keep_last``
+    decides), and so do positions after ``written`` (left by a run that resumed from an earlier one)."""
+    old = [path for key, path in list_resume_points(output_dir) if key < written and key[1] != END]
+    for path in old:
+        path.unlink(missing_ok=True)
+    if old:
+        log.info("removed the mid-epoch checkpoints %s (superseded by a newer one)", ", ".join(p.name for p in old))
+    return old
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
@@ -134,9 +226,9 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
 
 
 def latest_good_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest `checkpoint-<epoch>.pth` that is whole; each newer damaged one is named in a warning
-    (and left in place: nothing written is deleted on suspicion)."""
-    for _, path in reversed(list_checkpoints(output_dir)):
+    """The checkpoint of the newest position (epoch or mid-epoch) that is whole; each newer damaged one
+    is named in a warning (and left in place: nothing written is deleted on suspicion)."""
+    for _, path in reversed(list_resume_points(output_dir)):
         problem = checkpoint_problem(path)
         if problem is None:
             return path

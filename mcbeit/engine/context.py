@@ -30,6 +30,7 @@ class RunContext:
     lr_schedule: np.ndarray = field(default_factory=lambda: np.zeros(0))
     wd_schedule: np.ndarray = field(default_factory=lambda: np.zeros(0))
     n_parameters: int = 0
+    output_lock: Any = None  # mcbeit.engine.output_dir.OutputLock on rank 0 of a training run
 
     @property
     def device(self) -> torch.device:
@@ -54,5 +55,9 @@ class RunContext:
 
     def close(self) -> None:
         """Drop the strategy (DDP / DeepSpeed wrappers) now, not whenever a garbage collection finds the
-        task <-> context cycle: DDP's reducer must go before the process group does."""
+        task <-> context cycle: DDP's reducer must go before the process group does. Releases the output
+        folder's lock."""
         self.strategy = None
+        if self.output_lock is not None:
+            self.output_lock.release()
+            self.output_lock = None

@@ -234,18 +234,20 @@ class DeepSpeedTrainer:
 
     def save(self, output_dir: str | os.PathLike, epoch: int | str,
              client_state: Mapping[str, Any] | None = None, *, keep_last: int = 0) -> Path:
-        """Write ``<output_dir>/checkpoint-<epoch>/`` (every rank must call this).
+        """Write ``<output_dir>/checkpoint-<epoch>/`` (every rank must call this); ``epoch`` may be a
+        mid-epoch position ``'<epoch>-step<N>'`` or e.g. ``'best'``.
 
         Every rank writes its files into a staging folder; once all have (DeepSpeed's save ends with
         a barrier), rank 0 adds :data:`MARKER` listing every file and its size, and swaps the staging
         folder in for ``checkpoint-<epoch>/``. A crash or a full disk mid-save leaves the previous
-        folder of that name whole (a mid-epoch save rewrites its epoch's folder).
+        folder of that name whole.
 
-        ``latest`` names the newest numbered checkpoint (a resume point): saving ``epoch='best'``
-        leaves it alone. ``keep_last`` > 0 then removes all but the newest ``keep_last`` numbered
-        folders up to this epoch. ``client_state`` (plain containers and tensors: it is read back
-        with ``weights_only=True``; e.g. ``args`` through ``mcbeit.config.fields.as_flags``, the EMA's state dict) comes
-        back from :meth:`load`; ``epoch`` is added to it unless given.
+        ``latest`` names the newest position (a resume point): saving ``epoch='best'`` leaves it
+        alone. The mid-epoch folders before this position are then removed; after an epoch's end,
+        ``keep_last`` > 0 removes all but the newest ``keep_last`` epoch folders up to this epoch.
+        ``client_state`` (plain containers and tensors: it is read back with ``weights_only=True``;
+        e.g. ``args`` through ``mcbeit.config.fields.as_flags``, the EMA's state dict) comes back from
+        :meth:`load`; ``epoch`` is added to it unless given.
         """
         output_dir = Path(output_dir)
         tag = f"checkpoint-{epoch}"

@@ -1,8 +1,10 @@
 """DeepSpeed checkpoint folders on disk: how a save is made whole, how a resume finds one, and how
 they are read without unpickling code.
 
-A checkpoint is DeepSpeed's folder ``<output_dir>/checkpoint-<epoch>/`` plus a ``latest`` file that
-names the newest numbered one. Every rank writes its files into a hidden staging folder
+A checkpoint is DeepSpeed's folder ``<output_dir>/checkpoint-<epoch>/`` (an epoch's end) or
+``checkpoint-<epoch>-step<N>/`` (mid-epoch, N updates done; removed once a newer checkpoint is
+whole, as the files of :mod:`mcbeit.engine.checkpoint`) plus a ``latest`` file that names the
+newest position. Every rank writes its files into a hidden staging folder
 (``.saving-checkpoint-<epoch>``); once all have, rank 0 adds :data:`MARKER` (epoch, processes, ZeRO
 stage, every file's size) and renames the folder into place (:func:`publish`), so a crash or a full
 disk never leaves a half-written folder under a checkpoint's name. Auto-resume checks the newest
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mcbeit.engine.checkpoint import checkpoint_problem, write_atomic
+from mcbeit.engine.checkpoint import END, checkpoint_problem, position_key, write_atomic
 from mcbeit.errors import InputError
 from mcbeit.models.checkpoint import UnsafeCheckpointError
 
@@ -36,6 +38,7 @@ __all__ = [
     "deepspeed_checkpoint_problem",
     "find_resumable",
     "list_deepspeed_checkpoints",
+    "list_deepspeed_positions",
     "prune_deepspeed_checkpoints",
     "publish",
     "read_marker",
@@ -48,8 +51,8 @@ __all__ = [
 #: written by rank 0 into a checkpoint folder once every rank has saved its part
 MARKER = "mcbeit_checkpoint.json"
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-_TAG_RE = re.compile(r"^checkpoint-(\d+)$")
 _STAGING, _REPLACED = ".saving-", ".replaced-"  # prefixes of the folders a save works in (hidden)
+STAGING_PREFIX, REPLACED_PREFIX = _STAGING, _REPLACED
 
 
 class DeepSpeedCheckpointError(InputError):
@@ -68,12 +71,12 @@ def _safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def read_weights_only(path: str, map_location: Any = None) -> Any:
+def read_weights_only(path: str, map_location: Any = None, mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` allowing DeepSpeed's own classes; a file that needs
     anything else is refused with :class:`~mcbeit.models.checkpoint.UnsafeCheckpointError`."""
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         refused = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
         why = f"it needs {', '.join(refused)}" if refused else str(e).splitlines()[0]
@@ -104,10 +107,12 @@ def publish(staging: Path, folder: Path, info: dict[str, Any], keep_last: int) -
     info = {**info, "files": _file_sizes(staging)}
     _write_text(staging / MARKER, json.dumps(info, indent=1) + "\n")
     _swap_in(staging, folder)
-    epoch = folder.name.removeprefix("checkpoint-")
-    if epoch.isdigit():
+    key = position_key(folder.name)
+    if key is not None:  # a resume point (not 'best')
         _write_text(folder.parent / "latest", folder.name)
-        prune_deepspeed_checkpoints(folder.parent, keep_last, int(epoch))
+        remove_superseded_folders(folder.parent, key)
+        if key[1] == END:
+            prune_deepspeed_checkpoints(folder.parent, keep_last, key[0])
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -188,12 +193,12 @@ def checkpoint_folder(path: Path) -> Path:
                                    f"(holding {MODEL_STATES[0]}) or an output folder whose 'latest' file names one")
 
 
-def list_deepspeed_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(epoch, folder) of every complete ``checkpoint-<epoch>/`` in ``output_dir``, oldest first.
+def _named_folders(output_dir: str | os.PathLike) -> list[tuple[tuple[int, float], Path]]:
+    """(position from the name, folder) of every complete checkpoint folder, epoch or mid-epoch.
 
     Complete: holds :data:`MARKER` (written after every rank saved). A folder from other DeepSpeed
     code (no marker) counts only when ``latest`` names it and it holds the model states. A folder
-    moved aside by a save that a crash stopped before its second rename counts under its epoch
+    moved aside by a save that a crash stopped before its second rename counts under its name
     when no folder of that name exists.
     """
     root = Path(output_dir)
@@ -203,18 +208,52 @@ def list_deepspeed_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int,
     found = {}
     for folder in root.iterdir():
         name = folder.name.removeprefix(_REPLACED)
-        match = _TAG_RE.match(name)
-        if not match or not folder.is_dir() or (name != folder.name and (root / name).exists()):
+        key = position_key(name) if not name.endswith(".pth") else None
+        if key is None or not folder.is_dir() or (name != folder.name and (root / name).exists()):
             continue
         if (folder / MARKER).is_file() or (folder.name == latest and _has_model_states(folder)):
-            found[int(match.group(1))] = folder
+            found[key] = folder
     return sorted(found.items())
 
 
+def list_deepspeed_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(epoch, folder) of every complete epoch checkpoint ``checkpoint-<epoch>/`` in ``output_dir``,
+    oldest first (what ``--keep_last`` counts; see :func:`_named_folders` for 'complete')."""
+    return [(epoch, folder) for (epoch, step), folder in _named_folders(output_dir) if step == END]
+
+
+def _stored_position(folder: Path) -> tuple[int, int] | None:
+    """(epoch, updates done) recorded in a folder's client state when it stopped mid-epoch, else None
+    (memory-mapped: the tensors are not read)."""
+    states = next((folder / n for n in MODEL_STATES if (folder / n).is_file()), None)
+    try:
+        state = read_weights_only(str(states), map_location="cpu", mmap=True) if states else None
+    except Exception:  # damaged or unreadable: deepspeed_checkpoint_problem says why when it is resumed
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        return None
+    done, spe = state.get("step_in_epoch"), state.get("steps_per_epoch")
+    return (state["epoch"], done) if isinstance(done, int) and isinstance(spe, int) and done < spe else None
+
+
+def list_deepspeed_positions(output_dir: str | os.PathLike) -> list[tuple[tuple[int, float], Path]]:
+    """((epoch, updates done or END), folder) of every complete checkpoint folder, oldest position
+    first. A ``checkpoint-<epoch>/`` beside mid-epoch folders of its epoch is ordered by the position
+    it holds (earlier versions wrote mid-epoch positions under the epoch's name)."""
+    named = _named_folders(output_dir)
+    mid_epochs = {epoch for (epoch, step), _ in named if step != END}
+    placed = []
+    for key, folder in named:
+        if key[1] == END and key[0] in mid_epochs and (stored := _stored_position(folder)) and stored[0] == key[0]:
+            key = stored
+        placed.append((key, folder))
+    return sorted(placed)
+
+
 def find_resumable(output_dir: str | os.PathLike) -> Path | None:
-    """The newest whole DeepSpeed checkpoint folder in ``output_dir``, or None. A newer damaged one
-    (:func:`deepspeed_checkpoint_problem`) is named in a warning, left in place, and skipped."""
-    found = list_deepspeed_checkpoints(output_dir)
+    """The newest whole DeepSpeed checkpoint folder in ``output_dir`` (by position), or None. A newer
+    damaged one (:func:`deepspeed_checkpoint_problem`) is named in a warning, left in place, and skipped."""
+    found = list_deepspeed_positions(output_dir)
     for _, folder in reversed(found):
         problem = deepspeed_checkpoint_problem(folder)
         if problem is None:
@@ -224,6 +263,17 @@ def find_resumable(output_dir: str | os.PathLike) -> Path | None:
         raise DeepSpeedCheckpointError(f"auto-resume: every DeepSpeed checkpoint in {output_dir} is damaged (see the "
                                        "warnings); move them aside to start afresh, or pass --resume FOLDER")
     return None
+
+
+def remove_superseded_folders(output_dir: str | os.PathLike, written: tuple[int, float]) -> list[Path]:
+    """After the folder of position ``written`` is complete, remove the mid-epoch folders before it
+    (as :func:`mcbeit.engine.checkpoint.remove_superseded` for files)."""
+    old = [folder for key, folder in list_deepspeed_positions(output_dir) if key < written and key[1] != END]
+    for folder in old:
+        shutil.rmtree(folder)
+    if old:
+        log.info("removed the mid-epoch checkpoints %s (superseded by a newer one)", ", ".join(p.name for p in old))
+    return old
 
 
 def prune_deepspeed_checkpoints(output_dir: str | os.PathLike, keep_last: int, written_epoch: int) -> list[Path]:

@@ -46,7 +46,7 @@ def resume_path(resume: str, auto_resume: bool, output_dir: str) -> str | None:
     path = resume
     if not path and auto_resume and output_dir:
         latest = ckpt_io.latest_good_checkpoint(output_dir)
-        if latest is None and ckpt_io.list_checkpoints(output_dir):
+        if latest is None and ckpt_io.list_resume_points(output_dir):
             raise InputError(f"auto-resume: every checkpoint in {output_dir} is damaged (see the warnings); "
                              "move them aside to start afresh, or pass --resume FILE")
         path = str(latest) if latest else ""

@@ -32,6 +32,7 @@ from mcbeit.engine.context import RunContext
 from mcbeit.engine.control import RunControl
 from mcbeit.engine.distributed import DistInfo, init_distributed, resolve_device
 from mcbeit.engine.logging import RunWriter, setup_logging
+from mcbeit.engine.output_dir import prepare_output_dir
 from mcbeit.engine.loop import train_one_epoch
 from mcbeit.engine.precision import resolve_precision
 from mcbeit.engine import checkpoint as ckpt_io
@@ -58,16 +59,29 @@ class Trainer:
         self.config, self.task = config, task
 
     # -- the run ----------------------------------------------------------------------------------------
-    def start(self) -> RunContext:
-        """Join the process group, set up logging and the output folder, check the inputs, build the model."""
+    def start(self, writes: bool = False) -> RunContext:
+        """Join the process group, set up logging and the output folder, check the inputs, build the model.
+
+        ``writes`` (training): the output and TensorBoard folders are checked writable and the output
+        folder's lock is taken (held by the returned context until :meth:`RunContext.close`), then what
+        interrupted saves left is removed (:mod:`mcbeit.engine.output_dir`), before anything is built;
+        a run that only reads (``--eval``) takes no lock."""
         cfg, task = self.config, self.task
         info = init_distributed(cfg.device, cfg.dist_on_itp, cfg.local_rank, cfg.dist_url, cfg.dist_timeout)
         setup_logging(info.rank, cfg.debug)
         check_output_dir(cfg.output_dir)
-        task.check_inputs()
-        if cfg.output_dir and info.is_main:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        return self.build(info, announce=True)
+        lock = prepare_output_dir(cfg.output_dir, _tensorboard_dir(cfg), info) if writes else None
+        try:
+            task.check_inputs()
+            if cfg.output_dir and info.is_main:
+                Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            run = self.build(info, announce=True)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        run.output_lock = lock
+        return run
 
     def build(self, info: DistInfo, announce: bool = False) -> RunContext:
         """The run's context and the task's model, seeded: the same initial weights on every rank."""
@@ -116,14 +130,14 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train as the configuration says; return the last epoch's log record."""
-        run = self.start()
+        run = self.start(writes=True)
         cfg, task, info = self.config, self.task, run.info
-        data = task.build_data(run)
-        self.prepare(run, data.steps_per_epoch)
-        start_epoch, first, resumed_from, owed = self._restore(run)
-        run.writer = RunWriter(cfg.output_dir, cfg.log_dir, enabled=info.is_main and bool(cfg.output_dir))
-        self._log_plan(run, start_epoch, resumed_from)
-        try:
+        try:  # run.close() also releases the output folder's lock, whatever stops the run
+            data = task.build_data(run)
+            self.prepare(run, data.steps_per_epoch)
+            start_epoch, first, resumed_from, owed = self._restore(run)
+            run.writer = RunWriter(cfg.output_dir, cfg.log_dir, enabled=info.is_main and bool(cfg.output_dir))
+            self._log_plan(run, start_epoch, resumed_from)
             return self._epochs(run, data, start_epoch, first, resumed_from, owed)
         finally:
             run.close()
@@ -233,7 +247,9 @@ class Trainer:
         entries = position_state(run.info, epoch, steps_done, run.steps_per_epoch)
         if self.task.evaluates:
             entries["evaluated"] = evaluated
-        return run.save(epoch, {**entries, **self.task.state()})
+        # checkpoint-<epoch>.pth at the epoch's end, checkpoint-<epoch>-step<N>.pth inside it
+        name = epoch if steps_done >= run.steps_per_epoch else ckpt_io.position_name(epoch, steps_done)
+        return run.save(name, {**entries, **self.task.state()})
 
     def _log_plan(self, run: RunContext, start_epoch: int, resumed_from: str | None) -> None:
         cfg, info = self.config, run.info
@@ -246,6 +262,11 @@ class Trainer:
                         "--accept_changed_flags epochs (the schedules then span N epochs); to train again from the "
                         "start: --start_over (the earlier run's files are moved into a replaced-<time>/ subfolder) "
                         "or another --output_dir", resumed_from, start_epoch - 1, cfg.epochs)
+
+
+def _tensorboard_dir(cfg: Any) -> str | None:
+    tensorboard_dir = getattr(cfg, "tensorboard_dir", None)
+    return tensorboard_dir if tensorboard_dir is not None else cfg.log_dir
 
 
 def check_output_dir(output_dir: str) -> None:

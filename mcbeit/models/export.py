@@ -36,6 +36,7 @@ from timm.layers import Mlp
 from timm.models.beit import Beit
 
 from mcbeit.errors import InputError
+from mcbeit.files import apply_umask
 from mcbeit.models.beit_weights import PRETRAINING_ONLY, convert_state_dict
 from mcbeit.models.checkpoint import LoadReport, StateDictMismatchError, extract_state_dict, load_checkpoint_file
 from mcbeit.models.classifier import classifier_names
@@ -190,6 +191,7 @@ def save_timm(exp: Exportable, out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in exp.model.state_dict().items()}
     save_file(tensors, str(out / 'model.safetensors'), metadata={'format': 'pt'})
+    apply_umask(out / 'model.safetensors')  # save_file leaves 0600
     (out / 'config.json').write_text(json.dumps(timm_config(exp), indent=2) + '\n')
     return out
 
@@ -354,4 +356,5 @@ def save_hf(model: Beit, out_dir: str | os.PathLike) -> Path:
         raise ExportError(f'transformers {transformers.__version__} did not take every converted weight: '
                           f'{problems} {info.get("error_msgs") or ""}')
     hf_model.save_pretrained(out)
+    apply_umask(*out.glob('model*.safetensors'))  # transformers writes them through safetensors' save_file (0600)
     return out

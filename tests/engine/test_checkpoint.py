@@ -1,5 +1,6 @@
 import argparse
 import errno
+import os
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,7 @@ import torch
 
 from mcbeit.config.fields import as_flags
 from mcbeit.engine import checkpoint as ck
+from tests.tasks.conftest import REPO
 
 
 def test_save_atomic_round_trip_with_weights_only(tmp_path):
@@ -165,3 +167,144 @@ def test_a_legacy_format_checkpoint_resumes(tmp_path):
     assert resume_path(**vars(Namespace(resume=str(path), auto_resume=False, output_dir=""))) == str(path)
     assert resume_path(**vars(Namespace(resume="", auto_resume=True, output_dir=str(tmp_path)))) == str(path)
     assert torch.equal(ck.load_training_checkpoint(path)["model"]["w"], _state(4)["model"]["w"])
+
+
+# -- positions in names (issue 14, case 10), superseded mid-epoch files, the user's umask --------------------
+
+def _position(epoch: int, done: int, steps_per_epoch: int = 8) -> dict:
+    """A checkpoint's position record (the entries :func:`mcbeit.engine.resume.position_state` writes)."""
+    return {"model": {"w": torch.full((2,), float(epoch * 100 + done))}, "epoch": epoch, "step_in_epoch": done,
+            "steps_per_epoch": steps_per_epoch, "global_step": epoch * steps_per_epoch + done}
+
+
+def _names(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_mid_epoch_checkpoints_say_their_position_and_go_once_a_newer_one_is_on_disk(tmp_path):
+    assert ck.checkpoint_path(tmp_path, 0, 3).name == "checkpoint-0-step3.pth"
+    assert ck.checkpoint_path(tmp_path, 0).name == "checkpoint-0.pth"
+    assert ck.position_key("checkpoint-0-step3.pth") == (0, 3) and ck.position_key("checkpoint-2") == (2, ck.END)
+    assert ck.position_key("checkpoint-best.pth") is None
+
+    ck.save_checkpoint(tmp_path, "0-step3", _position(0, 3))
+    ck.save_checkpoint(tmp_path, "0-step6", _position(0, 6))       # supersedes step 3
+    assert _names(tmp_path) == ["checkpoint-0-step6.pth"]
+    ck.save_checkpoint(tmp_path, 0, _position(0, 8))               # the epoch's end supersedes every mid-epoch one
+    ck.save_checkpoint(tmp_path, "1-step4", _position(1, 4))
+    ck.save_checkpoint(tmp_path, "best", {"model": {}})            # not a position: nothing goes
+    assert _names(tmp_path) == ["checkpoint-0.pth", "checkpoint-1-step4.pth", "checkpoint-best.pth"]
+    assert ck.latest_checkpoint(tmp_path).name == ck.latest_good_checkpoint(tmp_path).name == "checkpoint-1-step4.pth"
+    assert [key for key, _ in ck.list_resume_points(tmp_path)] == [(0, ck.END), (1, 4)]
+    assert [e for e, _ in ck.list_checkpoints(tmp_path)] == [0]     # what --keep_last counts
+
+    # --keep_last counts epoch checkpoints; a later position left by an earlier resume stays
+    ck.save_checkpoint(tmp_path, "3-step1", _position(3, 1))
+    for epoch in (1, 2):
+        ck.save_checkpoint(tmp_path, epoch, _position(epoch, 8), keep_last=1)
+    assert _names(tmp_path) == ["checkpoint-2.pth", "checkpoint-3-step1.pth", "checkpoint-best.pth"]
+
+
+def test_the_newest_position_is_resumed_and_a_damaged_one_falls_back_to_the_previous(tmp_path, caplog):
+    from mcbeit.engine.resume import resume_path
+
+    ck.save_checkpoint(tmp_path, 4, _position(4, 8))
+    ck.save_atomic(_position(5, 2), ck.checkpoint_path(tmp_path, 5, 2))
+    ck.save_atomic(_position(5, 10), ck.checkpoint_path(tmp_path, 5, 10))  # step 10 after step 2, not before
+    assert resume_path("", True, str(tmp_path)) == str(tmp_path / "checkpoint-5-step10.pth")
+    ck.checkpoint_path(tmp_path, 5, 10).write_bytes(b"\0" * 10)
+    with caplog.at_level("WARNING"):
+        assert resume_path("", True, str(tmp_path)) == str(tmp_path / "checkpoint-5-step2.pth")
+    assert "skipping" in caplog.text and "checkpoint-5-step10.pth" in caplog.text
+
+
+def test_an_epoch_named_checkpoint_of_an_earlier_version_holding_a_mid_epoch_position_is_ordered_by_it(tmp_path):
+    # Earlier versions wrote mid-epoch positions as checkpoint-<epoch>.pth (issue 14: a step-21 state).
+    ck.save_atomic(_position(0, 5), ck.checkpoint_path(tmp_path, 0))
+    ck.save_atomic(_position(0, 3), ck.checkpoint_path(tmp_path, 0, 3))
+    assert ck.latest_checkpoint(tmp_path).name == "checkpoint-0.pth"          # step 5 is after step 3
+    ck.save_checkpoint(tmp_path, "0-step6", _position(0, 6))                  # a resumed run goes on ...
+    assert _names(tmp_path) == ["checkpoint-0-step6.pth"]                     # ... and supersedes both
+    ck.save_atomic(_position(0, 8), ck.checkpoint_path(tmp_path, 0))          # a whole epoch under its name
+    assert ck.latest_checkpoint(tmp_path).name == "checkpoint-0.pth"
+
+
+def test_the_legacy_fixture_resumes_under_the_new_names(tmp_path):
+    """tests/fixtures/legacy_017d8f5 (written by 017d8f5, before positions were in names) is found and resumed."""
+    import shutil
+    from pathlib import Path
+
+    from mcbeit.engine.resume import resume_path
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_017d8f5"
+    shutil.copy(fixture / "checkpoint-1.pth", tmp_path / "checkpoint-1.pth")
+    assert resume_path("", True, str(tmp_path)) == str(tmp_path / "checkpoint-1.pth")
+    assert [key for key, _ in ck.list_resume_points(tmp_path)] == [(1, ck.END)]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644)])
+def test_checkpoints_and_exported_weights_get_the_users_umask(tmp_path, umask, mode):
+    """Issue 14: checkpoints and exported weights were 0600 whatever the umask (tempfile.mkstemp in
+    write_atomic; safetensors' save_file, also under transformers' save_pretrained)."""
+    code = textwrap.dedent(f"""
+        import os, sys
+        os.umask({umask:#o})
+        import torch
+        from mcbeit.cli.export import main
+        from mcbeit.engine.checkpoint import save_checkpoint
+        from tests.models.test_export import make_finetuned
+        out = sys.argv[1]
+        save_checkpoint(out + "/run", "0-step1", {{"model": {{"w": torch.ones(2)}}}})
+        save_checkpoint(out + "/run", 0, {{"model": {{"w": torch.ones(2)}}}})
+        path, _, _ = make_finetuned(out + "/ft.pth")
+        assert main([str(path), "--output", out + "/exported", "--hf", "--no_verify"]) == 0
+    """)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=300, cwd=REPO,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    written = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert {"run/checkpoint-0.pth", "exported/model.safetensors", "exported/hf/model.safetensors"} <= set(written)
+    assert written == dict.fromkeys(written, mode), written
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_real_run_names_its_mid_epoch_checkpoints_by_position(tmp_path):
+    """Issue 14, case 10: today a mid-epoch checkpoint is written as checkpoint-<epoch>.pth (a step-3
+    state under epoch 0's name). Every checkpoint file is hard-linked aside the moment it appears."""
+    import os
+    import threading
+    import time
+
+    from mcbeit.cli import pretrain
+    from tests.tasks.conftest import FAST, make_image_folder
+
+    images = make_image_folder(tmp_path / "images", n_per_class=8, size=64)   # 32 images: 4 steps of 8
+    out, seen = tmp_path / "out", tmp_path / "seen"
+    seen.mkdir()
+    running = threading.Event()
+    running.set()
+
+    def keep_each_checkpoint():
+        while running.is_set():
+            for path in out.glob("checkpoint-*.pth") if out.is_dir() else []:
+                if not (seen / path.name).exists():
+                    try:
+                        os.link(path, seen / path.name)
+                    except FileNotFoundError:  # superseded in between: the next one is kept
+                        pass
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=keep_each_checkpoint, daemon=True)
+    watcher.start()
+    argv = ["--data_path", str(images), "--output_dir", str(out), "--device", "cpu", *FAST, "--batch_size", "8",
+            "--warmup_epochs", "0", "--epochs", "2", "--save_ckpt_steps", "3", "--save_ckpt_freq", "5"]
+    try:
+        pretrain.run(pretrain.get_args_parser().parse_args(argv))
+    finally:
+        running.clear()
+        watcher.join()
+    # steps 3 and 6 (= epoch 1, step 2) inside epochs; epoch 1's end; epoch 0's end is not due (freq 5)
+    assert _names(seen) == ["checkpoint-0-step3.pth", "checkpoint-1-step2.pth", "checkpoint-1.pth"]
+    positions = {p.name: (c["epoch"], c["step_in_epoch"]) for p in seen.iterdir()
+                 if (c := torch.load(p, weights_only=True))}
+    assert positions == {"checkpoint-0-step3.pth": (0, 3), "checkpoint-1-step2.pth": (1, 2), "checkpoint-1.pth": (1, 4)}
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1.pth"]  # the mid-epoch ones were superseded

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from mcbeit.engine.checkpoint import latest_checkpoint
 from mcbeit.engine.control import EXIT_PREEMPTED
 from mcbeit.cli import pretrain
 from tests.engine.test_meter import read_scalars
@@ -45,15 +46,39 @@ def _assert_same_state(a, b):
             assert torch.equal(value, cb["optimizer"]["state"][index][name]), (index, name)
 
 
+def _keep_when_written(path, dest):
+    """Hard-link ``path`` (a checkpoint file, or every file of a DeepSpeed folder) to ``dest`` as soon as
+    it appears: mid-epoch checkpoints are removed once a newer one is written. Returns the watcher;
+    join it after the run."""
+    import os
+    import threading
+
+    def watch():
+        deadline = time.monotonic() + 300
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if path.is_dir():
+            shutil.copytree(path, dest, copy_function=os.link)
+        else:
+            os.link(path, dest)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
 def test_resuming_from_a_mid_epoch_checkpoint_continues_bit_for_bit(image_folder, tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    # Mid-epoch checkpoints every 5 steps: after step 5 of epoch 0, epoch 0's file holds that position.
+    # Mid-epoch checkpoints every 5 steps: after step 5 of epoch 0, checkpoint-0-step5.pth holds that
+    # position (until step 10's supersedes it: it is kept aside as it appears).
     extra = ["--epochs", "2", "--save_ckpt_steps", "5", "--save_ckpt_freq", "5"]
-    pretrain.run(_args(image_folder, whole, *extra))
-    mid = torch.load(whole / "checkpoint-0.pth", weights_only=True)
-    assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (0, 5, 5) and len(mid["rng"]) == 1
     resumed.mkdir()
-    shutil.copy(whole / "checkpoint-0.pth", resumed / "checkpoint-0.pth")
+    watcher = _keep_when_written(whole / "checkpoint-0-step5.pth", resumed / "checkpoint-0-step5.pth")
+    pretrain.run(_args(image_folder, whole, *extra))
+    watcher.join()
+    assert sorted(p.name for p in whole.glob("checkpoint-*")) == ["checkpoint-1.pth"]  # mid-epoch ones superseded
+    mid = torch.load(resumed / "checkpoint-0-step5.pth", weights_only=True)
+    assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (0, 5, 5) and len(mid["rng"]) == 1
     pretrain.run(_args(image_folder, resumed, *extra))                    # auto-resume: epoch 0, step 5
 
     a, b = _losses(whole), _losses(resumed)
@@ -108,8 +133,9 @@ def test_a_real_signal_saves_exits_75_and_the_rerun_ends_where_the_uninterrupted
     else:
         assert proc.returncode != 0 and f"exitcode  : {EXIT_PREEMPTED}" in err, err[-3000:]
     assert f"SIG{sig} received: finishing this step" in err and "continue with the same command" in err
-    newest = max(stopped.glob("checkpoint-*.pth"), key=lambda p: int(p.stem.split("-")[1]))
+    newest = latest_checkpoint(stopped)                     # checkpoint-1-step<N>.pth: the stop's position
     position = torch.load(newest, weights_only=True)
+    assert newest.name == f"checkpoint-1-step{position['step_in_epoch']}.pth"
     assert position["global_step"] < 24 and len(position["rng"]) == nproc
 
     again = subprocess.run(_cmd(image_folder, stopped, nproc), cwd=REPO, env=env, capture_output=True, text=True,
@@ -149,7 +175,7 @@ def test_tokenizer_training_stopped_by_a_real_signal_resumes_bit_for_bit(image_f
     watcher.start()
     assert tok_task.main(_tokenizer_argv(image_folder, stopped)) == EXIT_PREEMPTED
     watcher.join()
-    newest = max(stopped.glob("checkpoint-*.pth"), key=lambda p: int(p.stem.split("-")[1]))
+    newest = latest_checkpoint(stopped)
     assert torch.load(newest, weights_only=True)["global_step"] < 24
     assert tok_task.main(_tokenizer_argv(image_folder, stopped)) == 0
     _assert_same_state(whole / "checkpoint-2.pth", stopped / "checkpoint-2.pth")
@@ -180,14 +206,14 @@ def test_finetuning_resumed_mid_epoch_continues_bit_for_bit(tmp_path, deepspeed)
     make_image_folder(data / "val", n_per_class=2, size=64, seed=2)
     extra = ["--enable_deepspeed"] if deepspeed else []
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    finetune.run(_finetune_args(data, whole, *extra))
-    name = "checkpoint-0" if deepspeed else "checkpoint-0.pth"           # written after update 5 of epoch 0
+    name = "checkpoint-0-step5" if deepspeed else "checkpoint-0-step5.pth"  # written after update 5 of epoch 0
     resumed.mkdir()
+    watcher = _keep_when_written(whole / name, resumed / name)            # superseded at update 10
+    finetune.run(_finetune_args(data, whole, *extra))
+    watcher.join()
+    assert not (whole / name).exists()
     if deepspeed:
-        shutil.copytree(whole / name, resumed / name)
         (resumed / "latest").write_text(name)
-    else:
-        shutil.copy(whole / name, resumed / name)
     finetune.run(_finetune_args(data, resumed, *extra))
 
     a, b = _losses(whole), _losses(resumed)
