@@ -30,13 +30,13 @@ def _mean(values: list[torch.Tensor]) -> torch.Tensor:
     return values[0] if len(values) == 1 else torch.stack(values).mean()
 
 
-def _meter(run: RunContext, epoch: int, first: int, last_checkpoint: str | None) -> StepMeter:
+def _meter(run: RunContext, epoch: int, first: int, last_checkpoint: str | None, shared_counts: bool) -> StepMeter:
     spec, cfg, spe = run.task.meter, run.config, run.steps_per_epoch
     return StepMeter(spec.metrics, spec.mean_over_ranks, spec.groups, spec.postfix, epoch=epoch,
                      first_step=epoch * spe + first, total_steps=spe - first, writer=run.writer,
                      show=run.info.is_main, last_good_checkpoint=last_checkpoint, stop_hint=spec.stop_hint,
                      max_bad_steps=cfg.max_bad_steps, scaler_active=run.precision.scaler is not None,
-                     max_bad_fraction=cfg.max_bad_fraction)
+                     max_bad_fraction=cfg.max_bad_fraction, shared_counts=shared_counts)
 
 
 def run_update(run: RunContext, batches: Iterable, mark: Mark | None = None) -> dict[str, Any] | None:
@@ -76,7 +76,9 @@ def train_one_epoch(run: RunContext, loader: Iterable, epoch: int, *, first: int
     task, strategy, spe = run.task, run.strategy, run.steps_per_epoch
     strategy.forward_model.train()
     task.start_epoch(epoch, first)
-    meter = _meter(run, epoch, first, last_checkpoint)
+    if run.writer is not None:  # the epoch's temperatures (mc-BEiT's warm-up, ...): one point at its first step
+        run.writer.scalars(epoch * spe + first, task.epoch_temperatures(epoch), "temperature")
+    meter = _meter(run, epoch, first, last_checkpoint, shared_counts=control is not None)
     wanted, micro_batches = set(task.meter.metrics), iter(loader)
     for update in range(first, spe):
         it = epoch * spe + update

@@ -130,6 +130,11 @@ class Task(ABC):
         """Called before an epoch's first update (``first``: updates already done in it, on a resume):
         per-epoch values such as a temperature."""
 
+    def epoch_temperatures(self, epoch: int) -> dict[str, float]:
+        """The temperatures (or logit scales) ``epoch`` trains with, by name, for TensorBoard's
+        ``temperature/`` group (the engine writes them at the epoch's first step); none by default."""
+        return {}
+
     @abstractmethod
     def train_step(self, batch: Any, mark: Mark | None = None) -> StepOutput:
         """Forward and loss of one micro-batch (the engine does backward and the update)."""

@@ -76,6 +76,10 @@ class PretrainMethod(ABC):
         """Per-epoch values for the epoch's log record."""
         return {}
 
+    def epoch_temperatures(self, epoch: int) -> dict[str, float]:
+        """The temperatures the objective uses in ``epoch``, by name (TensorBoard's ``temperature/``)."""
+        return {}
+
     def epoch_message(self, stats: Mapping[str, Any]) -> str:
         return (f"loss {stats['train_loss']:.4f}, mlm_acc {stats['train_mlm_acc']:.4f}, lr {stats['train_lr']:.2e}, "
                 f"{stats['train_skipped_images']} skipped images")

@@ -102,6 +102,14 @@ class TokenizerTargets(PretrainMethod):
     def epoch_values(self, epoch: int) -> dict[str, float]:
         return {"temp": float(self.temperatures[epoch])}
 
+    def epoch_temperatures(self, epoch: int) -> dict[str, float]:
+        """mc-BEiT: the tokenizer-softmax temperature (warmed per epoch) and the inter-patch similarity's;
+        hard targets (BEiT) use neither."""
+        if self.config.hard_targets:
+            return {}
+        return {"tokenizer_softmax": float(self.temperatures[epoch]),
+                "patch_similarity": float(getattr(self.objective, "sim_temp", 1.0))}
+
     def step(self, batch: Any, mark: Mark | None = None) -> StepOutput:
         run = self.run
         view_a, view_b, mask = (t.to(run.device, non_blocking=True) for t in batch[:3])

@@ -92,6 +92,9 @@ class PretrainTask(Task):
     def start_epoch(self, epoch: int, first: int = 0) -> None:
         self.method.start_epoch(epoch)
 
+    def epoch_temperatures(self, epoch: int) -> dict[str, float]:
+        return self.method.epoch_temperatures(epoch)
+
     def train_step(self, batch: Any, mark: Mark | None = None) -> StepOutput:
         return self.method.step(batch, mark)
 

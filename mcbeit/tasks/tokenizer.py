@@ -90,6 +90,11 @@ class TokenizerTrainingTask(Task):
         return build_optimizer(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, opt_betas=cfg.opt_betas)
 
     # -- training -----------------------------------------------------------------------------------------
+    def epoch_temperatures(self, epoch: int) -> dict[str, float]:
+        """The VQ head's logit scale: pre-training's logits are -logit_scale x squared distance (the
+        inverse of a softmax temperature; fixed, not trained)."""
+        return {"vq_logit_scale": float(self.config.logit_scale)}
+
     def start_epoch(self, epoch: int, first: int = 0) -> None:
         self.step = epoch * self.run.steps_per_epoch + first
         vocab, device = self.config.vocab_size, self.run.device

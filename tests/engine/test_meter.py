@@ -40,8 +40,10 @@ def test_means_totals_and_one_tensorboard_point_per_step(tmp_path):
             meter.flush()
     assert meter.steps == 4 and meter.totals["loss"] == 3.0                 # steps 0..2 flushed, step 3 pending
     stats = meter.epoch_stats()
+    seconds, speed = stats.pop("time_s"), stats.pop("images_per_s")
     assert stats == pytest.approx({"loss": 1.5, "acc": 0.5, "lr": 0.15, "steps": 4, "skipped_images": 2,
-                                   "skipped_steps": 0})
+                                   "skipped_steps": 0, "images": 32})
+    assert seconds > 0 and speed == pytest.approx(32 / seconds)
     writer.close()
     scalars = read_scalars(tmp_path / "tb")
     assert [step for step, _ in scalars["loss/loss"]] == [10, 11, 12, 13]      # global steps from first_step

@@ -87,7 +87,8 @@ def test_training_run_learns_uses_codes_and_resumes(trained):
     assert ckpt["optimizer"]["state"] and ckpt["tokenizer"]["kind"] == "customized"
     events = b"".join(p.read_bytes() for p in (out / "tensorboard").glob("events.out.tfevents.*"))
     for tag in (b"loss/rec_loss", b"codebook/perplexity", b"codebook/dead_codes_reinit",
-                b"reconstruction/epoch_end", b"reconstruction/input_vs_recon"):
+                b"reconstruction/epoch_end", b"reconstruction/input_vs_recon",
+                b"temperature/vq_logit_scale", b"data/skipped_images", b"memory/rss_peak_gib"):
         assert tag in events, tag
 
 
