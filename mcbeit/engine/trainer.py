@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -208,18 +209,25 @@ class Trainer:
         control = RunControl(info, (lambda e, done: self.save_position(run, e, done)) if saving else None,
                              save_every_steps=cfg.save_ckpt_steps, save_every_minutes=cfg.save_ckpt_minutes,
                              steps_per_epoch=spe)
+        # The first log.txt row of a resumed run says so: which checkpoint, and where in it the run went on.
+        resumed = ({"checkpoint": os.path.abspath(last_ckpt), "epoch": start_epoch, "step": first,
+                    "global_step": start_epoch * spe + first} if last_ckpt else None)
         try:
             with control:
                 if owed is not None:
                     log.info("epoch %d ended on a stop signal before its evaluation: evaluating it now", owed)
-                    stats, last_ckpt = self._end_epoch(run, owed, {}, saving, last_ckpt)
+                    stats, last_ckpt = self._end_epoch(run, owed, {}, saving, last_ckpt, time.perf_counter(), resumed)
+                    resumed = None
                 for epoch in range(start_epoch, cfg.epochs):
+                    epoch_started = time.perf_counter()
                     data.sampler.set_epoch(epoch, start=first * cfg.batch_size * task.update_freq)
                     train_stats = train_one_epoch(run, data.loader, epoch, first=first, control=control,
                                                   last_checkpoint=last_ckpt)
                     first = 0
                     last_ckpt = control.last_checkpoint or last_ckpt
-                    stats, last_ckpt = self._end_epoch(run, epoch, train_stats, saving, last_ckpt)
+                    stats, last_ckpt = self._end_epoch(run, epoch, train_stats, saving, last_ckpt, epoch_started,
+                                                       resumed)
+                    resumed = None
         finally:
             run.writer.close()
         if stats:
@@ -228,9 +236,16 @@ class Trainer:
         return stats
 
     def _end_epoch(self, run: RunContext, epoch: int, train_stats: dict[str, Any], saving: bool,
-                   last_ckpt: str | None) -> tuple[dict[str, Any], str | None]:
+                   last_ckpt: str | None, started: float, resumed: dict[str, Any] | None = None,
+                   ) -> tuple[dict[str, Any], str | None]:
         """The task's epoch end (evaluation, best checkpoint), the epoch checkpoint when due, the log record;
-        returns the record and the newest checkpoint written."""
+        returns the record and the newest checkpoint written.
+
+        The record also holds ``time`` (when it was written, local time with its UTC offset),
+        ``epoch_time_s`` (this process's wall time for the epoch since ``started``: training,
+        evaluation, checkpoint) and, in a resumed run's first record, ``resumed_from`` (``resumed``:
+        the checkpoint and the epoch / step the run went on from; the record's ``train_*`` figures
+        then cover the steps from there)."""
         cfg, task = self.config, self.task
         stats = task.end_epoch(epoch, train_stats)
         path = None
@@ -238,6 +253,10 @@ class Trainer:
             path = self.save_position(run, epoch, run.steps_per_epoch, evaluated=True)
             if path and run.info.is_main:
                 log.info("saved %s", path)
+        stats["time"] = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+        stats["epoch_time_s"] = round(time.perf_counter() - started, 3)
+        if resumed is not None:
+            stats["resumed_from"] = resumed
         run.writer.epoch(stats)
         log.info("epoch %d: %s", epoch, task.epoch_message(stats))
         return stats, path or last_ckpt
