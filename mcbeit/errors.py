@@ -13,6 +13,8 @@ Library code (everything below ``mcbeit/cli``) raises; it never calls ``sys.exit
 4     too many unreadable images in an epoch (their paths are in the warnings)
 5     another process hung past ``--dist_timeout`` or died
 75    stopped on a signal after writing a checkpoint: run the same command again to continue
+130   stopped at once by a second Ctrl-C (SIGINT while stopping): checkpoints already written are
+      whole, the steps since the newest one are lost
 ====  ======================================================================================
 
 This module imports nothing of the package, so every layer can raise these.
@@ -26,6 +28,7 @@ EXIT_DIVERGED = 3
 EXIT_BAD_DATA = 4
 EXIT_PEER_LOST = 5
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a scheduler's requeue rule can match it
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a process Ctrl-C ended
 
 
 class McbeitError(Exception):

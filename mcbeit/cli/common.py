@@ -49,9 +49,34 @@ def run_command(job: Callable[[], Any], dist_timeout: float = 30.0, on_exit: Cal
 
 def parse_and_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
                   run: Callable[[Any], Any]) -> int:
-    """``main``: parse ``argv`` (usage errors exit 2, wrong values 1 with the message), run, exit status."""
+    """``main``: parse ``argv`` (usage errors exit 2, wrong values 1 with the message), run, exit status.
+
+    A training run (a configuration with ``epochs``, not ``--eval``) catches the stop signals
+    (SIGTERM, SIGUSR1, SIGINT) from here on, so a stop while it is being set up ends it cleanly
+    (status 75) instead of with a traceback; short jobs (evaluation, ``inspect``) keep the default
+    handlers. Under ``mcbeit-torchrun`` the exit status is recorded for the launcher (:mod:`mcbeit.launch`)."""
     config = to_config(parser.parse_args(argv))
-    return run_command(lambda: run(config), dist_timeout=getattr(config, "dist_timeout", 30.0))
+    from mcbeit.engine.control import record_exit, record_start, stop_signals
+
+    trains = hasattr(config, "epochs") and not getattr(config, "eval", False)
+    record_start()
+    status: Any = 1
+    if trains:
+        stop_signals.install()
+    try:
+        status = run_command(lambda: run(config), dist_timeout=getattr(config, "dist_timeout", 30.0))
+    except KeyboardInterrupt:  # a second Ctrl-C while the run was closing (inside the run it is status 130 already)
+        from mcbeit.errors import EXIT_INTERRUPTED
+
+        status = EXIT_INTERRUPTED
+    except SystemExit as exc:  # wrong input: status 1 with its message
+        status = exc.code if isinstance(exc.code, int) else 1
+        raise
+    finally:
+        if trains:
+            stop_signals.uninstall()
+        record_exit(status)
+    return status
 
 
 def run_in_process(job: Callable[[Any], Any], args: argparse.Namespace, config_cls: type) -> Any:

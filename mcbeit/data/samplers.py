@@ -4,14 +4,40 @@ to load it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+import functools
+import signal
+from collections.abc import Callable, Iterator, Sized
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from mcbeit.errors import InputError
 
-__all__ = ["EpochTaggedSampler", "ShardSampler", "build_eval_loader", "build_train_loader"]
+__all__ = ["EpochTaggedSampler", "ShardSampler", "build_eval_loader", "build_train_loader", "loader_worker_init"]
+
+#: the signals a run stops on (mcbeit.engine.control.STOP_SIGNALS); data-loader workers ignore them
+_STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def _ignore_stop_signals(worker_id: int, then: Callable[[int], None] | None = None) -> None:
+    for name in _STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
+
+
+def loader_worker_init(then: Callable[[int], None] | None = None) -> Callable[[int], None]:
+    """A DataLoader ``worker_init_fn`` that makes the worker ignore SIGTERM / SIGUSR1 / SIGINT, then runs ``then``.
+
+    SLURM, ``kill -TERM -PGID``, torchrun's shutdown and a terminal's Ctrl-C signal the whole process
+    group, loader workers included; left to the default action they die first and the main process's
+    DataLoader raises ("worker ... killed by signal") before it can save. Ignoring them leaves the
+    decision to the main process, which finishes its step, saves and shuts the workers down as usual
+    (they also exit by themselves within seconds when the main process dies: DataLoader's watchdog).
+    Picklable (a module function, or a partial of one), for the spawn start method too."""
+    return _ignore_stop_signals if then is None else functools.partial(_ignore_stop_signals, then=then)
 
 
 class EpochTaggedSampler(Sampler[tuple[int, int]]):
@@ -69,7 +95,7 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, pin_memory: b
     generator = torch.Generator().manual_seed(int(seed) + 7919 * int(rank))
     loader = DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
                         drop_last=True, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                        generator=generator)
+                        generator=generator, worker_init_fn=loader_worker_init())
     return loader, sampler, steps
 
 
@@ -92,4 +118,4 @@ def build_eval_loader(dataset, batch_size: int, num_workers: int, pin_memory: bo
     """In-order loader of ``dataset`` (this rank's shard when ``world_size`` > 1), all samples kept."""
     workers = max(0, num_workers)
     return DataLoader(dataset, sampler=ShardSampler(len(dataset), world_size, rank), batch_size=batch_size,
-                      num_workers=workers, pin_memory=pin_memory, drop_last=False)
+                      num_workers=workers, pin_memory=pin_memory, drop_last=False, worker_init_fn=loader_worker_init())

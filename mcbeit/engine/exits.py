@@ -13,7 +13,8 @@ from typing import Any, Callable
 from mcbeit.engine.bad_data import TooManyBadImagesError
 from mcbeit.engine.control import Preempted
 from mcbeit.engine.meter import NonFiniteLossError
-from mcbeit.errors import EXIT_BAD_DATA, EXIT_DIVERGED, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, InputError
+from mcbeit.errors import (EXIT_BAD_DATA, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED,
+                           InputError)
 
 log = logging.getLogger("mcbeit")
 
@@ -68,6 +69,10 @@ def run_guarded(job: Callable[[], Any], *, dist_timeout: float = 30.0,
         job()
     except INPUT_ERRORS:  # a data folder without images, a checkpoint that does not fit: the caller says it
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C (mcbeit.engine.control.StopSignals): stop at once, no traceback
+        log.warning("stopped at once on a second Ctrl-C: checkpoints already written are whole (no temporary file "
+                    "is left); run the same command to continue from the newest")
+        return EXIT_INTERRUPTED
     except Exception as exc:
         status = exit_status(exc, dist_timeout)
         if status is None:

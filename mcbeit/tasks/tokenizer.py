@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from mcbeit.config.tokenizer import TokenizerInspectConfig, TokenizerTrainConfig
 from mcbeit.data.datasets import build_pretraining_dataset
 from mcbeit.data.folders import check_data_folder
-from mcbeit.data.samplers import build_train_loader
+from mcbeit.data.samplers import build_train_loader, loader_worker_init
 from mcbeit.data.transforms import OneViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.distributed import resolve_device
@@ -210,7 +210,8 @@ def inspect_tokenizer(cfg: TokenizerInspectConfig) -> dict[str, Any]:
     counts = torch.zeros(tokenizer.vocab_size, dtype=torch.float64)
     m = min(cfg.histogram_images, len(dataset))
     order = np.random.default_rng(cfg.seed).permutation(len(dataset))[:m]
-    for batch in DataLoader(Subset(dataset, order.tolist()), batch_size=cfg.batch_size, num_workers=cfg.num_workers):
+    for batch in DataLoader(Subset(dataset, order.tolist()), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                            worker_init_fn=loader_worker_init()):
         counts += torch.bincount(tokens_of(batch[0]).flatten().cpu(), minlength=tokenizer.vocab_size).double()
     usage = usage_figures(counts)
     title = (f"{name}: {usage['codes_used']}/{tokenizer.vocab_size} codes used ({100 * usage['code_usage']:.1f}%), "
