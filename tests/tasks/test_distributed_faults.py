@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -108,7 +109,9 @@ def test_two_torchrun_nodes_on_loopback_form_one_job_that_checkpoints_once_and_r
     both_nodes(2)                                            # auto-resume: epoch 1 only
     second = torch.load(out / "checkpoint-1.pth", weights_only=True)
     assert second["global_step"] == 8 and second["epoch"] == 1
-    assert [line.count('"epoch"') for line in (out / "log.txt").read_text().splitlines()] == [1, 1]
+    rows = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1]  # one row per epoch: only the main node's rank 0 writes
+    assert rows[1]["resumed_from"]["checkpoint"] == str((out / "checkpoint-0.pth").resolve())
 
 
 def test_srun_environment_forms_the_process_group(image_folder, tmp_path):
