@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -182,21 +181,12 @@ def format_table(results: dict) -> str:
 
 
 def write_json_atomically(path: str | os.PathLike, data: dict) -> Path:
-    from mcbeit.files import apply_umask
+    """``data`` as indented JSON through the checkpoints' atomic write (temporary file, fsync, rename,
+    the user's umask): the old file or the new one, never half of one."""
+    from mcbeit.engine.checkpoint import write_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        apply_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    return write_atomic(path, lambda f: f.write(text))
 
 
 def run(args: argparse.Namespace) -> dict:
