@@ -18,7 +18,7 @@ import torch
 from mcbeit.errors import EXIT_BAD_DATA
 from tests.engine.test_meter import read_scalars
 from tests.tasks.conftest import FAST, PYTHON, REPO, cli_env, make_image_folder
-from tests.tasks.test_resume import _free_port
+from tests.tasks.conftest import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +34,7 @@ def _data(tmp_path):
 
 def _command(data, out, nproc: int) -> list[str]:
     launcher = [PYTHON] if nproc == 1 else [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                                             "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+                                             "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     return [*launcher, "run_mcbeit_pretraining.py", "--data_path", str(data), "--output_dir", str(out),
             "--device", "cpu", *FAST, "--print_freq", "10", "--batch_size", str(8 // nproc), "--epochs", "2",
             "--warmup_epochs", "0"]

@@ -126,9 +126,9 @@ def _two_ranks(images: Path, out: Path, tmp_path: Path) -> list[subprocess.Compl
     """Two processes of one job, started as a launcher starts them (RANK, WORLD_SIZE, MASTER_ADDR, ...)
     but each on its own: each one's exit status and message are its own (torchrun would stop the
     other as soon as one fails)."""
-    from tests.tasks.test_resume import _free_port
+    from tests.tasks.conftest import free_port
 
-    port, procs = str(_free_port()), []
+    port, procs = str(free_port()), []
     for rank in (0, 1):
         env = cli_env(tmp_path)
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)

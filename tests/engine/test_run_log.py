@@ -23,7 +23,7 @@ import torch
 from mcbeit.errors import EXIT_PREEMPTED
 from tests.engine.test_meter import read_scalars
 from tests.tasks.conftest import FAST, PYTHON, REPO, cli_env, make_image_folder
-from tests.tasks.test_resume import _free_port
+from tests.tasks.conftest import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,7 +61,7 @@ def _stopped_and_resumed(tmp_path):
 
 def _tensorboard_tags(logdir, deadline_s: float = 90.0) -> dict[str, set[str]]:
     """{run: scalar tags} as the real ``tensorboard --logdir`` serves them, once it has loaded the events."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([shutil.which("tensorboard"), "--logdir", str(logdir), "--host", "127.0.0.1",
                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tags: dict[str, set[str]] = {}

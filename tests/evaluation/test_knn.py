@@ -3,7 +3,6 @@ reference, the linear probe, the features of a BEiT, and extraction on 1 and 2 g
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import timm
@@ -16,7 +15,7 @@ from mcbeit.data.datasets import build_classification_dataset
 from mcbeit.data.samplers import build_eval_loader
 from mcbeit.evaluation.knn import beit_features, extract, knn_accuracy, linear_probe_accuracy
 from tests.fixtures.micro import register_micro
-from tests.tasks.conftest import make_image_folder
+from tests.tasks.conftest import make_image_folder, free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,11 +174,6 @@ def _worker(rank, world, port, state_path, folders, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_extract_on_one_and_two_processes_gives_the_same_rows_and_knn(folders, tmp_path):
     model = _micro().train()
@@ -196,7 +190,7 @@ def test_extract_on_one_and_two_processes_gives_the_same_rows_and_knn(folders, t
 
     state = tmp_path / "model.pt"
     torch.save(model.state_dict(), state)
-    mp.spawn(_worker, args=(2, _free_port(), str(state), folders, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(state), folders, str(tmp_path)), nprocs=2, join=True)
     single_knn = knn_accuracy(train_f["patch_mean"], train_y, test_f["patch_mean"], test_y, 4, k=5)
     for rank in range(2):
         (train_f2, train_y2), (test_f2, test_y2) = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

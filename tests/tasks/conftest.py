@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,13 @@ def list_layout(tmp_path_factory) -> Path:
              for p in sorted((root / "train").rglob("*.jpg"))]
     (root / "train_map.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now, for a test's process group to meet on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:

@@ -18,8 +18,8 @@ import time
 import pytest
 import torch
 
-from tests.tasks.conftest import FAST, PYTHON, REPO, cli_env
-from tests.tasks.test_resume import _assert_same_state, _children, _free_port
+from tests.tasks.conftest import FAST, PYTHON, REPO, cli_env, free_port
+from tests.tasks.test_resume import _assert_same_state, _children
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,11 +38,11 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterru
     env = cli_env(tmp_path)
     whole, faulty = tmp_path / "whole", tmp_path / "faulty"
     launcher = ["--nproc_per_node=2", "--master_addr=127.0.0.1"]
-    done = subprocess.run(_torchrun(*launcher, f"--master_port={_free_port()}") + _train_flags(image_folder, whole, 3, 4),
+    done = subprocess.run(_torchrun(*launcher, f"--master_port={free_port()}") + _train_flags(image_folder, whole, 3, 4),
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    cmd = _torchrun(*launcher, f"--master_port={_free_port()}", "--max-restarts=1") + _train_flags(image_folder, faulty, 3, 4)
+    cmd = _torchrun(*launcher, f"--master_port={free_port()}", "--max-restarts=1") + _train_flags(image_folder, faulty, 3, 4)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (faulty / "checkpoint-0.pth").exists():
@@ -64,7 +64,7 @@ def test_a_hanging_rank_times_out_and_torchrun_restarts_the_group(image_folder, 
     rank gives up after --dist_timeout instead of waiting forever, says why, exits with status 5;
     torchrun replaces the group, which resumes from the last checkpoint and finishes."""
     out = tmp_path / "run"
-    cmd = (_torchrun("--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--max-restarts=1")
+    cmd = (_torchrun("--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--max-restarts=1")
            + _train_flags(image_folder, out, 3, 4) + ["--dist_timeout", "0.2"])   # 12 s
     proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -93,7 +93,7 @@ def test_two_torchrun_nodes_on_loopback_form_one_job_that_checkpoints_once_and_r
     out = tmp_path / "run"
 
     def both_nodes(epochs: int) -> None:
-        endpoint = f"127.0.0.1:{_free_port()}"
+        endpoint = f"127.0.0.1:{free_port()}"
         nodes = [subprocess.Popen(_torchrun("--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
                                             "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=mcbeit-test")
                                   + _train_flags(image_folder, out, epochs, 8) + ["--accept_changed_flags", "epochs"],
@@ -118,7 +118,7 @@ def test_srun_environment_forms_the_process_group(image_folder, tmp_path):
     """What srun gives each task (no SLURM here): SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, plus the
     MASTER_ADDR / MASTER_PORT an sbatch script exports (README)."""
     out = tmp_path / "run"
-    port = str(_free_port())
+    port = str(free_port())
     tasks = []
     for rank in (0, 1):
         env = {k: v for k, v in cli_env(tmp_path).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

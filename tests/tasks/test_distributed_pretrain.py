@@ -4,20 +4,13 @@ import json
 import pytest
 import torch
 
-from tests.tasks.conftest import FAST, PYTHON, SEED_README_COMMAND, make_image_folder, run_cli
+from tests.tasks.conftest import FAST, PYTHON, SEED_README_COMMAND, make_image_folder, run_cli, free_port
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nproc: int) -> list[str]:
     return [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}", "run_mcbeit_pretraining.py"]
+            f"--master_port={free_port()}", "run_mcbeit_pretraining.py"]
 
 
 def test_two_process_torchrun_writes_one_checkpoint_and_mean_loss(image_folder, tmp_path):
@@ -34,7 +27,7 @@ def test_two_process_torchrun_writes_one_checkpoint_and_mean_loss(image_folder, 
 def test_legacy_launch_passes_local_rank_flag(image_folder, tmp_path):
     out = tmp_path / "run"
     cmd = [PYTHON, "-m", "torch.distributed.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "run_mcbeit_pretraining.py", "--data_path", str(image_folder),
+           f"--master_port={free_port()}", "run_mcbeit_pretraining.py", "--data_path", str(image_folder),
            "--output_dir", str(out), "--device", "cpu", "--batch_size", "16", "--epochs", "1", *FAST]
     run_cli(cmd, tmp_path)
     assert (out / "checkpoint-0.pth").is_file()
@@ -98,7 +91,7 @@ def test_seed_readme_command_runs_with_small_data(image_folder, tmp_path):
     argv = shlex.split(command)
     assert argv[:4] == ["python", "-m", "torch.distributed.launch", "--nproc_per_node=16"]
     argv[0], argv[3] = PYTHON, "--nproc_per_node=2"
-    argv[4:4] = ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    argv[4:4] = ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     ci_sized = ["--model", "beit_tiny_patch16_224_8k_vocab", "--batch_size", "8", "--epochs", "2",
                 "--input_size", "64", "--second_input_size", "32", "--num_workers", "1", "--device", "cpu"]
     run_cli(argv + ci_sized, tmp_path)

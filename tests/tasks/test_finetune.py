@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 import mcbeit.models.classifier  # noqa: F401  (registers the tiny and small sizes)
 from mcbeit.engine.distributed import cleanup
 from mcbeit.cli import finetune
-from tests.tasks.conftest import PYTHON, make_image_folder, run_cli
+from tests.tasks.conftest import PYTHON, make_image_folder, run_cli, free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,11 +43,6 @@ CI_SIZED = ["--model", "beit_tiny_patch16_224", "--input_size", "64", "--batch_s
 FAST = ["--model", "beit_tiny_patch16_224", "--input_size", "64", "--batch_size", "8", "--num_workers", "0",
         "--device", "cpu", "--print_freq", "2", "--aa", "", "--reprob", "0", "--warmup_epochs", "0"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pretrained_checkpoint(path, input_size=64):
@@ -85,7 +79,7 @@ def _seed_argv(text, replacements, nproc):
     argv = argv[len(env):]
     assert argv[:3] == ["python", "-m", "torch.distributed.launch"] and argv[4] == "run_class_finetuning.py"
     argv[0], argv[3] = PYTHON, f"--nproc_per_node={nproc}"
-    argv[4:4] = ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    argv[4:4] = ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     return argv
 
 
@@ -164,7 +158,7 @@ def test_distributed_eval_counts_every_image_once(data, tmp_path):
         ["--data_path", str(data), "--output_dir", str(out), *FAST, "--eval"]))
     cleanup()
     proc = run_cli([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                    f"--master_port={_free_port()}", "run_class_finetuning.py", "--data_path", str(data),
+                    f"--master_port={free_port()}", "run_class_finetuning.py", "--data_path", str(data),
                     "--output_dir", str(out), *FAST, "--eval", "--dist_eval"], tmp_path)
     line = re.search(r"on the (\d+) test images: acc1 ([\d.]+)%, acc5 ([\d.]+)%", proc.stderr + proc.stdout)
     assert line and int(line[1]) == 15

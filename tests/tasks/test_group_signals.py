@@ -27,8 +27,8 @@ import torch
 
 from mcbeit.engine.checkpoint import checkpoint_problem
 from mcbeit.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
-from tests.tasks.conftest import FAST, PYTHON, REPO, cli_env
-from tests.tasks.test_resume import _assert_same_state, _children, _free_port, _losses
+from tests.tasks.conftest import FAST, PYTHON, REPO, cli_env, free_port
+from tests.tasks.test_resume import _assert_same_state, _children, _losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,7 +48,7 @@ def _one(image_folder, out, *extra: str) -> list[str]:
 
 def _launched(image_folder, out, *extra: str, launcher: tuple[str, ...] = ()) -> list[str]:
     return [PYTHON, "-m", "mcbeit.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}", *launcher, *_script(image_folder, out, 2, 1), *extra]
+            f"--master_port={free_port()}", *launcher, *_script(image_folder, out, 2, 1), *extra]
 
 
 class Run:

@@ -17,7 +17,7 @@ from mcbeit.engine.checkpoint import latest_checkpoint
 from mcbeit.engine.control import EXIT_PREEMPTED
 from mcbeit.cli import pretrain
 from tests.engine.test_meter import read_scalars
-from tests.tasks.conftest import FAST, PYTHON, REPO, cli_env
+from tests.tasks.conftest import FAST, PYTHON, REPO, cli_env, free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,18 +89,11 @@ def test_resuming_from_a_mid_epoch_checkpoint_continues_bit_for_bit(image_folder
 
 def _cmd(image_folder, out, nproc: int):
     launcher = [PYTHON] if nproc == 1 else [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                                             "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+                                             "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     batch = str(8 // nproc)  # the same 8 steps per epoch in 1 and in 2 processes
     return [*launcher, "run_mcbeit_pretraining.py", "--data_path", str(image_folder), "--output_dir", str(out),
             "--device", "cpu", *COMMON, "--batch_size", batch, "--epochs", "3", "--save_ckpt_freq", "1"]
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
