@@ -71,7 +71,7 @@ class Trainer:
         info = init_distributed(cfg.device, cfg.dist_on_itp, cfg.local_rank, cfg.dist_url, cfg.dist_timeout)
         setup_logging(info.rank, cfg.debug)
         check_output_dir(cfg.output_dir)
-        lock = prepare_output_dir(cfg.output_dir, _tensorboard_dir(cfg), info) if writes else None
+        lock = prepare_output_dir(cfg.output_dir, cfg.tensorboard_dir, info) if writes else None
         try:
             task.check_inputs()
             if cfg.output_dir and info.is_main:
@@ -281,11 +281,6 @@ class Trainer:
                         "--accept_changed_flags epochs (the schedules then span N epochs); to train again from the "
                         "start: --start_over (the earlier run's files are moved into a replaced-<time>/ subfolder) "
                         "or another --output_dir", resumed_from, start_epoch - 1, cfg.epochs)
-
-
-def _tensorboard_dir(cfg: Any) -> str | None:
-    tensorboard_dir = getattr(cfg, "tensorboard_dir", None)
-    return tensorboard_dir if tensorboard_dir is not None else cfg.log_dir
 
 
 def check_output_dir(output_dir: str) -> None:
