@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 from collections.abc import Callable, Iterator, Sized
 
 import torch
@@ -19,11 +20,29 @@ __all__ = ["EpochTaggedSampler", "ShardSampler", "build_eval_loader", "build_tra
 _STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 
+def _quiet_when_the_reader_left(exc_type, exc, tb, _default=sys.excepthook) -> None:
+    """``sys.excepthook`` of a loader worker: drop the connection error of a batch nobody collects.
+
+    A worker hands each batch's shared memory to the main process through multiprocessing's
+    ``resource_sharer`` thread, which reports any error through ``sys.excepthook``. When the main
+    process stops at once (a second Ctrl-C) while it is collecting a batch, that thread's socket is
+    reset and Python would print a 15-line traceback for a batch that is no longer wanted. Every
+    other exception is reported as before."""
+    frames, t = [], tb
+    while t is not None:
+        frames.append(t.tb_frame.f_code.co_filename)
+        t = t.tb_next
+    if issubclass(exc_type, ConnectionError) and any(f.endswith("resource_sharer.py") for f in frames):
+        return
+    _default(exc_type, exc, tb)
+
+
 def _ignore_stop_signals(worker_id: int, then: Callable[[int], None] | None = None) -> None:
     for name in _STOP_SIGNALS:
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
+    sys.excepthook = _quiet_when_the_reader_left
     if then is not None:
         then(worker_id)
 

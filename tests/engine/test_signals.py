@@ -96,6 +96,33 @@ def test_loader_worker_init_runs_the_init_function_it_wraps():
     assert int(next(iter(loader))[0, 0]) == 0
 
 
+_RESET_WHILE_SHARING = """
+import os, socket, sys, time
+from multiprocessing import resource_sharer
+if sys.argv[1] == "worker":
+    from mcbeit.data.samplers import loader_worker_init
+    loader_worker_init()(0)
+r, w = os.pipe()
+address = resource_sharer.DupFd(r)._id[0]        # what a worker does to hand a batch's memory over
+s = socket.socket(socket.AF_UNIX)
+s.connect(address)                               # the reader comes for it ...
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, bytes([1, 0, 0, 0, 0, 0, 0, 0]))
+s.close()                                        # ... and is gone at once (a second Ctrl-C)
+time.sleep(0.5)
+raise ConnectionResetError("any other error is still reported")
+"""
+
+
+def test_a_worker_whose_reader_stopped_at_once_prints_no_traceback_for_the_abandoned_batch():
+    """CI caught this once: a second Ctrl-C while a rank collected a batch printed multiprocessing's
+    resource_sharer traceback from the worker; the worker now drops that one error, and only it."""
+    plain, worker = (subprocess.run([sys.executable, "-c", _RESET_WHILE_SHARING, kind], capture_output=True,
+                                    text=True, timeout=60) for kind in ("plain", "worker"))
+    assert "resource_sharer.py" in plain.stderr                    # what Python prints by default
+    assert "resource_sharer.py" not in worker.stderr, worker.stderr
+    assert "any other error is still reported" in worker.stderr and worker.returncode == 1
+
+
 def test_every_data_loader_of_the_package_ignores_stop_signals():
     """Pre-training, fine-tuning / linear probing and tokenizer training build their loaders with
     build_train_loader / build_eval_loader; any DataLoader built elsewhere must pass the same init."""
