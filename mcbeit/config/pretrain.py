@@ -95,7 +95,42 @@ class ObjectiveConfig(Group):
 
 
 @dataclass(frozen=True)
-class PretrainConfig(ObjectiveConfig, MaskConfig, PretrainModelConfig, TokenizerChoice, PretrainDataConfig,
+class MonitorConfig(Group):
+    """The k-NN monitor (mcbeit.evaluation.monitor): how good the student's frozen features are, while it trains."""
+
+    TITLE: ClassVar[str] = "evaluation"
+    EMBEDDED: ClassVar[dict[str, Any]] = {"eval_freq": 1}
+
+    eval_data_path: str | None = flag(
+        None, "labelled val split for the k-NN monitor: class folders, or a root with val/ or val_map.txt; the train "
+              "split is --data_path's class folders", show_default="detected: <data_path>/val or val_map.txt, else a "
+              "sibling ../val; the monitor is off (said once) when there is no labelled split", experiment=False)
+    eval_freq: int = flag(10, "measure weighted k-NN on the frozen features every N epochs and after the last "
+                              "(0: never)", experiment=False)
+    eval_block: int | None = flag(None, "the intermediate block whose features are also measured, 0-based (as "
+                                        "mcbeit-knn --block; mcbeit-linprobe --probe_layer B+1)", type=int,
+                                  show_default="three quarters deep: 8 of 0..11", experiment=False)
+    eval_linear: bool = flag(False, "also fit a quick linear probe on the same features (seconds on a CPU for "
+                                    "thousands of images)", experiment=False)
+    nb_knn: tuple[int, ...] = flag((20,), "k of the k-NN (DINO's protocol); the first is the headline's", nargs="+",
+                                   type=int, experiment=False)
+    knn_temperature: float = flag(0.07, "k-NN vote weights exp(cosine / T)", experiment=False)
+    knn_images_per_class: int = flag(100, "train images per class the monitor's classifiers fit on, drawn once "
+                                          "(0: all; ImageNet at 100 is 100,000 images)", experiment=False)
+
+    def check_monitor(self) -> None:
+        if self.eval_freq < 0 or self.knn_images_per_class < 0:
+            raise ConfigError("--eval_freq and --knn_images_per_class must be at least 0")
+        if not self.nb_knn or min(self.nb_knn) < 1:
+            raise ConfigError(f"--nb_knn {' '.join(map(str, self.nb_knn))}: every k must be at least 1")
+        if self.knn_temperature <= 0:
+            raise ConfigError(f"--knn_temperature {self.knn_temperature}: must be positive")
+        if self.eval_block is not None and self.eval_block < 0:
+            raise ConfigError(f"--eval_block {self.eval_block}: blocks are numbered from 0")
+
+
+@dataclass(frozen=True)
+class PretrainConfig(MonitorConfig, ObjectiveConfig, MaskConfig, PretrainModelConfig, TokenizerChoice, PretrainDataConfig,
                      CompileConfig, OptimConfig, RunConfig):
     """mc-BEiT pre-training (`run_mcbeit_pretraining.py`, `mcbeit-pretrain`)."""
 
@@ -118,6 +153,7 @@ class PretrainConfig(ObjectiveConfig, MaskConfig, PretrainModelConfig, Tokenizer
     def check(self) -> None:
         self.check_run()
         self.check_optim()
+        self.check_monitor()
         at_least(self, 1, ("input_size", "second_input_size", "temp_warmup_epochs"))
         if not 0.0 <= self.color_jitter:
             raise ConfigError(f"--color_jitter must be at least 0, got {self.color_jitter}")

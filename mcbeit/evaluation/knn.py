@@ -111,8 +111,11 @@ def _extract_local(model: nn.Module, loader: Iterable, device: torch.device, blo
     """This process's features {key: (n, D)} and labels (n,), on the CPU, in loader order."""
     chunks: dict[str, list[Tensor]] = {k: [] for k in feature_keys(model, block)}
     labels = []
+    weights = next(_unwrap(model).parameters()).dtype   # a model kept in bf16 / fp16 (DeepSpeed) takes its dtype
     for batch in loader:
         images = batch[0].to(device, non_blocking=True)                  # (B, 3, H, W)
+        if amp_dtype is None and weights != images.dtype:
+            images = images.to(weights)
         with autocast_context(device, amp_dtype):
             feats = beit_features(model, images, block)                  # {key: (B, D)}
         for key, value in feats.items():

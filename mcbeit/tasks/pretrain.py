@@ -24,6 +24,7 @@ from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.resume import load_resumed_weights
 from mcbeit.engine.task import Mark, StepOutput, Task, TrainData
 from mcbeit.errors import ConfigError, InputError
+from mcbeit.evaluation.monitor import KnnMonitor, MonitorSettings, default_block
 from mcbeit.methods import build_method
 from mcbeit.models.beit import patch_size_of
 from mcbeit.models.checkpoint import filter_pretraining_state_dict
@@ -44,12 +45,23 @@ class PretrainTask(Task):
         self.method = build_method(method or config.METHOD, config)
         self.meter = self.method.meter
         self.window: tuple[int, int] | None = None
+        self.monitor: KnnMonitor | None = None
+
+    @property
+    def evaluates(self) -> bool:  # with the monitor, a run stopped before an epoch's measurement makes it up
+        return self.monitor is not None
 
     # -- checks and building ------------------------------------------------------------------------------
     def check_inputs(self) -> None:
         cfg = self.config
         if cfg.data_path:
             check_data_folder(cfg.data_path)
+        if cfg.eval_data_path and cfg.eval_freq > 0 and not cfg.data_path:
+            raise ConfigError("--eval_data_path needs --data_path (class folders: the k-NN monitor's train split); "
+                              "the embedded images bring their own val split")
+        if cfg.eval_data_path and cfg.eval_freq > 0:
+            check_data_folder(cfg.eval_data_path, "--eval_data_path", "class folders, or a root with val/ or "
+                                                                      "val_map.txt")
         check_model_name(cfg.model)
         self.window = check_geometry(cfg, patch_size_of(cfg.model), second_view=self.method.tokenizer_view)
         self.method.check_inputs()
@@ -60,6 +72,9 @@ class PretrainTask(Task):
                                      second_view=self.method.tokenizer_view)
         log.info("model %s: %.2fM parameters", self.config.model,
                  sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6)
+        depth, block = len(student.blocks), self.config.eval_block
+        if block is not None and block >= depth:
+            raise ConfigError(f"--eval_block {block}: --model {self.config.model} has blocks 0..{depth - 1}")
         return student
 
     def build_data(self, run) -> TrainData:
@@ -73,6 +88,7 @@ class PretrainTask(Task):
                                                     cfg.pin_mem and run.device.type == "cuda", cfg.seed,
                                                     run.info.world_size, run.info.rank)
         log.info("data: %d images, %s; %s", len(dataset), masks, transform)
+        self.monitor = build_monitor(cfg, len(self.model.blocks), mean, std)
         return TrainData(loader, sampler, steps)
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -102,11 +118,21 @@ class PretrainTask(Task):
         return self.method.after_update(stepped)
 
     def end_epoch(self, epoch: int, train_stats: dict[str, Any]) -> dict[str, Any]:
-        return {**super().end_epoch(epoch, train_stats), **self.method.epoch_values(epoch),
-                "n_parameters": self.run.n_parameters}
+        stats = {**super().end_epoch(epoch, train_stats), **self.method.epoch_values(epoch),
+                 "n_parameters": self.run.n_parameters}
+        if self.monitor is not None and self.monitor.due(epoch, self.config.epochs):
+            run = self.run
+            values = self.monitor.measure(self.model, run.device, run.precision.target_dtype, run.info.world_size,
+                                          run.info.rank)
+            stats.update(values)
+            if run.writer is not None:
+                run.writer.scalars((epoch + 1) * run.steps_per_epoch, values, "knn")
+        return stats
 
     def epoch_message(self, stats: Mapping[str, Any]) -> str:
-        return self.method.epoch_message(stats)
+        trained = self.method.epoch_message(stats) if "train_loss" in stats else "measured only (trained before)"
+        knn = KnnMonitor.message(stats)
+        return f"{trained}; {knn}" if knn else trained
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def load_weights(self, ckpt: Mapping[str, Any], path: str) -> bool:
@@ -123,6 +149,35 @@ class PretrainTask(Task):
 
     def flags(self) -> dict[str, Any]:
         return {**super().flags(), "window_size": list(self.window or ())}
+
+
+def build_monitor(cfg: PretrainConfig, depth: int, mean, std) -> KnnMonitor | None:
+    """The k-NN monitor of ``cfg`` on the labelled splits of --data_path / --eval_data_path, or None
+    (said once) when --eval_freq is 0 or there is no labelled split and --eval_data_path is not given."""
+    from mcbeit.data.classification_transforms import build_classification_transform
+    from mcbeit.data.labelled import NoLabelledSplit, labelled_splits, per_class_subset
+
+    if cfg.eval_freq <= 0:
+        return None
+    transform = build_classification_transform(False, cfg.input_size, mean=mean, std=std)
+    try:
+        train, val = labelled_splits(cfg.data_path, cfg.eval_data_path, transform)
+    except NoLabelledSplit as e:
+        if cfg.eval_data_path:
+            raise
+        log.info("k-NN monitor off: %s (pass --eval_data_path with --data_path of class folders to turn it on)", e)
+        return None
+    num_classes = max(int(train.num_classes), int(val.num_classes))
+    train = per_class_subset(train, cfg.knn_images_per_class, seed=cfg.seed)
+    block = cfg.eval_block if cfg.eval_block is not None else default_block(depth)
+    settings = MonitorSettings(every=cfg.eval_freq, block=block, nb_knn=tuple(cfg.nb_knn),
+                               temperature=cfg.knn_temperature, linear=cfg.eval_linear,
+                               images_per_class=cfg.knn_images_per_class, batch_size=max(cfg.batch_size, 64),
+                               num_workers=min(cfg.num_workers, 4), seed=cfg.seed)
+    log.info("k-NN monitor: every %d epochs and after the last, %d train / %d val images, %d classes, k %s, last block "
+             "and block %d%s", cfg.eval_freq, len(train), len(val), num_classes, "/".join(map(str, cfg.nb_knn)), block,
+             ", with a linear probe" if cfg.eval_linear else "")
+    return KnnMonitor(train, val, num_classes, settings)
 
 
 def check_model_name(name: str) -> None:

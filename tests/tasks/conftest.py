@@ -99,3 +99,12 @@ python -m torch.distributed.launch --nproc_per_node=16 run_mcbeit_pretraining.py
         --temp 4.0 \\
         --temp_warmup 4.0 \\
 """
+
+
+@pytest.fixture(scope="session")
+def labelled_root(tmp_path_factory) -> Path:
+    """A root with train/ and val/ class folders (4 classes, 16 + 6 images each): the k-NN monitor's layout."""
+    root = tmp_path_factory.mktemp("labelled")
+    make_image_folder(root / "train", n_per_class=16, seed=5)
+    make_image_folder(root / "val", n_per_class=6, seed=6)
+    return root
