@@ -101,8 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also time base in bf16 / fp16 on a CPU that only emulates them (minutes per step)")
     p.add_argument("--recompute", default=DEFAULT_RECOMPUTE, choices=RECOMPUTE_MODES,
                    help="the product's --recompute in the step configurations (the reference keeps everything)")
-    p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling",
-                   help="comma-separated subset of: step, data, finetune, tokenizers, scaling, compile "
+    p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling,monitor",
+                   help="comma-separated subset of: step, data, finetune, tokenizers, scaling, monitor, compile "
                         "(compile is not in the default: inductor compiles for minutes on a CPU)")
     p.add_argument("--work_dir", default=None, help="where the generated JPEGs go (default: a temporary folder)")
     p.add_argument("--profile", action="store_true",
@@ -168,6 +168,13 @@ def _section_scaling(args, result: dict) -> None:
     result["scaling"] = run_scaling(args.device, quick=args.quick)
 
 
+def _section_monitor(args, result: dict) -> None:
+    from mcbeit.bench.monitor import run_monitor
+
+    amps = ["fp32"] + (["bf16"] if args.device == "cuda" else [])
+    result["monitor"] = [run_monitor(args.device, quick=args.quick, amp=amp) for amp in amps]
+
+
 def _section_compile(args, result: dict) -> None:
     from mcbeit.bench.step import run_compile
 
@@ -180,7 +187,7 @@ def _section_compile(args, result: dict) -> None:
 
 
 SECTIONS = {"step": _section_step, "data": _section_data, "finetune": _section_finetune,
-            "tokenizers": _section_tokenizers, "scaling": _section_scaling, "compile": _section_compile}
+            "tokenizers": _section_tokenizers, "scaling": _section_scaling, "monitor": _section_monitor, "compile": _section_compile}
 
 
 def main(argv=None) -> dict:

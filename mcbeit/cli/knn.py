@@ -57,6 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_linear", action="store_true", help="also fit a quick linear probe on the features")
     p.add_argument("--seed", type=int, default=0, help="random init of --model alone, and the linear probe")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "off"),
+                   help="autocast of the feature extraction (default: bf16 on CUDA, off on CPU; a CPU that only "
+                        "emulates bf16 / fp16 extracts in fp32)")
     p.add_argument("--output", default=None, metavar="FILE.json", help="also write the results as JSON")
     return p
 
@@ -116,41 +119,11 @@ def _one_line(message: str, path: str) -> str:
     return lines[0] + (f" ({summary.split(': ', 1)[-1]})" if summary else "")
 
 
-def _has_split(root: Path, split: str) -> bool:
-    return (root / split).is_dir() or (root / f"{split}_map.txt").is_file()
-
-
 def build_splits(args: argparse.Namespace, transform):
     """(train dataset, val dataset) of the data flags (see ``--data_path`` / ``--eval_data_path``)."""
-    from mcbeit.data.datasets import build_classification_dataset
-    from mcbeit.data.folders import check_data_folder
+    from mcbeit.data.labelled import labelled_splits
 
-    if args.data_path is None:
-        return (build_classification_dataset(None, None, "train", transform),
-                build_classification_dataset(None, None, "val", transform))
-    data = check_data_folder(args.data_path, expected="a folder of class folders, or a root with train/ or "
-                                                      "train_map.txt")
-    layout = "IMNET" if _has_split(data, "train") else "image_folder"
-    train = build_classification_dataset(data, layout, "train", transform)
-    if args.eval_data_path is not None:
-        ev = check_data_folder(args.eval_data_path, "--eval_data_path", "a folder of class folders, or a root "
-                                                                         "with val/ or val_map.txt")
-        if _has_split(ev, "val"):
-            val = build_classification_dataset(ev, "IMNET", "val", transform)
-        else:
-            val = build_classification_dataset(data, "image_folder", "val", transform, eval_data_path=ev)
-    elif layout == "IMNET" and _has_split(data, "val"):
-        val = build_classification_dataset(data, "IMNET", "val", transform)
-    elif layout == "image_folder" and (data.parent / "val").is_dir() and data.parent / "val" != data:
-        val = build_classification_dataset(data, "image_folder", "val", transform, eval_data_path=data.parent / "val")
-    else:
-        raise InputError(f"--data_path {args.data_path}: no val split found (neither val/ nor val_map.txt in it, "
-                         "nor a sibling val/ folder): pass --eval_data_path")
-    tc, vc = getattr(train, "classes", None), getattr(val, "classes", None)
-    if tc and vc and list(tc) != list(vc):
-        raise InputError(f"the val split's classes ({len(vc)}) are not the train split's ({len(tc)}): class folders "
-                         "must have the same names in both splits")
-    return train, val
+    return labelled_splits(args.data_path, args.eval_data_path, transform)
 
 
 def measure(train_feats, train_labels, val_feats, val_labels, num_classes: int, args: argparse.Namespace) -> dict:
@@ -194,6 +167,7 @@ def run(args: argparse.Namespace) -> dict:
     from mcbeit.data.classification_transforms import build_classification_transform
     from mcbeit.data.samplers import build_eval_loader
     from mcbeit.engine.distributed import init_distributed
+    from mcbeit.engine.precision import resolve_precision
     from mcbeit.evaluation.knn import extract
 
     _check_args(args)
@@ -203,6 +177,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.block is not None and not 0 <= args.block < depth:
         raise InputError(f"--block {args.block}: {what} has blocks 0..{depth - 1}")
     model.to(info.device)
+    amp_dtype = resolve_precision(args.amp, info.device, scaler=False).target_dtype
     transform = build_classification_transform(False, size, mean=mean, std=std, crop_pct=crop_pct)
     train, val = build_splits(args, transform)
     num_classes = max(int(train.num_classes), int(val.num_classes))
@@ -210,10 +185,11 @@ def run(args: argparse.Namespace) -> dict:
     for dataset in (train, val):
         loader = build_eval_loader(dataset, args.batch_size, args.num_workers, pin_memory=info.device.type == "cuda",
                                    world_size=info.world_size, rank=info.rank)
-        feats.append(extract(model, loader, info.device, block=args.block, sharded=True))
+        feats.append(extract(model, loader, info.device, block=args.block, amp_dtype=amp_dtype, sharded=True))
     (train_feats, train_labels), (val_feats, val_labels) = feats
     results = measure(train_feats, train_labels, val_feats, val_labels, num_classes, args)
-    report = {"model": what, "resume": args.resume, "input_size": size, "num_train": len(train),
+    report = {"model": what, "resume": args.resume, "input_size": size, "amp": str(amp_dtype or "off"),
+              "num_train": len(train),
               "num_val": len(val), "num_classes": num_classes, "temperature": args.temperature,
               "nb_knn": list(args.nb_knn), "block": args.block, **results}
     if info.is_main:

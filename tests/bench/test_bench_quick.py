@@ -13,10 +13,10 @@ def test_tokenizer_benchmark_runs_and_prints(capsys):
 
 def test_quick_benchmark_prints_every_section_and_writes_the_json(tmp_path, capsys):
     path = tmp_path / "figures.json"
-    result = run.main(["--quick", "--json", str(path), "--sections", "step,data,finetune,tokenizers,scaling,compile"])
+    result = run.main(["--quick", "--json", str(path), "--sections", "step,data,finetune,tokenizers,scaling,monitor,compile"])
     out = capsys.readouterr().out
     for title in ("Pre-training step", "Data pipeline per worker", "Fine-tuning step", "Tokenizers", "Scaling",
-                  "--compile"):
+                  "--compile", "k-NN monitor"):
         assert title in out
     saved = json.loads(path.read_text())
     assert saved["mode"] == "quick" and saved["step"][0]["loss_abs_diff"] is not None
@@ -27,3 +27,5 @@ def test_quick_benchmark_prints_every_section_and_writes_the_json(tmp_path, caps
     for key in ("speedup_step_base_fp32", "memory_ratio_step_base_fp32", "speedup_data_per_worker"):
         assert key in saved and key in result
     assert [row["processes"] for row in saved["scaling"]["processes"]] == [1, 2]
+    (monitor,) = saved["monitor"]
+    assert monitor["extract_s_per_1000"] > 0 and monitor["features"] == 4 and monitor["knn_s"] > 0
