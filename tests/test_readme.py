@@ -43,4 +43,7 @@ def test_no_argument_run_pretrains_on_embedded_data_and_says_where(tmp_path):
     assert log[-1]["train_mlm_acc"] > 100 / 8192  # far above chance
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-1.pth", "checkpoint-3.pth"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert (tmp_path / "cache" / "embedded-v1").is_dir()
+    assert (tmp_path / "cache" / "embedded-v2").is_dir()
+    # the k-NN monitor measured every epoch on the embedded val split, and the epoch lines say so
+    assert all(r["knn_val_images"] == 200 and 0 <= r["knn_top1"] <= 100 for r in log)
+    assert proc.stderr.count("k-NN top-1") == 4

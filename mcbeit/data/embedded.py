@@ -1,10 +1,12 @@
 """The embedded default dataset: generated images, so every command runs with no download.
 
-Ten classes of drawn objects (discs, rings, squares, triangles, stripes, checkers, stars,
-crosses, blobs, grids) with random colours, sizes, positions and rotations, shaded, with drop
-shadows, on textured noisy gradient backgrounds, slightly blurred and saved as JPEG. Each class
-is visually distinct (a classifier can learn them) and the images are locally smooth (a masked
-patch is predictable from its context), which is what a pre-training smoke run needs.
+Ten classes of grey textures (stripes in four orientations, checkers, dots, grids, rings, zigzags,
+spots), each image with its own two grey levels, period, phase, small rotation, brightness ramp,
+grain and blur, saved as JPEG. A class is told apart by local structure only: no colour, place or
+mean brightness belongs to a class. That is what masked image modelling learns from, and what lets
+``mcbeit-demo`` show in minutes on a CPU that pre-training improves the features. (embedded-v1
+drew shapes of random colour: there, colour was each image's largest difference, and both a
+random and a briefly pre-trained ViT's features sorted images by colour, at chance for the class.)
 
 The tree is an ImageFolder: ``<root>/train/<class>/*.jpg`` and ``<root>/val/<class>/*.jpg``.
 It is generated once, deterministically, into a temporary folder beside the root and renamed
@@ -24,7 +26,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 try:
     import fcntl
@@ -35,14 +37,14 @@ __all__ = ["embedded_dataset_root", "generate_embedded_dataset", "EMBEDDED_CLASS
 
 logger = logging.getLogger(__name__)
 
-VERSION = "embedded-v1"
+VERSION = "embedded-v2"
 EMBEDDED_CLASSES = (
-    "disc", "ring", "square", "triangle", "stripes",
-    "checkers", "star", "cross", "blobs", "grid",
+    "stripes_h", "stripes_v", "stripes_diag", "stripes_anti", "checkers",
+    "dots", "grid", "rings", "zigzag", "spots",
 )  # fmt: skip
 SPLITS = {"train": 100, "val": 20}  # images per class
 MARKER = "COMPLETE.json"
-_SEED = 20220722
+_SEED = 20221204
 _JPEG_QUALITY = 90
 
 
@@ -155,145 +157,65 @@ def generate_embedded_dataset(dest: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- drawing
 
 
-def _random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None) -> np.ndarray:
-    """An RGB colour in [0, 255], a clear distance from ``avoid`` when 8 tries find one."""
-    for _ in range(8):
-        colour = rng.uniform(0, 255, 3)
-        if avoid is None or np.abs(colour - avoid).sum() > 180:
-            break
-    return colour.astype(np.float32)
+def _pattern(name: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """The boolean (h, w) map of one image of class ``name``: which of the two grey levels each pixel
+    takes. Period (12-22 px), phase and a small rotation (+-12 degrees) are drawn per image, so a
+    class is a kind of local structure, never a place, a phase or an exact scale."""
+    yy = np.arange(h, dtype=np.float32)[:, None]  # (h,1), broadcast against xx (1,w)
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    period = rng.uniform(12, 22)
+    jitter = math.radians(rng.uniform(-12, 12))
+    phase_u, phase_v = rng.uniform(0, period, 2)
 
+    def frame(theta: float):
+        """Coordinates along and across direction ``theta``, shifted by the image's phase."""
+        c, s = math.cos(theta), math.sin(theta)
+        return xx * c + yy * s + phase_u, -xx * s + yy * c + phase_v
 
-def _background(rng: np.random.Generator, h: int, w: int, yy, xx) -> np.ndarray:
-    """Gradient between two colours + low-frequency colour blotches, float (3,h,w)."""
-    c0, c1 = rng.uniform(20, 235, (2, 3, 1, 1)).astype(np.float32)
-    theta = rng.uniform(0, 2 * math.pi)
-    g = (xx * math.cos(theta) + yy * math.sin(theta)) / max(h, w) + 0.5  # ~[0,1]
-    bg = c0 + (c1 - c0) * np.clip(g, 0, 1)[None]
-    cells = int(rng.integers(3, 8))
-    blotch = rng.normal(0, 20, (cells, cells, 3)).clip(-127, 127) + 128
-    blotch = Image.fromarray(blotch.astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
-    bg += np.asarray(blotch, dtype=np.float32).transpose(2, 0, 1) - 128.0
-    return bg
-
-
-def _rotated(yy, xx, cy, cx, angle):
-    """Coordinates (u, v) of every pixel in a frame centred on (cy, cx), rotated by angle."""
-    c, s = math.cos(angle), math.sin(angle)
-    dx, dy = xx - cx, yy - cy
-    return dx * c + dy * s, -dx * s + dy * c
-
-
-def _polygon_mask(h: int, w: int, polygons: list[list[tuple[float, float]]], holes=()) -> Image.Image:
-    mask = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(mask)
-    for points in polygons:
-        draw.polygon(points, fill=255)
-    for points in holes:
-        draw.polygon(points, fill=0)
-    return mask
-
-
-def _star_points(cx, cy, radii, angles) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(a), cy + r * math.sin(a)) for r, a in zip(radii, angles, strict=True)]
-
-
-def _regular(cx, cy, r, n, angle, aspect=1.0) -> list[tuple[float, float]]:
-    """A regular n-gon (an ellipse for large n) of radius r, stretched by aspect, rotated."""
-    t = np.arange(n) * 2 * math.pi / n
-    x, y = r * aspect * np.cos(t), r * np.sin(t)
-    c, s = math.cos(angle), math.sin(angle)
-    return list(zip(cx + x * c - y * s, cy + x * s + y * c, strict=True))
-
-
-def _object(class_id: int, rng: np.random.Generator, h: int, w: int, yy, xx, bg_mean):
-    """(alpha (h,w) in [0,1], colour (3,h,w)) for one object of the class."""
-    size = min(h, w)
-    r = rng.uniform(0.2, 0.36) * size
-    margin = 0.6 * r
-    cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
-    angle = rng.uniform(0, 2 * math.pi)
-    colour = _random_colour(rng, bg_mean)
-    name = EMBEDDED_CLASSES[class_id]
-    mask, pattern = _shape(name, rng, h, w, yy, xx, cx, cy, r, angle)
-
-    alpha = np.asarray(mask.filter(ImageFilter.BoxBlur(0.7)), dtype=np.float32) / 255.0
-    # Shading: a linear ramp across the object (a sphere-like highlight for discs).
-    u, v = _rotated(yy, xx, cy, cx, rng.uniform(0, 2 * math.pi))
-    if name == "disc":
-        shade = 1.25 - 0.5 * np.sqrt((u + 0.35 * r) ** 2 + (v + 0.35 * r) ** 2) / (1.6 * r)
-    else:
-        shade = 1.0 + 0.25 * np.clip(u / r, -1.5, 1.5)
-    if pattern is not None:
-        colour2 = _random_colour(rng, colour)
-        rgb = np.where(pattern[None], colour[:, None, None], colour2[:, None, None])
-    else:
-        rgb = colour[:, None, None]
-    return alpha, rgb * shade[None]
-
-
-def _shape(name: str, rng: np.random.Generator, h: int, w: int, yy, xx, cx: float, cy: float, r: float,
-           angle: float) -> tuple[Image.Image, np.ndarray | None]:
-    """(mask, pattern) of one object of class ``name`` centred at (cx, cy) with radius ``r``: the
-    mask an "L" image, the pattern None or a boolean map choosing between two colours inside it."""
-    if name == "disc":
-        return _polygon_mask(h, w, [_regular(cx, cy, r, 64, angle, rng.uniform(0.8, 1.0))]), None
-    if name == "ring":
-        inner = r * rng.uniform(0.45, 0.7)
-        return _polygon_mask(h, w, [_regular(cx, cy, r, 64, 0)], [_regular(cx, cy, inner, 64, 0)]), None
-    if name == "square":
-        return _polygon_mask(h, w, [_regular(cx, cy, r, 4, angle)]), None
-    if name == "triangle":
-        return _polygon_mask(h, w, [_regular(cx, cy, r * 1.1, 3, angle)]), None
-    if name == "star":
-        n = 5
-        angles = angle + np.arange(2 * n) * math.pi / n
-        radii = np.where(np.arange(2 * n) % 2 == 0, r * 1.1, r * rng.uniform(0.38, 0.5))
-        return _polygon_mask(h, w, [_star_points(cx, cy, radii, angles)]), None
-    if name == "cross":
-        a = r * rng.uniform(0.28, 0.4)  # half arm width
-        pts = [(a, r), (a, a), (r, a), (r, -a), (a, -a), (a, -r),
-               (-a, -r), (-a, -a), (-r, -a), (-r, a), (-a, a), (-a, r)]  # fmt: skip
-        c, s = math.cos(angle), math.sin(angle)
-        return _polygon_mask(h, w, [[(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]]), None
-    if name == "blobs":
-        return _polygon_mask(h, w, [_blob(rng, cx, cy, r) for _ in range(int(rng.integers(2, 5)))]), None
-    # patterned squares: stripes, checkers, grid
-    mask = _polygon_mask(h, w, [_regular(cx, cy, r * 1.15, 4, angle)])
-    u, v = _rotated(yy, xx, cy, cx, angle + math.pi / 4)
-    period = rng.uniform(9, 18)
-    if name == "stripes":
-        return mask, np.sin(2 * math.pi * u / period) > 0
+    if name.startswith("stripes"):
+        theta = {"stripes_h": 90, "stripes_v": 0, "stripes_diag": 45, "stripes_anti": 135}[name]
+        u, _ = frame(math.radians(theta) + jitter)
+        return np.sin(2 * math.pi * u / period) > 0
     if name == "checkers":
-        return mask, (np.floor(u / period) + np.floor(v / period)) % 2 == 0
-    fu, fv = (u / period) % 1.0, (v / period) % 1.0  # grid: thin lines, background visible between them
-    lines = (fu < 0.22) | (fv < 0.22)
-    return Image.fromarray((np.asarray(mask) * lines).astype(np.uint8)), None
-
-
-def _blob(rng: np.random.Generator, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    """The outline of one wobbly disc near (cx, cy) (of the "blobs" class)."""
-    br = r * rng.uniform(0.3, 0.5)
-    bx = cx + rng.uniform(-0.6, 0.6) * r
-    by = cy + rng.uniform(-0.6, 0.6) * r
-    t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
-    rad = br * (1 + sum(rng.uniform(0, 0.25) * np.sin(k * t + rng.uniform(0, 6.3))
-                        for k in (2, 3, 4)))  # fmt: skip
-    return list(zip(bx + rad * np.cos(t), by + rad * np.sin(t), strict=True))
+        u, v = frame(jitter)
+        return (np.floor(u / period) + np.floor(v / period)) % 2 == 0
+    if name == "dots":  # a square or diamond lattice of discs
+        u, v = frame(jitter + math.pi / 4 * int(rng.integers(0, 2)))
+        fu, fv = (u / period) % 1 - 0.5, (v / period) % 1 - 0.5
+        return fu ** 2 + fv ** 2 < (0.28 * rng.uniform(0.8, 1.2)) ** 2
+    if name == "grid":  # thin lines both ways
+        u, v = frame(jitter)
+        return ((u / period) % 1 < 0.25) | ((v / period) % 1 < 0.25)
+    if name == "rings":  # concentric circles around a centre anywhere in the image
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        r = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        return np.sin(2 * math.pi * r / period + phase_u) > 0
+    if name == "zigzag":  # chevron stripes, horizontal or vertical
+        u, v = frame(jitter + math.pi / 2 * int(rng.integers(0, 2)))
+        tooth = np.abs((u / (1.5 * period)) % 1 - 0.5) * period
+        return np.sin(2 * math.pi * (v + 1.2 * tooth) / period) > 0
+    if name == "spots":  # thresholded smooth noise: irregular blobs
+        noise = rng.normal(size=(max(2, h // 8), max(2, w // 8))).astype(np.float32)
+        grey = ((noise - noise.min()) / (np.ptp(noise) + 1e-6) * 255).astype(np.uint8)
+        field = np.asarray(Image.fromarray(grey).resize((w, h), Image.Resampling.BICUBIC), np.float32)
+        return field > np.median(field)
+    raise KeyError(name)
 
 
 def render_image(class_id: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB image of the class, ~192 px a side, drawn from ``rng``."""
+    """One RGB image of the class, ~192 px a side, drawn from ``rng``: the class's pattern in two grey
+    levels (at least 80 apart), under a brightness ramp, with sensor grain, slightly blurred."""
     h, w = (int(v) for v in rng.integers(21, 28, 2) * 8)  # 168..216
-    yy = np.arange(h, dtype=np.float32)[:, None]  # (h,1), broadcast against xx (1,w)
+    pattern = _pattern(EMBEDDED_CLASSES[class_id], rng, h, w)
+    dark = rng.uniform(0, 255)
+    light = (dark + rng.uniform(80, 175)) % 255
+    image = np.where(pattern, np.float32(dark), np.float32(light))                    # (h, w)
+    yy = np.arange(h, dtype=np.float32)[:, None]
     xx = np.arange(w, dtype=np.float32)[None, :]
-    image = _background(rng, h, w, yy, xx)  # (3,h,w) float32: channels first, fast numpy
-    for _ in range(1 if rng.random() < 0.7 else 2):
-        bg_mean = image[:, ::8, ::8].mean(axis=(1, 2))
-        alpha, rgb = _object(class_id, rng, h, w, yy, xx, bg_mean)
-        shadow = np.roll(alpha, (int(rng.integers(2, 6)), int(rng.integers(2, 6))), axis=(0, 1))
-        image *= 1.0 - 0.35 * shadow[None]
-        image += (rgb - image) * alpha[None]
-    image += rng.standard_normal((1, h, w), dtype=np.float32) * rng.uniform(3, 9)  # grain
-    out = Image.fromarray(image.clip(0, 255).astype(np.uint8).transpose(1, 2, 0).copy())
+    theta = rng.uniform(0, 2 * math.pi)
+    ramp = (xx * math.cos(theta) + yy * math.sin(theta)) / max(h, w)
+    image = image * (1 + rng.uniform(-0.3, 0.3) * ramp)
+    image = image + rng.standard_normal((h, w), dtype=np.float32) * rng.uniform(3, 9)  # grain
+    grey = image.clip(0, 255).astype(np.uint8)
+    out = Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
     return out.filter(ImageFilter.BoxBlur(rng.uniform(0.3, 0.8)))  # slight lens blur

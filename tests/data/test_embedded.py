@@ -27,7 +27,7 @@ def full_cache(tmp_path_factory):
 def test_generates_the_class_folders_and_counts(full_cache):
     cache, root, elapsed = full_cache
     print(f"embedded dataset generated in {elapsed:.1f} s")
-    assert root == cache / "embedded-v1"
+    assert root == cache / "embedded-v2"
     for split, per_class in (("train", 100), ("val", 20)):
         assert sorted(p.name for p in (root / split).iterdir()) == sorted(EMBEDDED_CLASSES)
         for name in EMBEDDED_CLASSES:
@@ -36,7 +36,7 @@ def test_generates_the_class_folders_and_counts(full_cache):
         "train": 100, "val": 20,
     }  # fmt: skip
     assert not [p for p in cache.iterdir() if ".tmp-" in p.name]  # no temp folders left
-    with Image.open(root / "train" / "star" / "star_0000.jpg") as image:
+    with Image.open(root / "train" / "dots" / "dots_0000.jpg") as image:
         assert image.format == "JPEG" and image.mode == "RGB"
         assert all(160 <= side <= 224 for side in image.size)
         pixels = np.asarray(image, dtype=np.float32)
@@ -46,7 +46,7 @@ def test_generates_the_class_folders_and_counts(full_cache):
 def test_second_call_reuses_the_tree(full_cache, monkeypatch):
     cache, root, _ = full_cache
     monkeypatch.setenv("MCBEIT_CACHE", str(cache))
-    stamp = os.stat(root / "val" / "disc" / "disc_0000.jpg").st_mtime_ns
+    stamp = os.stat(root / "val" / "spots" / "spots_0000.jpg").st_mtime_ns
 
     def fail(dest):
         raise AssertionError("regenerated an existing dataset")
@@ -55,7 +55,7 @@ def test_second_call_reuses_the_tree(full_cache, monkeypatch):
     start = time.perf_counter()
     assert embedded_dataset_root() == root
     assert time.perf_counter() - start < 1.0
-    assert os.stat(root / "val" / "disc" / "disc_0000.jpg").st_mtime_ns == stamp
+    assert os.stat(root / "val" / "spots" / "spots_0000.jpg").st_mtime_ns == stamp
 
 
 def test_default_pretraining_dataset_is_the_embedded_train_split(full_cache, monkeypatch, caplog):
@@ -69,16 +69,35 @@ def test_default_pretraining_dataset_is_the_embedded_train_split(full_cache, mon
     assert dataset[(5, 0)][3] == 0
 
 
-def test_classes_differ_and_images_vary(full_cache):
+def _gradient_direction_histogram(path) -> np.ndarray:
+    """Where the image's edges point: a histogram of gradient orientation (0-180 degrees, 8 bins),
+    weighted by gradient strength, normalised: what tells the stripe classes apart."""
+    a = np.asarray(Image.open(path).convert("L").resize((96, 96)), np.float32)
+    gy, gx = np.gradient(a)
+    angle = np.degrees(np.arctan2(gy, gx)) % 180
+    hist, _ = np.histogram(angle, bins=8, range=(0, 180), weights=np.hypot(gx, gy))
+    return hist / hist.sum()
+
+
+def test_classes_differ_in_local_structure_not_in_colour(full_cache):
     _, root, _ = full_cache
-    means = {}
-    for name in ("stripes", "disc", "grid"):
-        arrays = [np.asarray(Image.open(p).convert("L").resize((64, 64)), np.float32)
-                  for p in sorted((root / "train" / name).glob("*.jpg"))[:10]]  # fmt: skip
+    hists = {}
+    for name in ("stripes_h", "stripes_v", "stripes_diag", "checkers"):
+        paths = sorted((root / "train" / name).glob("*.jpg"))[:10]
+        arrays = [np.asarray(Image.open(p), np.float32) for p in paths[:2]]
         assert not np.array_equal(arrays[0], arrays[1])
-        # High-frequency energy: stripes and grids have much more edge content than discs.
-        means[name] = np.mean([np.abs(np.diff(a, axis=1)).mean() for a in arrays])
-    assert means["stripes"] > 1.3 * means["disc"] and means["grid"] > 1.3 * means["disc"]
+        hists[name] = np.mean([_gradient_direction_histogram(p) for p in paths], axis=0)
+    # Stripes' edges run one way (their gradients point across them): a peak in one bin of eight.
+    for name in ("stripes_h", "stripes_v", "stripes_diag"):
+        assert hists[name].max() > 0.3, (name, hists[name])
+    assert np.argmax(hists["stripes_h"]) != np.argmax(hists["stripes_v"]) != np.argmax(hists["stripes_diag"])
+    # Grey: the three channels are equal; every class spans dark and light images alike.
+    means = {}
+    for name in EMBEDDED_CLASSES:
+        pixels = [np.asarray(Image.open(p), np.float32) for p in sorted((root / "train" / name).glob("*.jpg"))[:20]]
+        assert all(np.abs(x[..., 0] - x[..., 2]).max() <= 8 for x in pixels), name   # JPEG chroma rounding only
+        means[name] = np.mean([x.mean() for x in pixels])
+    assert max(means.values()) - min(means.values()) < 40, means
 
 
 def cache_entries(cache):
@@ -94,14 +113,14 @@ def tiny_splits(monkeypatch):
 def test_generation_is_deterministic(tmp_path, tiny_splits):
     first = embedded.generate_embedded_dataset(tmp_path / "a")
     second = embedded.generate_embedded_dataset(tmp_path / "b")
-    for name in ("ring", "checkers"):
+    for name in ("rings", "checkers"):
         relative = f"train/{name}/{name}_0001.jpg"
         assert (first / relative).read_bytes() == (second / relative).read_bytes()
 
 
 def test_lost_race_uses_the_winners_tree(tmp_path, tiny_splits, monkeypatch):
     real_generate = embedded.generate_embedded_dataset
-    root = tmp_path / "embedded-v1"
+    root = tmp_path / "embedded-v2"
 
     def generate_while_another_process_wins(dest):
         real_generate(root)  # the other process renames its complete tree first
@@ -111,17 +130,17 @@ def test_lost_race_uses_the_winners_tree(tmp_path, tiny_splits, monkeypatch):
     monkeypatch.setattr(embedded, "generate_embedded_dataset", generate_while_another_process_wins)
     assert embedded_dataset_root(tmp_path) == root
     assert (root / "winner").read_text() == "theirs"
-    assert cache_entries(tmp_path) == ["embedded-v1"]  # our temp tree removed
+    assert cache_entries(tmp_path) == ["embedded-v2"]  # our temp tree removed
 
 
 def test_stale_incomplete_tree_is_replaced(tmp_path, tiny_splits):
-    root = tmp_path / "embedded-v1"
-    (root / "train" / "disc").mkdir(parents=True)
-    (root / "train" / "disc" / "half_written.jpg").write_bytes(b"")
+    root = tmp_path / "embedded-v2"
+    (root / "train" / "rings").mkdir(parents=True)
+    (root / "train" / "rings" / "half_written.jpg").write_bytes(b"")
     assert embedded_dataset_root(tmp_path) == root
-    assert not (root / "train" / "disc" / "half_written.jpg").exists()
-    assert len(list((root / "train" / "disc").glob("*.jpg"))) == 2
-    assert cache_entries(tmp_path) == ["embedded-v1"]
+    assert not (root / "train" / "rings" / "half_written.jpg").exists()
+    assert len(list((root / "train" / "rings").glob("*.jpg"))) == 2
+    assert cache_entries(tmp_path) == ["embedded-v2"]
 
 
 def _race(cache, log):
@@ -148,6 +167,6 @@ def test_concurrent_processes_generate_once(tmp_path, tiny_splits, monkeypatch):
     for worker in workers:
         worker.join(60)
         assert worker.exitcode == 0
-    assert {results.get(timeout=5) for _ in workers} == {str(cache / "embedded-v1")}
+    assert {results.get(timeout=5) for _ in workers} == {str(cache / "embedded-v2")}
     assert len(calls.read_text().split()) == 1  # the lock made the others wait and reuse
-    assert cache_entries(cache) == ["embedded-v1"]
+    assert cache_entries(cache) == ["embedded-v2"]
