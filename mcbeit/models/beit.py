@@ -26,15 +26,16 @@ load through the BEiT family's one conversion, :mod:`mcbeit.models.beit_weights`
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any, Dict, Optional, Set, Tuple
 
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers import LayerNorm, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models.beit import Beit
+from timm.models.beit import Beit, Block
 
 from mcbeit.models.beit_weights import build_beit
 
@@ -46,7 +47,7 @@ except ImportError:  # pragma: no cover - older timm
     def _checkpoint(function, *args, **kwargs):
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
 
-__all__ = ['BeitForMaskedImageModeling', 'patch_size_of']
+__all__ = ['BeitForMaskedImageModeling', 'BeitV2ForMaskedImageModeling', 'patch_size_of']
 
 _logger = logging.getLogger(__name__)
 
@@ -140,6 +141,14 @@ class BeitForMaskedImageModeling(Beit):
         )
         dd = {'device': device, 'dtype': dtype}
         self.vocab_size, self.init_std = vocab_size, init_std
+        # what a further block of this model is built with (BEiT v2's cls_pt_layers)
+        self._block_kwargs = dict(
+            dim=embed_dim, num_heads=num_heads, qkv_bias=qkv_bias, mlp_ratio=mlp_ratio,
+            scale_mlp=kwargs.get('scale_mlp', False), swiglu_mlp=kwargs.get('swiglu_mlp', False),
+            proj_drop=drop_rate, attn_drop=attn_drop_rate, init_values=init_values,
+            norm_layer=kwargs.get('norm_layer', LayerNorm),
+            window_size=self.patch_embed.grid_size if use_rel_pos_bias else None, **dd)
+        self._drop_path_rate = drop_path_rate
         self.mask_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))  # (1,1,D)
         self.lm_head = nn.Linear(embed_dim, vocab_size, **dd)  # D -> V
         self.init_weights(needs_reset=False)
@@ -157,23 +166,31 @@ class BeitForMaskedImageModeling(Beit):
         if not hasattr(self, 'lm_head'):
             return  # called from Beit.__init__ before our parameters exist: done once at the end
         std = self.init_std
-
-        def init_module(m: nn.Module) -> None:
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                trunc_normal_(m.weight, std=std, a=-std, b=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif needs_reset and hasattr(m, 'reset_parameters'):
-                m.reset_parameters()  # Attention (q/v bias, tables), Block (gammas), RelativePositionBias
-
-        self.apply(init_module)
+        keep = {id(m) for m in self._default_init_modules()}
+        for m in self.modules():
+            if id(m) not in keep:
+                self._init_module(m, needs_reset)
         for p in (self.pos_embed, self.cls_token, self.mask_token):
             if p is not None:
                 trunc_normal_(p, std=std, a=-std, b=std)
         self.fix_init_weight()
+
+    def _init_module(self, m: nn.Module, needs_reset: bool) -> None:
+        """The original's ``_init_weights`` of one module."""
+        std = self.init_std
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc_normal_(m.weight, std=std, a=-std, b=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif needs_reset and hasattr(m, 'reset_parameters'):
+            m.reset_parameters()  # Attention (q/v bias, tables), Block (gammas), RelativePositionBias
+
+    def _default_init_modules(self) -> Tuple[nn.Module, ...]:
+        """Modules the original builds after its initialisation ran (PyTorch's default init): none here."""
+        return ()
 
     # ------------------------------------------------------------------ optimiser helpers
     @torch.jit.ignore
@@ -194,6 +211,15 @@ class BeitForMaskedImageModeling(Beit):
     # ------------------------------------------------------------------ forward
     def forward_features(self, x: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B,3,H,W), bool_masked_pos (B,N) bool or None -> tokens (B,1+N,D) after the final norm."""
+        x, rel_pos_bias = self._embed(x, bool_masked_pos)
+        for blk in self.blocks:
+            x = self._block(blk, x, rel_pos_bias)
+        return self.norm(x)  # (B,1+N,D)
+
+    def _embed(self, x: torch.Tensor, bool_masked_pos: Optional[torch.Tensor]
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Tokens (B,1+N,D) entering the first block (masked patches replaced by the mask token) and the
+        shared relative position bias (heads,1+N,1+N) or None."""
         x = self.patch_embed(x)  # (B,N,D)
         B, N, _ = x.shape
         if bool_masked_pos is not None:
@@ -205,12 +231,24 @@ class BeitForMaskedImageModeling(Beit):
         x = self.pos_drop(x)
 
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (heads,1+N,1+N)
-        for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = _checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias)
-            else:
-                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
-        return self.norm(x)  # (B,1+N,D)
+        return x, rel_pos_bias
+
+    def _block(self, blk: nn.Module, x: torch.Tensor, rel_pos_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """One block (recomputed in backward under ``set_grad_checkpointing``)."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return _checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias)
+        return blk(x, shared_rel_pos_bias=rel_pos_bias)
+
+    def _check_mask(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+        """bool_masked_pos (B,N) or (B,h,w), any dtype -> (B,N) bool; a wrong patch count is a ValueError."""
+        mask = bool_masked_pos.reshape(x.shape[0], -1)  # (B,N)
+        if mask.dtype != torch.bool:
+            mask = mask.bool()
+        if mask.shape[1] != self.patch_embed.num_patches:
+            raise ValueError(
+                f'bool_masked_pos has {mask.shape[1]} positions per image, the model has '
+                f'{self.patch_embed.num_patches} patches')
+        return mask
 
     def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x (B,3,H,W); bool_masked_pos (B,N) (or (B,h,w)) bool.
@@ -218,17 +256,114 @@ class BeitForMaskedImageModeling(Beit):
         Returns features (B,N,D) after the final norm without CLS, and masked_logits (M,V) =
         lm_head(features[bool_masked_pos]), rows in the order of ``bool_masked_pos.nonzero()``.
         """
-        B = x.shape[0]
-        mask = bool_masked_pos.reshape(B, -1)  # (B,N)
-        if mask.dtype != torch.bool:
-            mask = mask.bool()
-        if mask.shape[1] != self.patch_embed.num_patches:
-            raise ValueError(
-                f'bool_masked_pos has {mask.shape[1]} positions per image, the model has '
-                f'{self.patch_embed.num_patches} patches')
+        mask = self._check_mask(x, bool_masked_pos)  # (B,N)
         features = self.forward_features(x, mask)[:, self.num_prefix_tokens:]  # (B,N,D)
         masked_logits = self.lm_head(features[mask])  # (M,D) -> (M,V)
         return features, masked_logits
+
+
+
+class BeitV2ForMaskedImageModeling(BeitForMaskedImageModeling):
+    """BEiT v2's pre-training model: BEiT's MIM model plus patch aggregation (unilm's
+    ``VisionTransformerForMaskedImageModelingCLS``, beit2/modeling_pretrain.py).
+
+    The patch tokens after block ``early_layers`` (1-based: the output of ``blocks[early_layers - 1]``,
+    before any norm) and the CLS token after the last block (before the norm) form a second sequence
+    that goes through ``head_layers`` more blocks, ``cls_pt_layers``, which use the shared relative
+    position bias. Both sequences go through the final ``norm`` and ``lm_head`` (``shared_lm_head``;
+    otherwise the second one has its own ``cls_pt_norm`` and ``cls_pt_lm_head``). The CLS token can
+    only help the second sequence's masked patches through what it gathered in the last block, so the
+    pre-training pushes the image's summary into it.
+
+    Drop path of ``cls_pt_layers[i]``: ``linspace(0, drop_path_rate, max(depth, early + head))[early + i]``.
+    Initialisation, as the original: the original builds ``cls_pt_layers`` *after* its initialisation
+    has run, so their Linear layers keep PyTorch's default init (kaiming-uniform weights, uniform
+    biases; not the truncated normal of the other blocks), q/v biases 0, layer scales ``init_values``;
+    then their ``attn.proj`` and ``mlp.fc2`` weights are divided by ``sqrt(2 (early + i + 1))``.
+    :meth:`init_weights` redoes exactly that (it never gives them the truncated normal).
+    ``cls_pt_norm`` / ``cls_pt_lm_head`` (non-shared head) get the original's ``_init_weights``.
+
+    The state dict has unilm's keys: BEiT's plus ``cls_pt_layers.{i}.*`` (the blocks' names).
+    ``forward_features`` is the main stream only (as timm's meaning: what k-NN and export read).
+    """
+
+    def __init__(self, *args: Any, early_layers: int = 6, head_layers: int = 2, shared_lm_head: bool = True,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        depth = len(self.blocks)
+        if not 1 <= early_layers <= depth:
+            raise ValueError(f'early_layers={early_layers}: the patch tokens are taken after one of blocks 1..{depth}')
+        if head_layers < 0:
+            raise ValueError(f'head_layers={head_layers} must be at least 0')
+        self.early_layers, self.head_layers, self.shared_lm_head = int(early_layers), int(head_layers), bool(shared_lm_head)
+        dpr = [v.item() for v in torch.linspace(0, self._drop_path_rate, max(depth, early_layers + head_layers))]
+        self.cls_pt_layers = nn.ModuleList([
+            Block(drop_path=dpr[i], **self._block_kwargs) for i in range(early_layers, early_layers + head_layers)])
+        self.fix_init_cls_pt_weight()
+        if not shared_lm_head:
+            dim = self.embed_dim
+            dd = {k: self._block_kwargs[k] for k in ('device', 'dtype')}
+            self.cls_pt_norm = self._block_kwargs['norm_layer'](dim, **dd)
+            self.cls_pt_lm_head = nn.Linear(dim, self.vocab_size, **dd)
+            for m in (self.cls_pt_norm, self.cls_pt_lm_head):
+                self._init_module(m, needs_reset=False)
+
+    def _default_init_modules(self) -> Tuple[nn.Module, ...]:
+        return tuple(self.cls_pt_layers.modules()) if hasattr(self, 'cls_pt_layers') else ()
+
+    def init_weights(self, needs_reset: bool = True) -> None:
+        """BEiT's initialisation for everything but ``cls_pt_layers``; those get PyTorch's defaults
+        (``reset_parameters`` of each module) and :meth:`fix_init_cls_pt_weight`, as the original."""
+        super().init_weights(needs_reset)
+        if needs_reset and hasattr(self, 'cls_pt_layers'):
+            for m in self.cls_pt_layers.modules():
+                if hasattr(m, 'reset_parameters'):
+                    m.reset_parameters()
+            self.fix_init_cls_pt_weight()
+
+    @torch.no_grad()
+    def fix_init_cls_pt_weight(self) -> None:
+        """``cls_pt_layers[i]``: attn.proj and mlp.fc2 weights divided by sqrt(2 (early_layers + i + 1))."""
+        for i, blk in enumerate(self.cls_pt_layers):
+            scale = math.sqrt(2.0 * (self.early_layers + i + 1))
+            blk.attn.proj.weight.div_(scale)
+            blk.mlp.fc2.weight.div_(scale)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        groups = super().group_matcher(coarse)
+        groups['blocks'] = [*groups['blocks'], (r'^cls_pt_', (99999,))]
+        return groups
+
+    def forward_streams(self, x: torch.Tensor, bool_masked_pos: torch.Tensor
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (B,3,H,W), bool_masked_pos (B,N) bool -> (main, aggregated): the main stream's tokens
+        (B,1+N,D) after ``norm``, and the aggregated stream's (B,1+N,D) after ``norm`` (or ``cls_pt_norm``)."""
+        x, rel_pos_bias = self._embed(x, bool_masked_pos)
+        early = None
+        for i, blk in enumerate(self.blocks):
+            x = self._block(blk, x, rel_pos_bias)
+            if i + 1 == self.early_layers:
+                early = x[:, self.num_prefix_tokens:]  # (B,N,D) patch tokens, before any norm
+        x_cls_pt = torch.cat([x[:, :1], early], dim=1)  # (B,1+N,D): last block's CLS + early patches
+        for blk in self.cls_pt_layers:
+            x_cls_pt = self._block(blk, x_cls_pt, rel_pos_bias)
+        norm = self.norm if self.shared_lm_head else self.cls_pt_norm
+        return self.norm(x), norm(x_cls_pt)
+
+    def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B,3,H,W); bool_masked_pos (B,N) (or (B,h,w)) bool.
+
+        Returns features (B,N,D) of the main stream after ``norm`` without CLS, masked_logits (M,V) =
+        lm_head(features[mask]) and masked_logits_cls_pt (M,V) of the aggregated stream (the original's
+        ``[lm_head(x[mask]), lm_head(x_cls_pt[mask])]``), rows in the order of ``mask.nonzero()``.
+        """
+        mask = self._check_mask(x, bool_masked_pos)  # (B,N)
+        main, cls_pt = self.forward_streams(x, mask)
+        features = main[:, self.num_prefix_tokens:]  # (B,N,D)
+        head = self.lm_head if self.shared_lm_head else self.cls_pt_lm_head
+        return features, self.lm_head(features[mask]), head(cls_pt[:, self.num_prefix_tokens:][mask])
 
 
 # ---------------------------------------------------------------------- registry
@@ -248,6 +383,10 @@ default_cfgs = generate_default_cfgs({
     'beit_small_patch16_224_8k_vocab': _cfg(num_classes=0, classifier='lm_head'),
     'beit_base_patch16_224_8k_vocab': _cfg(num_classes=0, classifier='lm_head'),
     'beit_large_patch16_224_8k_vocab': _cfg(num_classes=0, classifier='lm_head'),
+    'beit_tiny_patch16_224_8k_vocab_cls_pt': _cfg(num_classes=0, classifier='lm_head'),
+    'beit_small_patch16_224_8k_vocab_cls_pt': _cfg(num_classes=0, classifier='lm_head'),
+    'beit_base_patch16_224_8k_vocab_cls_pt': _cfg(num_classes=0, classifier='lm_head'),
+    'beit_large_patch16_224_8k_vocab_cls_pt': _cfg(num_classes=0, classifier='lm_head'),
     'beit_tiny_patch16_224': _cfg(),
     'beit_small_patch16_224': _cfg(),
 })
@@ -286,6 +425,38 @@ def beit_base_patch16_224_8k_vocab(pretrained: bool = False, **kwargs) -> BeitFo
 def beit_large_patch16_224_8k_vocab(pretrained: bool = False, **kwargs) -> BeitForMaskedImageModeling:
     args = dict(_MIM_DEFAULTS, embed_dim=1024, depth=24, num_heads=16)
     return _create_mim('beit_large_patch16_224_8k_vocab', pretrained, **dict(args, **kwargs))
+
+
+def _create_mim_v2(variant: str, pretrained: bool = False, **kwargs) -> BeitV2ForMaskedImageModeling:
+    return build_beit(BeitV2ForMaskedImageModeling, variant, pretrained, **kwargs)
+
+
+# BEiT v2 (unilm beit2/run_beitv2_pretraining.py): early_layers 9 (base; 21 for large), head_layers 2, shared head
+_V2_DEFAULTS = dict(early_layers=9, head_layers=2, shared_lm_head=True)
+
+
+@register_model
+def beit_tiny_patch16_224_8k_vocab_cls_pt(pretrained: bool = False, **kwargs) -> BeitV2ForMaskedImageModeling:
+    args = dict(_MIM_DEFAULTS, **_V2_DEFAULTS, embed_dim=192, depth=12, num_heads=3)
+    return _create_mim_v2('beit_tiny_patch16_224_8k_vocab_cls_pt', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def beit_small_patch16_224_8k_vocab_cls_pt(pretrained: bool = False, **kwargs) -> BeitV2ForMaskedImageModeling:
+    args = dict(_MIM_DEFAULTS, **_V2_DEFAULTS, embed_dim=384, depth=12, num_heads=6)
+    return _create_mim_v2('beit_small_patch16_224_8k_vocab_cls_pt', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def beit_base_patch16_224_8k_vocab_cls_pt(pretrained: bool = False, **kwargs) -> BeitV2ForMaskedImageModeling:
+    args = dict(_MIM_DEFAULTS, **_V2_DEFAULTS, embed_dim=768, depth=12, num_heads=12)
+    return _create_mim_v2('beit_base_patch16_224_8k_vocab_cls_pt', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def beit_large_patch16_224_8k_vocab_cls_pt(pretrained: bool = False, **kwargs) -> BeitV2ForMaskedImageModeling:
+    args = dict(_MIM_DEFAULTS, **dict(_V2_DEFAULTS, early_layers=21), embed_dim=1024, depth=24, num_heads=16)
+    return _create_mim_v2('beit_large_patch16_224_8k_vocab_cls_pt', pretrained, **dict(args, **kwargs))
 
 
 def _create_classifier(variant: str, pretrained: bool = False, **kwargs) -> Beit:
