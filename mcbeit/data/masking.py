@@ -39,6 +39,12 @@ class BlockMaskGenerator:
     one is accepted when it adds between 1 and ``remaining`` new patches. The mask can stop
     short of ``num_masking_patches`` (at the defaults about a third of the masks do, mean 74.5
     of 75), exactly like the original.
+
+    ``exact=True`` is BEiT v2's generator (unilm beit2/masking_generator.py): after that drawing,
+    a mask with too many patches gets ``count - N`` of its masked positions (row-major order) chosen
+    without replacement un-masked, one with too few gets ``N - count`` of its unmasked positions
+    chosen without replacement masked, so every mask has exactly ``num_masking_patches``. (The
+    drawing never overshoots, so only the top-up happens; the trim is kept as the original has it.)
     """
 
     def __init__(
@@ -49,8 +55,10 @@ class BlockMaskGenerator:
         max_num_patches: int | None = None,
         min_aspect: float = 0.3,
         max_aspect: float | None = None,
+        exact: bool = False,
     ) -> None:
         self.height, self.width = _window(window)
+        self.exact = bool(exact)
         self.num_patches = self.height * self.width
         if not 0 <= num_masking_patches <= self.num_patches:
             raise ValueError(
@@ -75,7 +83,8 @@ class BlockMaskGenerator:
         return (
             f"BlockMaskGenerator({self.height}x{self.width}, num_masking_patches="
             f"{self.num_masking_patches}, min_num_patches={self.min_num_patches}, "
-            f"max_num_patches={self.max_num_patches}, aspect=({lo:.3g}, {hi:.3g}))"
+            f"max_num_patches={self.max_num_patches}, aspect=({lo:.3g}, {hi:.3g})"
+            f"{', exact (BEiT v2)' if self.exact else ''})"
         )
 
     def get_shape(self) -> tuple[int, int]:
@@ -107,7 +116,19 @@ class BlockMaskGenerator:
             if added == 0:
                 break
             count += added
+        if self.exact and count != self.num_masking_patches:
+            self._force_count(mask, count, rng)
         return mask
+
+    def _force_count(self, mask: np.ndarray, count: int, rng: np.random.Generator) -> None:
+        """BEiT v2: un-mask (count - N) random masked positions, or mask (N - count) random unmasked ones."""
+        flat = mask.reshape(-1)  # view, row-major as numpy's nonzero()
+        if count > self.num_masking_patches:
+            positions = np.flatnonzero(flat)
+            flat[positions[rng.choice(positions.size, count - self.num_masking_patches, replace=False)]] = False
+        else:
+            positions = np.flatnonzero(~flat)
+            flat[positions[rng.choice(positions.size, self.num_masking_patches - count, replace=False)]] = True
 
 
 class RandomMaskGenerator:
@@ -190,14 +211,16 @@ def build_mask_generator(
     mask_ratio: float = 0.75,
     min_per_block: int = 16,
     max_per_block: int | None = None,
+    exact: bool = False,
 ) -> BlockMaskGenerator | RandomMaskGenerator:
-    """The generator the command line asks for: ``block`` (BEiT) or ``random`` (mc-BEiT recipe);
-    flags that cannot give useful masks raise ValueError (:func:`check_mask_flags`)."""
+    """The generator the command line asks for: ``block`` (BEiT; ``exact``: BEiT v2's, always
+    ``num_mask_patches``) or ``random`` (mc-BEiT recipe, always exact); flags that cannot give useful
+    masks raise ValueError (:func:`check_mask_flags`)."""
     check_mask_flags(mask_type, window, num_mask_patches, mask_ratio, min_per_block, max_per_block)
     kind = str(mask_type).strip().lower()
     if kind == "block":
         return BlockMaskGenerator(
-            window, num_mask_patches, min_num_patches=min_per_block, max_num_patches=max_per_block
+            window, num_mask_patches, min_num_patches=min_per_block, max_num_patches=max_per_block, exact=exact
         )
     if kind == "random":
         return RandomMaskGenerator(window, mask_ratio)

@@ -137,3 +137,64 @@ def test_impossible_settings_raise(build):
 def test_unknown_mask_type_message():
     with pytest.raises(ValueError, match="block, random"):
         build_mask_generator("blocky", 14, 75, 0.75, 16, None)
+
+
+def _literal_v2_fixup(mask: np.ndarray, num_masking_patches: int, rng: np.random.Generator) -> np.ndarray:
+    """unilm beit2/masking_generator.py:92-105, restated with ``rng`` for numpy's global generator."""
+    mask = mask.astype(np.int32)
+    mask_count = int(mask.sum())
+    if mask_count > num_masking_patches:
+        delta = mask_count - num_masking_patches
+        mask_x, mask_y = mask.nonzero()
+        to_vis = rng.choice(mask_x.shape[0], delta, replace=False)
+        mask[mask_x[to_vis], mask_y[to_vis]] = 0
+    elif mask_count < num_masking_patches:
+        delta = num_masking_patches - mask_count
+        mask_x, mask_y = (mask == 0).nonzero()
+        to_mask = rng.choice(mask_x.shape[0], delta, replace=False)
+        mask[mask_x[to_mask], mask_y[to_mask]] = 1
+    assert mask.sum() == num_masking_patches
+    return mask.astype(bool)
+
+
+@pytest.mark.parametrize("window, n, min_block", [((14, 14), 75, 16), ((7, 7), 19, 16), ((6, 9), 30, 4)])
+def test_exact_block_mask_always_has_n_patches(window, n, min_block):
+    generator = BlockMaskGenerator(window, n, min_num_patches=min_block, exact=True)
+    rng = np.random.default_rng(5)
+    counts = np.array([generator(rng).sum() for _ in range(1500)])
+    assert (counts == n).all()
+    assert "exact" in repr(generator) and "exact" not in repr(BlockMaskGenerator(window, n, min_block))
+
+
+def test_exact_top_up_is_the_originals():
+    """Same rng: v1's drawing, then the original's top-up with the draws that follow, is exactly exact=True."""
+    loose = BlockMaskGenerator((7, 7), 19, min_num_patches=16)
+    exact = BlockMaskGenerator((7, 7), 19, min_num_patches=16, exact=True)
+    topped_up = 0
+    for seed in range(300):
+        rng_a, rng_b = np.random.default_rng(seed), np.random.default_rng(seed)
+        drawn = loose(rng_a)
+        want = _literal_v2_fixup(drawn, 19, rng_a)
+        assert np.array_equal(exact(rng_b), want)
+        assert rng_a.random() == rng_b.random()  # and consumed the same draws
+        topped_up += int(drawn.sum() < 19)
+    assert topped_up > 50  # the top-up really ran (7x7 with blocks of >= 16 often falls short)
+
+
+def test_exact_trim_is_the_originals():
+    """The drawing never overshoots, so the trim is checked directly on over-full masks."""
+    generator = BlockMaskGenerator((5, 6), 7, min_num_patches=2, exact=True)
+    for seed in range(50):
+        over = np.random.default_rng(1000 + seed).random((5, 6)) < 0.6
+        count = int(over.sum())
+        if count <= 7:
+            continue
+        got = over.copy()
+        generator._force_count(got, count, np.random.default_rng(seed))
+        want = _literal_v2_fixup(over, 7, np.random.default_rng(seed))
+        assert np.array_equal(got, want) and got.sum() == 7 and not (got & ~over).any()
+
+
+def test_build_mask_generator_passes_exact():
+    assert build_mask_generator("block", 14, 75, 0.75, 16, None, exact=True).exact
+    assert not build_mask_generator("block", 14, 75, 0.75, 16, None).exact
