@@ -10,20 +10,14 @@ import math
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mcbeit.objectives.codebook import all_reduce_sum, check_replicas, code_statistics, ema_update_, nearest_codes, perplexity, \
+    reseed_dead_
 from mcbeit.tokenizers.custom import CustomTokenizer
 
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over the ranks (``t`` itself in one process): the global batch's statistics."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return t
-    out = t.detach().clone()
-    dist.all_reduce(out)
-    return out
+__all__ = ["VQVAETraining", "all_reduce_sum", "check_codebook_replicas", "usage_figures"]
 
 
 class VQVAETraining(nn.Module):
@@ -39,7 +33,8 @@ class VQVAETraining(nn.Module):
     towards the normalised mean of the features assigned to it (EMA, ``decay``, then
     re-normalised, as BEiT v2's VQ-KD), with the counts and sums summed over ranks, and
     re-initialises every code unused for ``dead_code_steps`` steps from random features of the
-    batch (rank 0's, broadcast). At the first update every code is initialised that way.
+    batch (rank 0's, broadcast). At the first update every code is initialised that way. The
+    codebook arithmetic is :mod:`mcbeit.objectives.codebook`'s (shared with VQ-KD).
     """
 
     def __init__(self, tokenizer: CustomTokenizer, commitment: float = 0.25, decay: float = 0.99):
@@ -57,8 +52,7 @@ class VQVAETraining(nn.Module):
         z = tok.encode(images)                                          # (B, D, h, w) unit, float32
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)                     # (B*h*w, D)
-        with torch.no_grad():
-            ids = (flat @ tok.codebook.float().t()).argmax(dim=1)       # nearest unit code = largest cosine
+        ids = nearest_codes(flat, tok.codebook)                         # nearest unit code = largest cosine
         codes = tok.codebook[ids].float()
         commit_loss = (flat - codes).pow(2).sum(dim=1).mean()
         quantised = flat + (codes - flat).detach()                      # straight-through estimator
@@ -73,46 +67,25 @@ class VQVAETraining(nn.Module):
         """EMA update and dead-code re-initialisation; returns the global batch's usage (device tensors)."""
         codebook = self.tokenizer.codebook
         vocab = codebook.shape[0]
-        ids = ids.reshape(-1)
-        counts = torch.bincount(ids, minlength=vocab).to(torch.float32)
-        sums = torch.zeros(vocab, features.shape[1], dtype=torch.float32, device=features.device)
-        sums.index_add_(0, ids, features.float())
-        counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)     # the global batch's statistics
-
-        used = counts > 0
-        target = F.normalize(sums, dim=1)
-        moved = F.normalize(self.decay * codebook.float() + (1.0 - self.decay) * target, dim=1)
-        codebook.copy_(torch.where(used[:, None], moved, codebook.float()).to(codebook.dtype))
+        counts, sums = code_statistics(features, ids, vocab)            # the global batch's statistics
+        used = ema_update_(codebook, counts, sums, self.decay)
         self.unused_steps.copy_(torch.where(used, torch.zeros_like(self.unused_steps), self.unused_steps + 1))
 
         dead = ~self.initialised.expand(vocab)
         if dead_code_steps > 0:
             dead = dead | (self.unused_steps >= dead_code_steps)
-        picked = features[torch.randint(features.shape[0], (vocab,), device=features.device)].float()
-        fresh = F.normalize(picked + 1e-3 * torch.randn_like(picked), dim=1)  # noise: no two identical codes
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast(fresh, src=0)                                # every rank gets rank 0's choice
-        codebook.copy_(torch.where(dead[:, None], fresh, codebook.float()).to(codebook.dtype))
+        reseed_dead_(codebook, dead, features)                          # rank 0's draw on every rank
         self.unused_steps.masked_fill_(dead, 0)
         reinit = dead.sum() * self.initialised                          # the first initialisation is not counted
         self.initialised.fill_(True)
 
-        probs = counts / counts.sum().clamp_min(1.0)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-        return {"perplexity": entropy.exp(), "code_usage": used.float().mean(), "dead_codes_reinit": reinit.float(),
+        return {"perplexity": perplexity(counts), "code_usage": used.float().mean(), "dead_codes_reinit": reinit.float(),
                 "counts": counts}
 
 
 def check_codebook_replicas(vq: VQVAETraining) -> None:
     """Raise if the ranks' codebooks differ (their EMA updates must be identical: summed statistics, broadcast re-inits)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    total = vq.tokenizer.codebook.detach().double().sum()
-    spread = torch.stack([total, -total])
-    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-    if float(spread[0] + spread[1]) > 1e-6 * max(1.0, abs(float(total))):
-        raise RuntimeError("the codebook differs between ranks (sum %.9g here, max - min %.3g)"
-                           % (float(total), float(spread[0] + spread[1])))
+    check_replicas(vq.tokenizer.codebook, "the codebook")
 
 
 def usage_figures(counts: torch.Tensor | Sequence[float]) -> dict[str, float]:

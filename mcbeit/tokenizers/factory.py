@@ -11,10 +11,11 @@ from .custom import RANDOM_COSINE_SCALE, CustomTokenizer, load_custom_tokenizer
 from .dalle import DallEEncoder
 from .safe_pickle import load_dalle_decoder, load_dalle_encoder
 from .vqgan import EMAVQGANTokenizer, GumbelVQGANTokenizer
+from .vqkd import build_vqkd_tokenizer
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_KINDS = ("dall-e", "vqgan", "customized", "vqgan_ema")
+TOKENIZER_KINDS = ("dall-e", "vqgan", "customized", "vqgan_ema", "vqkd")
 TOKENIZER_ALIASES = {"vqgan_gumbel_f8_8192": "vqgan"}
 
 _WEIGHT_HINTS = {
@@ -23,6 +24,8 @@ _WEIGHT_HINTS = {
     "vqgan_ema": "a taming log folder holding model.yaml (target taming.models.vqgan.EMAVQ) and last.ckpt",
     "customized": ("a checkpoint of `mcbeit-tokenizer train` (checkpoint-<epoch>.pth), the tokenizer.pth beside it, "
                    "their folder, or a .pth written by mcbeit.tokenizers.save_custom_tokenizer"),
+    "vqkd": ("a BEiT v2 VQ-KD file: unilm's vqkd_encoder_base_decoder_*.pth, mmpretrain's vqkd_encoder.pth or a "
+             "checkpoint-<epoch>.pth of mcbeit-vqkd"),
 }
 _VQGAN_CLASSES = {"vqgan": GumbelVQGANTokenizer, "vqgan_ema": EMAVQGANTokenizer}
 
@@ -48,6 +51,8 @@ def build_tokenizer(
     it, False never builds it (pre-training only needs the logits: saves its memory and load time).
     """
     name = canonical_kind(kind)
+    if name == "vqkd":  # random weights warn there (the tiny encoder); a file's codebook size is the file's
+        return build_vqkd_tokenizer(weight_path, image_size, codebook_size=None, codebook_dim=None)
     if weight_path is None or os.fspath(weight_path) == "":
         if load_decoder:
             raise ValueError(f"load_decoder=True needs the weights of a trained {kind!r} tokenizer (weight_path)")
