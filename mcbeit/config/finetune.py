@@ -30,6 +30,12 @@ def newest_pretrained_checkpoint(folder: str = PRETRAINED_OUTPUT_DIR) -> str:
     return str(max(found)[1]) if found else ""
 
 
+def uses_imagenet_mean_and_std(model: str) -> bool:
+    """timm's BEiT v2 classifiers (``beitv2_*``) are trained on ImageNet-normalised images (timm's cfg
+    ``IMAGENET_DEFAULT_MEAN/STD``; the original fine-tunes v2 with ``--imagenet_default_mean_and_std``)."""
+    return str(model).startswith("beitv2_")
+
+
 @dataclass(frozen=True)
 class ClassificationData(Group):
     TITLE: ClassVar[str] = "data"
@@ -42,7 +48,9 @@ class ClassificationData(Group):
                                 show_default="detected (the original's: IMNET)")
     nb_classes: int | None = flag(None, "number of classes", type=int, show_default="from the dataset")
     input_size: int = flag(224, "image size")
-    imagenet_default_mean_and_std: bool = flag(False, "normalise with ImageNet's mean/std (else 0.5/0.5)")
+    imagenet_default_mean_and_std: bool = flag(False, "normalise with ImageNet's mean/std (else 0.5/0.5); always on "
+                                                      "for timm's beitv2_* models, whose weights expect it (their cfg)",
+                                               show_default="off (on for --model beitv2_*)")
 
 
 @dataclass(frozen=True)
@@ -170,8 +178,10 @@ class FinetuneConfig(ClassificationData, ClassifierModel, FinetuneSource, Augmen
         if self.data_path is None and "finetune" not in given and not (self.eval or self.resume):
             finetune = newest_pretrained_checkpoint()  # the embedded demonstration: pre-train, then fine-tune
         lr = None if self.linear_probe and "lr" not in given else self.lr
+        imagenet_norm = self.imagenet_default_mean_and_std or uses_imagenet_mean_and_std(self.model)
         layer_decay = 1.0 if self.linear_probe else self.layer_decay
         return dataclasses.replace(self, finetune=finetune, lr=lr, layer_decay=layer_decay,
+                                   imagenet_default_mean_and_std=imagenet_norm,
                                    weight_decay_end=self.final_weight_decay, log_dir=self.tensorboard_dir)
 
     def check(self) -> None:

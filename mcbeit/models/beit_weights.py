@@ -1,7 +1,8 @@
 """BEiT-family weights: the one conversion from a checkpoint to a BEiT model, and every route that calls it.
 
 Files it reads: released BEiT / mc-BEiT / BEiT v2 pre-training and fine-tuned checkpoints
-(``{'model' | 'module': state_dict, 'args': argparse.Namespace, ...}``), this package's pre-training
+(``{'model' | 'module': state_dict, 'args': argparse.Namespace, ...}``), mmpretrain's BEiT / BEiT v2
+files (``{'meta': ..., 'state_dict': {backbone.*, neck.*, head.*, ...}}``), this package's pre-training
 and fine-tuning checkpoints, DeepSpeed model states (a checkpoint folder or its
 ``mp_rank_00_model_states.pt``), flat timm state dicts and ``.safetensors`` files; always read
 safely (:mod:`mcbeit.models.checkpoint`).
@@ -9,7 +10,10 @@ safely (:mod:`mcbeit.models.checkpoint`).
 :func:`convert_state_dict` is the conversion, the ``if args.finetune:`` block of the original
 ``run_class_finetuning.py``, for any timm ``Beit`` (this package's pre-training model included):
 
-1. the state dict under the first ``model_key`` present, restricted to ``model_prefix``;
+1. the state dict under the first ``model_key`` present (mmpretrain's ``state_dict`` when none is),
+   restricted to ``model_prefix``; mmpretrain's names (``backbone.layers.N.ln1``, ``neck.patch_aggregation``,
+   ``head.cls_head``, ``head.fc``, ...) mapped to the original's (:mod:`mcbeit.models.key_maps`), its
+   ``target_generator.*`` (the tokenizer) and ``data_preprocessor.*`` dropped and listed;
 2. what the model has no place for is dropped: a head of another class count, pre-training heads
    (``mask_token``, ``lm_head``, BEiT v2's ``cls_pt_layers``, ConMIM's ``projectors``) and the
    ``relative_position_index`` buffers; with mean pooling the pre-training ``norm`` (``fc_norm``
@@ -78,6 +82,7 @@ class ConversionReport:
     """What :func:`convert_state_dict` did, by parameter name."""
     source: str  # the file read
     model_key: Optional[str] = None  # the model_key entry used; None: the file is the state dict
+    renamed: Dict[str, str] = field(default_factory=dict)  # mmpretrain key -> the original's name (key_maps)
     dropped: Dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it was not loaded
     interpolated: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)  # key, from, to
     expanded_shared_rel_pos_bias: bool = False  # the shared table was copied into every block
@@ -87,6 +92,9 @@ class ConversionReport:
     def summary(self, verb: str = 'fine-tuning from') -> str:
         key = f' (state dict under {self.model_key!r})' if self.model_key else ''
         lines = [f'{verb} {self.source}{key}: loaded {self.loaded} tensors']
+        if self.renamed:
+            some = ', '.join(f'{k} -> {v}' for k, v in list(self.renamed.items())[:3])
+            lines.append(f"  mmpretrain names mapped to the original's: {len(self.renamed)} keys ({some}, ...)")
         if self.expanded_shared_rel_pos_bias:
             lines.append('  shared relative position bias copied into every block')
         by_shapes: Dict[Tuple, List[str]] = {}
@@ -202,8 +210,9 @@ def convert_state_dict(checkpoint: Mapping, model: nn.Module, *, model_key: str 
     Raises ``StateDictMismatchError`` (message prefixed ``what``) when anything else does not fit;
     ``CheckpointError`` when no state dict is found. The model is not touched.
     """
-    sd, used, outside = select_state_dict(checkpoint, model_key, model_prefix)
-    report = ConversionReport(source=source, model_key=used, dropped=dict(outside))
+    renamed: Dict[str, str] = {}
+    sd, used, outside = select_state_dict(checkpoint, model_key, model_prefix, renamed)
+    report = ConversionReport(source=source, model_key=used, dropped=dict(outside), renamed=renamed)
     sd = adapt_state_dict(sd, model, report)
     mismatch = compare_state_dict(model, sd)
     report.fresh = [k for k in mismatch.missing if _expected_fresh(k, sd)]

@@ -8,7 +8,8 @@ cannot run code.
 
 Also here, for every family: where a checkpoint comes from (:func:`resolve_source`: a file, a DeepSpeed
 folder or an ``https://`` URL already in the hub cache), :func:`read_checkpoint` (``.safetensors`` too)
-and :func:`select_state_dict` (the original's ``--model_key`` / ``--model_prefix``). What a BEiT model
+and :func:`select_state_dict` (the original's ``--model_key`` / ``--model_prefix``; mmpretrain's
+``{'meta', 'state_dict'}`` files too, their names mapped by :mod:`mcbeit.models.key_maps`). What a BEiT model
 does with the weights is :mod:`mcbeit.models.beit_weights`.
 """
 from __future__ import annotations
@@ -209,12 +210,16 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def extract_state_dict(ckpt: Mapping, keys: Sequence[str] = ('model', 'module', 'state_dict')) -> Dict[str, torch.Tensor]:
+def extract_state_dict(ckpt: Mapping, keys: Sequence[str] = ('model', 'module', 'state_dict'),
+                       map_names: bool = True) -> Dict[str, torch.Tensor]:
     """Unwrap a checkpoint to its state dict and strip wrapper prefixes from the names.
 
     The first of ``keys`` present (holding a dict) is taken, as the original's ``--model_key``
     does, repeatedly while the result is not yet a flat name -> tensor dict. A leading
     ``module.`` (DDP / DeepSpeed) or ``_orig_mod.`` (torch.compile) is removed from every key.
+    With ``map_names`` an mmpretrain state dict (``{'meta', 'state_dict'}`` files: ``backbone.*``,
+    ``neck.*``, ``head.*``) comes back in the original's names (:func:`mcbeit.models.key_maps.from_mmpretrain`;
+    its ``target_generator.*`` and ``data_preprocessor.*`` are dropped and logged).
     """
     sd = ckpt
     for _ in range(4):  # nested wrappers, e.g. {'model': {'module': ...}}
@@ -231,20 +236,73 @@ def extract_state_dict(ckpt: Mapping, keys: Sequence[str] = ('model', 'module', 
     out: Dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         out[_strip_prefixes(k)] = v
+    if map_names:
+        out, _ = _map_mmpretrain(out)
     return out
 
 
-def select_state_dict(ckpt: Mapping, model_key: str = 'model|module',
-                      model_prefix: str = '') -> Tuple[Dict[str, torch.Tensor], Optional[str], Dict[str, str]]:
-    """(state dict, key used or None, keys outside ``model_prefix`` -> reason).
+def _map_mmpretrain(sd: Dict[str, torch.Tensor], model_prefix: str = ''
+                    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """``sd`` in the original's names when it is an mmpretrain state dict (else unchanged) and the notes of
+    :func:`~mcbeit.models.key_maps.from_mmpretrain` (old key -> 'renamed to ...' or why it was dropped).
 
-    Takes the first of ``model_key.split('|')`` present (the whole dict when none is), strips
-    ``module.``/``_orig_mod.``, keeps only keys starting with ``model_prefix`` and strips it.
+    With ``model_prefix`` (mmpretrain's own ``prefix='backbone.'``) the keys under it are taken as one ViT's
+    (:func:`~mcbeit.models.key_maps.mmpretrain_vit_key`) and the rest are noted as outside the prefix."""
+    from mcbeit.models import key_maps
+
+    if not key_maps.is_mmpretrain(sd):
+        return sd, {}
+    if model_prefix:
+        outside = {k: f'outside --model_prefix {model_prefix!r}' for k in sd if not k.startswith(model_prefix)}
+        inside = [k for k in sd if k.startswith(model_prefix)]
+        if not inside:
+            raise CheckpointError(f'--model_prefix {model_prefix!r}: no checkpoint key starts with it '
+                                  f'(keys look like {sorted(sd)[:5]})')
+        unknown, out, notes = [], {}, dict(outside)
+        for k in inside:
+            try:
+                new = key_maps.mmpretrain_vit_key(k[len(model_prefix):])
+            except key_maps.UnmappedKeysError:
+                unknown.append(k)
+                continue
+            out[new], notes[k] = sd[k], key_maps.RENAMED + new
+        if unknown:
+            raise key_maps.UnmappedKeysError(unknown)
+    else:
+        out, notes = key_maps.from_mmpretrain(sd)
+    renamed, dropped = key_maps.split_notes(notes)
+    _logger.info('mmpretrain checkpoint: %d keys renamed to the original BEiT names%s', len(renamed),
+                 ''.join(f'; dropped {k} ({why})' for k, why in dropped.items()))
+    return out, notes
+
+
+def select_state_dict(ckpt: Mapping, model_key: str = 'model|module', model_prefix: str = '',
+                      renamed: Optional[Dict[str, str]] = None
+                      ) -> Tuple[Dict[str, torch.Tensor], Optional[str], Dict[str, str]]:
+    """(state dict, key used or None, dropped keys -> reason).
+
+    Takes the first of ``model_key.split('|')`` present (the whole dict when none is; mmpretrain's
+    ``state_dict`` when none of them is there), strips ``module.``/``_orig_mod.``, keeps only keys
+    starting with ``model_prefix`` and strips it. An mmpretrain state dict comes back in the original's
+    names (:mod:`mcbeit.models.key_maps`; with ``--model_prefix backbone.`` as mmpretrain's own
+    fine-tuning config loads it); the keys it drops (``target_generator.*``, ``data_preprocessor.*``) are
+    among the dropped keys, and ``renamed`` (when given) receives old -> new name for the others.
     """
     keys = [k for k in model_key.split('|') if k]
-    flat = len(ckpt) > 0 and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+    flat = _is_state_dict(ckpt)
     used = None if flat else next((k for k in keys if isinstance(ckpt.get(k), Mapping)), None)
-    sd = extract_state_dict(ckpt, keys)
+    if not flat and used is None and isinstance(ckpt.get('state_dict'), Mapping):
+        used = 'state_dict'  # mmengine / mmpretrain checkpoints: {'meta': ..., 'state_dict': ...}
+        keys = keys + ['state_dict']
+    sd = extract_state_dict(ckpt, keys, map_names=False)
+    sd, notes = _map_mmpretrain(sd, model_prefix)
+    if notes:
+        from mcbeit.models.key_maps import split_notes
+
+        new_names, dropped = split_notes(notes)
+        if renamed is not None:
+            renamed.update(new_names)
+        return sd, used, dropped
     outside: Dict[str, str] = {}
     if model_prefix:
         kept = {k[len(model_prefix):]: v for k, v in sd.items() if k.startswith(model_prefix)}
@@ -265,7 +323,8 @@ def _regenerated_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
 def filter_pretraining_state_dict(sd: Mapping, model: nn.Module) -> Dict[str, torch.Tensor]:
     """Make a released (or our own) checkpoint's state dict loadable into ``model``.
 
-    Accepts a whole checkpoint (unwrapped with ``extract_state_dict``) or a state dict. Drops
+    Accepts a whole checkpoint (unwrapped with ``extract_state_dict``: ``model``, ``module`` or mmpretrain's
+    ``state_dict``, whose names are mapped to the original's) or a state dict. Drops
     the entries the model regenerates: every ``relative_position_index`` (timm keeps them
     non-persistent) and any other key naming one of the model's non-persistent buffers (e.g. a
     zero ``k_bias``). A dropped index that differs from the model's own is logged as a warning.

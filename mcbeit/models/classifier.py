@@ -30,8 +30,9 @@ __all__ = ["classifier_kwargs", "build_classifier", "classifier_names"]
 
 
 def classifier_names() -> list[str]:
-    """BEiT classification models known to timm (ours included), without the pre-training ``_8k_vocab`` ones."""
-    return sorted(n for n in timm.list_models(["beit_*", "beitv2_*"]) if not n.endswith("_8k_vocab"))
+    """BEiT classification models known to timm (ours included), without the pre-training ``_8k_vocab`` ones
+    (BEiT v2's ``_8k_vocab_cls_pt`` included)."""
+    return sorted(n for n in timm.list_models(["beit_*", "beitv2_*"]) if "_8k_vocab" not in n)
 
 
 def classifier_kwargs(*, nb_classes: int, input_size: int = 224, use_mean_pooling: bool = True,
@@ -56,7 +57,7 @@ def build_classifier(name: str, **kwargs: Any) -> Beit:
     names = classifier_names()
     if name not in names:
         hint = (f"{name} is a pre-training model; fine-tune its classification counterpart "
-                f"{name[:-len('_8k_vocab')]}" if name.endswith("_8k_vocab") else f"{name} is not a BEiT classifier")
+                f"{name[:name.index('_8k_vocab')]}" if "_8k_vocab" in name else f"{name} is not a BEiT classifier")
         raise InputError(f"--model {name}: {hint}; choose one of {names}")
     model = timm.create_model(name, pretrained=False, **classifier_kwargs(**kwargs))
     if not isinstance(model, Beit):  # pragma: no cover - every beit* name of timm builds a Beit

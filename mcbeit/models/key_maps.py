@@ -88,7 +88,7 @@ def _flat(sd: Mapping) -> Dict[str, torch.Tensor]:
     """A state dict, or the one inside a whole checkpoint (``{'meta', 'state_dict'}``, ``{'model': ...}``)."""
     if len(sd) > 0 and all(isinstance(v, torch.Tensor) for v in sd.values()):
         return dict(sd)
-    return extract_state_dict(sd, ('state_dict', 'model', 'module'))
+    return extract_state_dict(sd, ('state_dict', 'model', 'module'), map_names=False)
 
 
 def is_mmpretrain(sd: Mapping) -> bool:

@@ -1,12 +1,21 @@
 """Released BEiT v2 files, each written here in its released layout and loaded: unilm's pre-training file,
 timm's beitv2 fine-tuned weights, mmpretrain's pre-training and fine-tuned files (through the key map of
 mcbeit.models.key_maps, checked first on names)."""
+import argparse
+import logging
 import re
 
 import pytest
+import timm
 import torch
 from timm.models.beit import gen_relative_position_index
 
+from mcbeit.cli import finetune
+from mcbeit.engine.distributed import cleanup
+from mcbeit.errors import InputError
+from mcbeit.models.beit_weights import load_for_finetuning, load_pretrained
+from mcbeit.models.checkpoint import filter_pretraining_state_dict, load_checkpoint_file, load_into, select_state_dict
+from mcbeit.models.classifier import build_classifier
 from mcbeit.models.key_maps import (PREPROCESSOR_DROPPED, RENAMED, TOKENIZER_DROPPED, UnmappedKeysError,
                                     from_mmpretrain, is_mmpretrain, mmpretrain_vit_key, split_notes)
 
@@ -176,3 +185,148 @@ def test_unknown_mmpretrain_keys_are_an_error_naming_them():
         from_mmpretrain(mm)
     assert err.value.keys == ['neck.extra_proj.weight', 'backbone.layers.0.ffn.gamma2.weight']
     assert 'neck.extra_proj.weight' in str(err.value) and 'backbone.layers.0.ffn.gamma2.weight' in str(err.value)
+
+
+# ---------------------------------------------------------------------- 2./3. files in the released layouts, loaded
+TINY_CLS, TINY_V2 = 'beit_tiny_patch16_224', 'beit_tiny_patch16_224_8k_vocab_cls_pt'
+PRETRAINING_DROPS = ('cls_pt_layers.', 'lm_head.', 'mask_token', 'norm.')
+
+
+def write_unilm_v2_pretraining(path, **kw):
+    """unilm's utils.save_model layout: {'model', 'optimizer', 'epoch', 'scaler', 'args': argparse.Namespace}."""
+    sd = unilm_v2_pretraining_sd(**kw)
+    args = argparse.Namespace(model='beit_base_patch16_224_8k_vocab_cls_pt', early_layers=9, head_layers=2,
+                              shared_lm_head=True, imagenet_default_mean_and_std=True, input_size=224)
+    torch.save({'model': sd, 'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 299,
+                'scaler': {'scale': 65536.0}, 'args': args}, path)
+    return sd
+
+
+def write_mmpretrain_v2_pretraining(path, unilm):
+    """mmpretrain's BEiT v2 file: {'meta', 'state_dict': backbone.*, neck.*, head.*, target_generator.*}."""
+    sd = to_mmpretrain(unilm)
+    sd.update({'target_generator.' + k: v for k, v in mmpretrain_vqkd_sd(depth=1).items()})
+    meta = {'epoch': 300, 'iter': 187500, 'mmengine_version': '0.7.3', 'time': '20230201_120000',
+            'dataset_meta': {}, 'seed': 0}
+    torch.save({'meta': meta, 'state_dict': sd}, path)
+    return sd
+
+
+def v2_pretraining_model(**kw):
+    return timm.create_model(TINY_V2, vocab_size=64, **kw).eval()
+
+
+def tiny_classifier(nb_classes=10, **kw):
+    return build_classifier(TINY_CLS, nb_classes=nb_classes, **kw).eval()
+
+
+@pytest.fixture(scope='module')
+def unilm_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('unilm') / 'beitv2_tiny_patch16_224_pt1k.pth'
+    return path, write_unilm_v2_pretraining(path)
+
+
+@pytest.fixture(scope='module')
+def mmpretrain_file(tmp_path_factory, unilm_file):
+    path = tmp_path_factory.mktemp('mmpretrain') / 'beitv2_beit-tiny-p16_8xb256-amp-coslr-300e_in1k.pth'
+    return path, write_mmpretrain_v2_pretraining(path, unilm_file[1])
+
+
+def _check_finetuning_conversion(model, unilm, report):
+    """The original's --finetune: shared table in every block, pre-training heads and norm dropped and listed."""
+    own = model.state_dict()
+    for i in range(12):
+        assert torch.equal(own[f'blocks.{i}.attn.relative_position_bias_table'],
+                           unilm['rel_pos_bias.relative_position_bias_table'])
+        assert torch.equal(own[f'blocks.{i}.mlp.fc2.weight'], unilm[f'blocks.{i}.mlp.fc2.weight'])
+        assert torch.equal(own[f'blocks.{i}.gamma_1'], unilm[f'blocks.{i}.gamma_1'])
+    assert torch.equal(own['patch_embed.proj.weight'], unilm['patch_embed.proj.weight'])
+    assert report.expanded_shared_rel_pos_bias and sorted(report.fresh) == [
+        'fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
+    dropped = [k for k in report.dropped if k.startswith(PRETRAINING_DROPS)]
+    assert sorted(dropped) == sorted(k for k in unilm if k.startswith(PRETRAINING_DROPS))  # 30 + 2 + 1 + 2
+    assert 'rel_pos_bias.relative_position_index' in report.dropped
+    summary = report.summary()
+    assert 'cls_pt_layers.0.gamma_1' in summary and 'lm_head.weight' in summary and 'mask_token' in summary
+    assert 'norm.weight' in summary and 'shared relative position bias copied into every block' in summary
+
+
+def test_unilm_v2_pretraining_file_finetunes_and_initialises_the_v2_model(unilm_file):
+    path, unilm = unilm_file
+    model = tiny_classifier()
+    report = load_for_finetuning(str(path), model)
+    _check_finetuning_conversion(model, unilm, report)
+    assert report.model_key == 'model' and not report.renamed
+
+    # the v2 pre-training model: strict loading after the filter (the resume / initialise route)
+    v2 = v2_pretraining_model()
+    load_into(v2, filter_pretraining_state_dict(load_checkpoint_file(path), v2), strict=True)
+    own = v2.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in unilm.items() if k in own) and len(own) == len(unilm) - 1
+
+
+def test_mmpretrain_v2_pretraining_file_loads_into_the_v2_model_and_finetunes(mmpretrain_file, unilm_file, caplog):
+    path, mm = mmpretrain_file
+    unilm = unilm_file[1]
+    ckpt = load_checkpoint_file(path)
+    renamed = {}
+    sd, used, dropped = select_state_dict(ckpt, renamed=renamed)
+    assert used == 'state_dict' and sd.keys() == unilm.keys() and len(renamed) == len(unilm)
+    assert set(dropped) == {k for k in mm if k.startswith('target_generator.')}
+    assert set(dropped.values()) == {TOKENIZER_DROPPED}
+
+    v2 = v2_pretraining_model()  # the filter (PretrainTask.load_weights's route) takes the whole file
+    with caplog.at_level(logging.INFO, logger='mcbeit.models.checkpoint'):
+        load_into(v2, filter_pretraining_state_dict(ckpt, v2), strict=True)
+    assert 'target_generator.quantize.embedding.weight' in caplog.text
+    assert all(torch.equal(v2.state_dict()[k], unilm[k]) for k in v2.state_dict())
+    v2b = v2_pretraining_model()
+    report = load_pretrained(v2b, path)  # the Python route: keeps the heads, lists the tokenizer
+    assert report.renamed['neck.patch_aggregation.1.ffn.layers.0.0.weight'] == 'cls_pt_layers.1.mlp.fc1.weight'
+    assert report.renamed['head.cls_head.weight'] == 'lm_head.weight' and not report.fresh
+    assert 'target_generator.encoder.ln1.weight' in report.dropped and 'mmpretrain names mapped' in report.summary()
+    assert all(torch.equal(v, v2.state_dict()[k]) for k, v in v2b.state_dict().items())
+
+    model = tiny_classifier()
+    report = load_for_finetuning(str(path), model)
+    _check_finetuning_conversion(model, unilm, report)
+    from_unilm = tiny_classifier()
+    load_for_finetuning(str(unilm_file[0]), from_unilm)
+    # mmpretrain's own fine-tuning config loads with prefix='backbone.': the same tensors but the fresh head
+    by_prefix = tiny_classifier()
+    report = load_for_finetuning(str(path), by_prefix, model_prefix='backbone.')
+    assert report.dropped['neck.norm.weight'] == "outside --model_prefix 'backbone.'"
+    for other in (from_unilm, by_prefix):
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items()
+                   if not k.startswith(('head.', 'fc_norm.')))
+
+
+def test_v2_pretraining_files_finetune_through_the_command_line(unilm_file, mmpretrain_file, tmp_path):
+    """mcbeit-finetune --finetune FILE for both pre-training layouts: one epoch each, from the file's weights."""
+    from tests.tasks.conftest import make_image_folder
+
+    make_image_folder(tmp_path / 'data' / 'train', n_per_class=2, size=64, seed=1)
+    make_image_folder(tmp_path / 'data' / 'val', n_per_class=1, size=64, seed=2)
+    unilm = unilm_file[1]
+    for name, (path, _) in (('unilm', unilm_file), ('mmpretrain', mmpretrain_file)):
+        out = tmp_path / name
+        assert finetune.main(['--data_path', str(tmp_path / 'data'), '--output_dir', str(out), '--finetune', str(path),
+                              '--model', TINY_CLS, '--input_size', '64', '--batch_size', '8', '--num_workers', '0',
+                              '--device', 'cpu', '--epochs', '1', '--aa', '', '--reprob', '0', '--warmup_epochs', '0',
+                              '--lr', '1e-4', '--imagenet_default_mean_and_std']) == 0
+        cleanup()
+        ckpt = torch.load(out / 'checkpoint-0.pth', weights_only=True)['model']
+        moved = (ckpt['blocks.3.mlp.fc1.weight'] - unilm['blocks.3.mlp.fc1.weight']).abs()
+        assert 0 < moved.max() < 0.01  # started from the file's weights, trained one step
+        assert ckpt['blocks.5.attn.relative_position_bias_table'].shape == (7 * 7 + 3, 3)  # 4x4 grid at 64 px
+
+
+def test_beitv2_models_are_normalised_with_imagenet_mean_and_std():
+    parse = finetune.get_args_parser().parse_args
+    for model, expected in (('beitv2_base_patch16_224', True), ('beit_base_patch16_224', False)):
+        config = finetune.resolve_defaults(parse(['--model', model, '--data_path', 'd']))
+        assert config.imagenet_default_mean_and_std is expected
+    assert finetune.resolve_defaults(parse(['--model', 'beit_base_patch16_224', '--data_path', 'd',
+                                            '--imagenet_default_mean_and_std'])).imagenet_default_mean_and_std
+    with pytest.raises(InputError, match='classification counterpart beit_base_patch16_224'):
+        build_classifier('beit_base_patch16_224_8k_vocab_cls_pt', nb_classes=10)
