@@ -8,14 +8,16 @@ import re
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 from timm.models.beit import gen_relative_position_index
 
 from mcbeit.cli import finetune
 from mcbeit.engine.distributed import cleanup
 from mcbeit.errors import InputError
-from mcbeit.models.beit_weights import load_for_finetuning, load_pretrained
+from mcbeit.models.beit_weights import convert_state_dict, load_for_finetuning, load_pretrained
 from mcbeit.models.checkpoint import filter_pretraining_state_dict, load_checkpoint_file, load_into, select_state_dict
 from mcbeit.models.classifier import build_classifier
+from tests.tasks.conftest import make_image_folder
 from mcbeit.models.key_maps import (PREPROCESSOR_DROPPED, RENAMED, TOKENIZER_DROPPED, UnmappedKeysError,
                                     from_mmpretrain, is_mmpretrain, mmpretrain_vit_key, split_notes)
 
@@ -301,16 +303,21 @@ def test_mmpretrain_v2_pretraining_file_loads_into_the_v2_model_and_finetunes(mm
                    if not k.startswith(('head.', 'fc_norm.')))
 
 
-def test_v2_pretraining_files_finetune_through_the_command_line(unilm_file, mmpretrain_file, tmp_path):
-    """mcbeit-finetune --finetune FILE for both pre-training layouts: one epoch each, from the file's weights."""
-    from tests.tasks.conftest import make_image_folder
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+    """IMNET layout, 4 classes of 64 px images: 8 train, 4 val."""
+    root = tmp_path_factory.mktemp('images')
+    make_image_folder(root / 'train', n_per_class=2, size=64, seed=1)
+    make_image_folder(root / 'val', n_per_class=1, size=64, seed=2)
+    return root
 
-    make_image_folder(tmp_path / 'data' / 'train', n_per_class=2, size=64, seed=1)
-    make_image_folder(tmp_path / 'data' / 'val', n_per_class=1, size=64, seed=2)
+
+def test_v2_pretraining_files_finetune_through_the_command_line(unilm_file, mmpretrain_file, images, tmp_path):
+    """mcbeit-finetune --finetune FILE for both pre-training layouts: one epoch each, from the file's weights."""
     unilm = unilm_file[1]
     for name, (path, _) in (('unilm', unilm_file), ('mmpretrain', mmpretrain_file)):
         out = tmp_path / name
-        assert finetune.main(['--data_path', str(tmp_path / 'data'), '--output_dir', str(out), '--finetune', str(path),
+        assert finetune.main(['--data_path', str(images), '--output_dir', str(out), '--finetune', str(path),
                               '--model', TINY_CLS, '--input_size', '64', '--batch_size', '8', '--num_workers', '0',
                               '--device', 'cpu', '--epochs', '1', '--aa', '', '--reprob', '0', '--warmup_epochs', '0',
                               '--lr', '1e-4', '--imagenet_default_mean_and_std']) == 0
@@ -330,3 +337,101 @@ def test_beitv2_models_are_normalised_with_imagenet_mean_and_std():
                                             '--imagenet_default_mean_and_std'])).imagenet_default_mean_and_std
     with pytest.raises(InputError, match='classification counterpart beit_base_patch16_224'):
         build_classifier('beit_base_patch16_224_8k_vocab_cls_pt', nb_classes=10)
+
+
+# ---------------------------------------------------------------------- base size: the released names and shapes
+BASE_SHAPES = {'cls_token': (1, 1, 768), 'mask_token': (1, 1, 768), 'patch_embed.proj.weight': (768, 3, 16, 16),
+               'rel_pos_bias.relative_position_bias_table': (732, 12),
+               'rel_pos_bias.relative_position_index': (197, 197), 'blocks.11.gamma_2': (768,),
+               'blocks.0.attn.q_bias': (768,), 'blocks.0.attn.qkv.weight': (2304, 768),
+               'blocks.5.mlp.fc1.weight': (3072, 768), 'blocks.5.mlp.fc2.weight': (768, 3072),
+               'norm.weight': (768,), 'lm_head.weight': (8192, 768), 'lm_head.bias': (8192,),
+               'cls_pt_layers.1.attn.proj.weight': (768, 768), 'cls_pt_layers.0.gamma_1': (768,)}
+
+
+def test_base_v2_pretraining_keys_load_into_the_base_models():
+    """beitv2_base_patch16_224_pt1k.pth's 220 keys (the reference's list) at their shapes: strict into
+    beit_base_patch16_224_8k_vocab_cls_pt after the filter, and --finetune's conversion into beit_base_patch16_224."""
+    ckpt = {'model': unilm_v2_pretraining_sd(dim=768, depth=12, heads=12, vocab=8192, g=14), 'epoch': 1599,
+            'args': argparse.Namespace()}
+    sd = ckpt['model']
+    assert len(sd) == 220 and {k: tuple(sd[k].shape) for k in BASE_SHAPES} == BASE_SHAPES
+    assert not any('pos_embed' in k or k.endswith('attn.relative_position_bias_table') for k in sd)
+
+    v2 = timm.create_model('beit_base_patch16_224_8k_vocab_cls_pt')
+    load_into(v2, filter_pretraining_state_dict(ckpt, v2), strict=True)
+    del v2
+    model = build_classifier('beit_base_patch16_224', nb_classes=1000)
+    converted, report = convert_state_dict(ckpt, model)
+    model.load_state_dict(converted)
+    assert report.loaded == 220 - 35 - 1 + 11 and report.expanded_shared_rel_pos_bias  # +11: the table in 12 blocks
+    assert torch.equal(model.blocks[7].attn.relative_position_bias_table, sd['rel_pos_bias.relative_position_bias_table'])
+
+
+@pytest.fixture(scope='module')
+def timm_beitv2(tmp_path_factory):
+    """timm's beitv2_base_patch16_224 (the .in1k_ft_* fine-tuned weights' layout) with random weights, saved as
+    the hub's model.safetensors (a flat state dict)."""
+    torch.manual_seed(3)
+    model = timm.create_model('beitv2_base_patch16_224', pretrained=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    path = tmp_path_factory.mktemp('timm') / 'model.safetensors'
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path))
+    return path, model, sd
+
+
+def test_timm_beitv2_weights_evaluate_and_finetune_further(timm_beitv2):
+    path, _, sd = timm_beitv2
+    model = build_classifier('beitv2_base_patch16_224', nb_classes=1000)
+    report = load_for_finetuning(str(path), model)
+    assert not report.dropped and not report.fresh and not report.expanded_shared_rel_pos_bias
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+    model = build_classifier('beitv2_base_patch16_224', nb_classes=10)  # further fine-tuning: another class count
+    report = load_for_finetuning(str(path), model)
+    assert sorted(report.dropped) == ['head.bias', 'head.weight'] and sorted(report.fresh) == ['head.bias', 'head.weight']
+    assert 'starts fresh' in report.dropped['head.weight'] and model.head.weight.shape == (10, 768)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items() if not k.startswith('head.'))
+
+    # unilm's own fine-tuned v2 files: 'module' (not stripped) and an index buffer per block, into beit_base
+    unilm = {'module': {**sd, **{f'blocks.{i}.attn.relative_position_index': gen_relative_position_index((14, 14))
+                                 for i in range(12)}}}
+    model = build_classifier('beit_base_patch16_224', nb_classes=1000)
+    converted, report = convert_state_dict(unilm, model)
+    assert report.model_key == 'module' and len(report.dropped) == 12 and not report.fresh
+    assert all(torch.equal(converted[k], sd[k]) for k in sd)
+
+
+def test_mmpretrain_finetuned_classifier_evaluates_in_beit_base(timm_beitv2, tmp_path):
+    """mmpretrain's beit-base-p16_beitv2-pre_8xb128-coslr-100e_in1k: backbone.layers.N (per-block tables and their
+    persistent index), backbone.ln2 after mean pooling, head.fc; evaluated by beit_base_patch16_224."""
+    _, reference, sd = timm_beitv2
+    mm = to_mmpretrain({**sd, **{f'blocks.{i}.attn.relative_position_index': gen_relative_position_index((14, 14))
+                                 for i in range(12)}})
+    assert {'backbone.ln2.weight', 'head.fc.weight', 'backbone.layers.11.attn.relative_position_index',
+            'backbone.layers.0.ffn.layers.0.0.weight'} <= set(mm) and not any(k.startswith('neck.') for k in mm)
+    path = tmp_path / 'beit-base-p16_beitv2-pre_8xb128-coslr-100e_in1k.pth'
+    torch.save({'meta': {'epoch': 100, 'dataset_meta': {'classes': ['c'] * 1000}}, 'state_dict': mm}, path)
+    model = build_classifier('beit_base_patch16_224', nb_classes=1000).eval()
+    report = load_for_finetuning(str(path), model)
+    assert not report.fresh and set(report.dropped) == {f'blocks.{i}.attn.relative_position_index' for i in range(12)}
+    assert report.renamed['backbone.ln2.bias'] == 'fc_norm.bias' and report.renamed['head.fc.weight'] == 'head.weight'
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_timm_beitv2_weights_evaluate_through_the_command_line(timm_beitv2, images, tmp_path):
+    """The original's evaluation command (--finetune WEIGHTS --eval) with timm's name and file."""
+    path = timm_beitv2[0]
+    args = finetune.get_args_parser().parse_args([
+        '--data_path', str(images), '--output_dir', str(tmp_path / 'eval'), '--model', 'beitv2_base_patch16_224',
+        '--finetune', str(path), '--nb_classes', '1000', '--eval', '--input_size', '64', '--batch_size', '4',
+        '--num_workers', '0', '--device', 'cpu'])
+    assert finetune.resolve_defaults(args).imagenet_default_mean_and_std
+    stats = finetune.run(args)
+    cleanup()
+    assert stats['test_images'] == 4 and 0 <= stats['test_acc1'] <= stats['test_acc5'] <= 100
