@@ -96,7 +96,11 @@ class FinetuneTask(Task):
                                  attn_drop_rate=cfg.attn_drop_rate, drop_path=cfg.drop_path)
         model = set_recompute(model, cfg.recompute)
         if cfg.finetune:
-            load_for_finetuning(cfg.finetune, model, model_key=cfg.model_key, model_prefix=cfg.model_prefix)
+            report = load_for_finetuning(cfg.finetune, model, model_key=cfg.model_key, model_prefix=cfg.model_prefix)
+            if not cfg.imagenet_default_mean_and_std and any(k.startswith("cls_pt_layers.") for k in report.dropped):
+                log.warning("%s is a BEiT v2 pre-training checkpoint (it has cls_pt_layers), pre-trained on ImageNet "
+                            "mean/std inputs; the original fine-tunes it with --imagenet_default_mean_and_std, this "
+                            "run normalises with 0.5/0.5", cfg.finetune)
         elif cfg.linear_probe:
             log.warning("--linear_probe without --finetune probes a RANDOMLY initialised backbone")
         elif not cfg.resume and not cfg.eval:

@@ -312,16 +312,22 @@ def images(tmp_path_factory):
     return root
 
 
-def test_v2_pretraining_files_finetune_through_the_command_line(unilm_file, mmpretrain_file, images, tmp_path):
-    """mcbeit-finetune --finetune FILE for both pre-training layouts: one epoch each, from the file's weights."""
+def test_v2_pretraining_files_finetune_through_the_command_line(unilm_file, mmpretrain_file, images, tmp_path,
+                                                               capfd):
+    """mcbeit-finetune --finetune FILE for both pre-training layouts: one epoch each, from the file's weights
+    (without --imagenet_default_mean_and_std, which the original's v2 command passes, a warning says so)."""
     unilm = unilm_file[1]
-    for name, (path, _) in (('unilm', unilm_file), ('mmpretrain', mmpretrain_file)):
+    for name, (path, _), norm in (('unilm', unilm_file, ['--imagenet_default_mean_and_std']),
+                                  ('mmpretrain', mmpretrain_file, [])):
         out = tmp_path / name
         assert finetune.main(['--data_path', str(images), '--output_dir', str(out), '--finetune', str(path),
                               '--model', TINY_CLS, '--input_size', '64', '--batch_size', '8', '--num_workers', '0',
                               '--device', 'cpu', '--epochs', '1', '--aa', '', '--reprob', '0', '--warmup_epochs', '0',
-                              '--lr', '1e-4', '--imagenet_default_mean_and_std']) == 0
+                              '--lr', '1e-4', *norm]) == 0
         cleanup()
+        logged = capfd.readouterr().err  # the run's log: what --finetune dropped, and the v2 normalisation warning
+        assert 'cls_pt_layers.0.gamma_1' in logged and 'lm_head.weight' in logged
+        assert ('is a BEiT v2 pre-training checkpoint' in logged) == (not norm)
         ckpt = torch.load(out / 'checkpoint-0.pth', weights_only=True)['model']
         moved = (ckpt['blocks.3.mlp.fc1.weight'] - unilm['blocks.3.mlp.fc1.weight']).abs()
         assert 0 < moved.max() < 0.01  # started from the file's weights, trained one step
