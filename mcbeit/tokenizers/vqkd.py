@@ -351,7 +351,7 @@ def _from_mmpretrain(sd: Mapping[str, torch.Tensor], notes: list[str]) -> dict[s
         k = key[len("target_generator."):] if key.startswith("target_generator.") else key
         if k.startswith("encoder."):
             rest = k[len("encoder."):]
-            k = "encoder." + ("fc_norm" + rest[len("ln1"):] if rest.startswith("ln1.") else mmpretrain_vit_key(rest))
+            k = "encoder." + mmpretrain_vit_key(rest, final_norm="fc_norm")
         out[k] = value
     weight = out.get("quantize.embedding.weight")
     if weight is not None:  # mmpretrain's EmbeddingEMA has no statistics (unused for tokenizing): as a fresh model's
