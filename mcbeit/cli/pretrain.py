@@ -1,4 +1,5 @@
-"""`mcbeit-pretrain` (`run_mcbeit_pretraining.py`) and `mcbeit-pretrain-beit` (`run_beit_pretraining.py`).
+"""`mcbeit-pretrain` (`run_mcbeit_pretraining.py`), `mcbeit-pretrain-beit` (`run_beit_pretraining.py`) and
+`mcbeit-pretrain-beitv2` (`run_beitv2_pretraining.py`).
 
 Every flag of the originals keeps its name and meaning; each entry point has its original's
 defaults (:mod:`mcbeit.config.pretrain`). With no flags: a tiny model on the embedded images, on
@@ -12,7 +13,7 @@ from typing import Any, Sequence
 
 from mcbeit.cli.common import config_parser, parse_and_run, run_in_process, to_config
 from mcbeit.config.fields import embedded_values
-from mcbeit.config.pretrain import BeitPretrainConfig, PretrainConfig, changed_defaults
+from mcbeit.config.pretrain import BeitPretrainConfig, BeitV2PretrainConfig, PretrainConfig, changed_defaults
 
 #: the embedded demonstration's values of the flags not given (no --data_path)
 EMBEDDED_DEFAULTS = embedded_values(PretrainConfig)
@@ -38,6 +39,41 @@ def get_beit_args_parser() -> argparse.ArgumentParser:
         "BEiT pre-training (hard visual-token targets; the DALL-E tokenizer when --discrete_vae_weight_path is "
         f"given); the flags of the original run_beit_pretraining.py. Its defaults differ from mc-BEiT's in: {differ}.",
         EMBEDDED_NOTE)
+
+
+def get_beitv2_args_parser() -> argparse.ArgumentParser:
+    """BEiT v2's `run_beitv2_pretraining.py`: VQ-KD targets, patch aggregation, unilm's BEiT v2 defaults."""
+    differ = ", ".join(f"--{k} {_fmt(new)} (mc-BEiT: {_fmt(old)})" for k, (old, new) in
+                       changed_defaults(BeitV2PretrainConfig).items())
+    parser = config_parser(
+        "mcbeit-pretrain-beitv2", BeitV2PretrainConfig,
+        "BEiT v2 pre-training: hard VQ-KD code ids of --tokenizer_weight as targets; the *_cls_pt models add patch "
+        "aggregation (loss = CE(main) + CE(aggregated), 1:1, logged as loss_1 / loss_2); block masks of exactly "
+        "--num_mask_patches. The flags of the original run_beitv2_pretraining.py. Its defaults differ from mc-BEiT's "
+        f"in: {differ}. Where it differs from the original on purpose: --decoupling_aug True is refused (the "
+        "original ignores it); --tokenizer_weight is a file on this machine (nothing is downloaded); without it the "
+        "tokenizer is a RANDOM tiny VQ-KD (smoke runs only).",
+        EMBEDDED_NOTE)
+    _take_a_value(parser, BeitV2PretrainConfig, ("shared_lm_head", "decoupling_aug"))
+    return parser
+
+
+class _BoolValue(argparse.Action):
+    """unilm's ``type=utils.bool_flag`` flags: ``--flag True`` / ``--flag False``; a bare ``--flag`` means True."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if values is None else values)
+
+
+def _take_a_value(parser: argparse.ArgumentParser, config_cls: type, names: Sequence[str]) -> None:
+    """Turn the store-true flags ``names`` into flags that take an optional True/False value (their field's ``type``)."""
+    import dataclasses
+
+    types = {f.name: f.metadata["type"] for f in dataclasses.fields(config_cls)}
+    for action in parser._actions:
+        if action.dest in names and isinstance(action, argparse._StoreTrueAction):
+            action.__class__ = _BoolValue
+            action.nargs, action.type, action.metavar = "?", types[action.dest], "{True,False}"
 
 
 def _fmt(value: Any) -> str:
@@ -68,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def main_beit(argv: Sequence[str] | None = None) -> int:
     return parse_and_run(get_beit_args_parser(), argv, train)
+
+
+def main_beitv2(argv: Sequence[str] | None = None) -> int:
+    return parse_and_run(get_beitv2_args_parser(), argv, train)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from mcbeit.config.fields import Group, flag
 from mcbeit.config.run import CompileConfig, ImageFolderData, OptimConfig, RunConfig, at_least
 from mcbeit.errors import ConfigError
 
-TOKENIZER_KINDS = ("dall-e", "vqgan", "vqgan_gumbel_f8_8192", "vqgan_ema", "customized")
+TOKENIZER_KINDS = ("dall-e", "vqgan", "vqgan_gumbel_f8_8192", "vqgan_ema", "customized", "vqkd")
 RECOMPUTE_MODES = ("selective", "full", "none")  # mcbeit.models.recompute (kept torch-free here)
 
 
@@ -40,10 +40,14 @@ class TokenizerChoice(Group):
     DEFAULT_TOKENIZER: ClassVar[str] = "vqgan"
 
     discrete_vae_weight_path: str | None = flag(
-        None, "tokenizer weights: a VQGAN log folder (model.yaml + last.ckpt), a DALL-E folder (encoder.pkl), or a "
-              "customized tokenizer file", show_default="none: a RANDOM tokenizer (smoke runs only)")
+        None, "tokenizer weights: a VQGAN log folder (model.yaml + last.ckpt), a DALL-E folder (encoder.pkl), a "
+              "customized tokenizer file, or a VQ-KD file (BEiT v2's tokenizer: unilm's vqkd_encoder_*.pth, "
+              "mmpretrain's vqkd_encoder.pth, a checkpoint of mcbeit-vqkd)",
+        show_default="none: a RANDOM tokenizer (smoke runs only)")
     discrete_vae_type: str | None = flag(
-        None, f"one of {', '.join(TOKENIZER_KINDS)}",
+        None, f"one of {', '.join(TOKENIZER_KINDS)} (vqkd: soft targets softmax(100 cos / --temp) over the VQ-KD "
+              "codebook; --second_input_size = --input_size, VQ-KD sees 16-pixel patches)",
+        aliases=("--tokenizer_type",),
         show_default="the original's with --discrete_vae_weight_path, else 'customized' (a small random tokenizer "
                      "that keeps the no-argument run fast)")
 
@@ -180,6 +184,110 @@ class BeitPretrainConfig(PretrainConfig):
     color_jitter: float = flag(0.4, "brightness / contrast / saturation jitter of the whole image before the flip and "
                                     "the crop, as unilm's BEiT (which hard-codes it); 0 turns it off")
     hard_targets: bool = flag(True, "BEiT's loss: cross-entropy on the tokenizer's hard token ids (always on here)")
+
+
+#: the random VQ-KD tokenizer of runs without --tokenizer_weight when --tokenizer_model is not given (fast)
+RANDOM_VQKD_MODEL = "vqkd_encoder_tiny_decoder_1x192x3"
+V2_MODEL_SUFFIX = "_cls_pt"
+
+
+def bool_flag(text: str) -> bool:
+    """unilm's ``utils.bool_flag``: ``--flag True`` / ``--flag False`` (also on/off, 1/0, yes/no)."""
+    value = str(text).strip().lower()
+    if value in ("true", "1", "on", "yes", "t", "y"):
+        return True
+    if value in ("false", "0", "off", "no", "f", "n"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean: use True or False")
+
+
+bool_flag.__name__ = "boolean"  # argparse's "invalid boolean value: 'x'"
+
+
+@dataclass(frozen=True)
+class VQKDTokenizerFlags(Group):
+    TITLE: ClassVar[str] = "tokenizer"
+
+    tokenizer_weight: str | None = flag(
+        None, "the VQ-KD tokenizer: unilm's vqkd_encoder_*.pth (weights under 'model' or 'state_dict'), mmpretrain's "
+              "vqkd_encoder.pth, or a checkpoint / export of mcbeit-vqkd",
+        show_default="none: a RANDOM tokenizer (smoke runs only)")
+    tokenizer_model: str = flag(
+        "vqkd_encoder_base_decoder_3x768x12_clip",
+        "VQ-KD architecture, vqkd_encoder_{tiny,small,base,large}_decoder_{depth}x{width}x{heads}[_{teacher}] (the "
+        f"file's shapes decide it where they can); without --tokenizer_weight and without this flag: {RANDOM_VQKD_MODEL}")
+    codebook_size: int = flag(8192, "codes in the tokenizer's codebook (= the student's vocabulary); must be the file's")
+    codebook_dim: int = flag(32, "dimension of a code; must be the file's")
+
+
+@dataclass(frozen=True)
+class PatchAggregationFlags(Group):
+    TITLE: ClassVar[str] = "model"
+
+    early_layers: int = flag(9, "patch aggregation: the patch tokens after this many blocks (9 for base, 21 for large) "
+                                "join the last block's CLS in the head layers (models *_cls_pt)")
+    head_layers: int = flag(2, "patch aggregation: blocks of the aggregation head (models *_cls_pt)")
+    shared_lm_head: bool = flag(True, "the aggregated stream uses the main stream's norm and lm_head (True/False, as "
+                                      "unilm's bool_flag)", type=bool_flag)
+
+
+@dataclass(frozen=True)
+class BeitV2PretrainConfig(VQKDTokenizerFlags, PatchAggregationFlags, PretrainConfig):
+    """BEiT v2 pre-training (`run_beitv2_pretraining.py`, `mcbeit-pretrain-beitv2`): hard VQ-KD code ids as
+    targets, patch aggregation for the *_cls_pt models (loss = CE(main) + CE(aggregated), 1 : 1), block
+    masking of exactly --num_mask_patches, with the defaults of unilm's `beit2/run_beitv2_pretraining.py`:
+    `beit_base_patch16_224_8k_vocab` (as there: a model without _cls_pt trains BEiT's single loss on VQ-KD
+    targets; the released recipe passes `beit_base_patch16_224_8k_vocab_cls_pt`), drop path 0.1, AdamW's own
+    betas (0.9, 0.999), lr 5e-4 not scaled by the batch, ColorJitter(0.4, 0.4, 0.4) before the flip and the
+    crop, crop scale (--min_crop_scale, 1), --second_input_size 224, its own output folder. The embedded run:
+    the tiny *_cls_pt model at 112 px with a random tiny VQ-KD tokenizer."""
+
+    METHOD: ClassVar[str] = "beitv2"
+    EMBEDDED: ClassVar[dict[str, Any]] = {"model": "beit_tiny_patch16_224_8k_vocab_cls_pt", "second_input_size": 112,
+                                          "epochs": 3}
+
+    output_dir: str = flag("./output/beitv2_pretrained", "where checkpoints, log.txt and tensorboard/ go (not "
+                                                         "mc-BEiT's folder: another experiment); '' writes nothing",
+                           experiment=False)
+    model: str = flag("beit_base_patch16_224_8k_vocab",
+                      "beit_{tiny,small,base,large}_patch16_224_8k_vocab_cls_pt (BEiT v2: patch aggregation, two "
+                      "losses), or beit_*_patch16_224_8k_vocab (one loss, BEiT's model on VQ-KD targets)")
+    second_input_size: int = flag(224, "image size for the tokenizer (= --input_size: VQ-KD has 16-pixel patches)")
+    drop_path: float = flag(0.1, "stochastic depth rate")
+    opt_betas: tuple[float, ...] | None = flag(None, "optimizer betas", nargs="+", type=float,
+                                               show_default="the optimizer's own: (0.9, 0.999) for AdamW")
+    color_jitter: float = flag(0.4, "brightness / contrast / saturation jitter of the whole image before the flip and "
+                                    "the crop, as unilm's BEiT v2 (which hard-codes 0.4); 0 turns it off")
+    min_crop_scale: float = flag(0.08, "smallest area fraction of the random-resized crop (unilm's recipe: 0.2)")
+    decoupling_aug: bool = flag(False, "accepted for compatibility (True/False); unilm parses it and never reads it, "
+                                       "True is refused here", type=bool_flag)
+    hard_targets: bool = flag(True, "hard VQ-KD code ids as targets (always on here)")
+
+    def derive(self, given: set[str]) -> "BeitV2PretrainConfig":
+        config = super().derive(given)
+        if not self.tokenizer_weight and "tokenizer_model" not in given:
+            config = dataclasses.replace(config, tokenizer_model=RANDOM_VQKD_MODEL)
+        return config
+
+    def check(self) -> None:
+        super().check()
+        if self.decoupling_aug:
+            raise ConfigError("--decoupling_aug True is not implemented (unilm's script parses it but never uses it): "
+                              "leave it out or pass --decoupling_aug False")
+        if self.discrete_vae_weight_path:
+            both = " and --tokenizer_weight" if self.tokenizer_weight else ""
+            raise ConfigError(f"--discrete_vae_weight_path{both}: BEiT v2 reads its VQ-KD tokenizer from "
+                              "--tokenizer_weight only; for mc-BEiT's soft targets over a VQ-KD codebook run "
+                              "mcbeit-pretrain --discrete_vae_type vqkd --discrete_vae_weight_path FILE")
+        if self.discrete_vae_type not in (None, "customized", "vqkd"):
+            raise ConfigError(f"--discrete_vae_type {self.discrete_vae_type}: BEiT v2's targets come from a VQ-KD "
+                              "tokenizer (--tokenizer_weight); leave --discrete_vae_type out")
+        if not 0.0 < self.min_crop_scale <= 1.0:
+            raise ConfigError(f"--min_crop_scale must lie in (0, 1], got {self.min_crop_scale}")
+        at_least(self, 1, ("codebook_size", "codebook_dim"))
+        at_least(self, 0, ("head_layers",))
+        if self.model.endswith(V2_MODEL_SUFFIX) and self.early_layers < 1:
+            raise ConfigError(f"--early_layers must be at least 1, got {self.early_layers}")
 
 
 def changed_defaults(cls: type, base: type = PretrainConfig) -> dict[str, tuple[Any, Any]]:

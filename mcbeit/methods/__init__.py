@@ -9,9 +9,10 @@ from typing import Any
 
 from mcbeit.errors import ConfigError
 from mcbeit.methods.base import PretrainMethod
+from mcbeit.methods.beitv2 import BeitV2Targets
 from mcbeit.methods.tokenizer_targets import BeitTargets, TokenizerTargets
 
-METHODS: dict[str, type[PretrainMethod]] = {"mcbeit": TokenizerTargets, "beit": BeitTargets}
+METHODS: dict[str, type[PretrainMethod]] = {"mcbeit": TokenizerTargets, "beit": BeitTargets, "beitv2": BeitV2Targets}
 
 __all__ = ["METHODS", "PretrainMethod", "build_method"]
 

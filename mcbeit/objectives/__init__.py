@@ -1,12 +1,13 @@
-"""Pre-training objectives: mc-BEiT multi-choice soft targets and BEiT hard visual tokens."""
+"""Pre-training objectives: mc-BEiT multi-choice soft targets, BEiT hard visual tokens, BEiT v2's two streams."""
 from __future__ import annotations
 
 from torch import nn
 
-from .hard_tokens import HardTokenLoss
+from .aggregation import PatchAggregationLoss
+from .hard_tokens import HardTokenLoss, token_cross_entropy
 from .multichoice import MultiChoiceLoss
 
-__all__ = ["HardTokenLoss", "MultiChoiceLoss", "build_objective"]
+__all__ = ["HardTokenLoss", "MultiChoiceLoss", "PatchAggregationLoss", "build_objective", "token_cross_entropy"]
 
 
 def build_objective(

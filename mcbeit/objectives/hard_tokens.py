@@ -28,6 +28,12 @@ class HardTokenLoss(nn.Module):
         img_idx, patch_idx = masked_rows(bool_masked_pos.flatten(1).bool())  # (M,), (M,)
         with torch.no_grad():
             target_ids = hard_token_ids(tokenizer_logits, img_idx, patch_idx)  # (M,)
-        with torch.autocast(device_type=masked_logits.device.type, enabled=False):
-            loss = F.cross_entropy(_at_least_float32(masked_logits), target_ids)  # (M,V), (M,) -> scalar
-        return dict(loss=loss, mlm_acc=masked_accuracy(masked_logits, target_ids))
+        return token_cross_entropy(masked_logits, target_ids)
+
+
+def token_cross_entropy(masked_logits: Tensor, target_ids: Tensor) -> dict[str, Tensor]:
+    """``loss`` = mean over the M masked patches of CE(Z (M,V), ids (M,)) in at least float32 (autocast off),
+    ``mlm_acc`` = the fraction whose argmax is the id (detached)."""
+    with torch.autocast(device_type=masked_logits.device.type, enabled=False):
+        loss = F.cross_entropy(_at_least_float32(masked_logits), target_ids)  # (M,V), (M,) -> scalar
+    return dict(loss=loss, mlm_acc=masked_accuracy(masked_logits, target_ids))

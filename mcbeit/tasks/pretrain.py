@@ -62,7 +62,7 @@ class PretrainTask(Task):
         if cfg.eval_data_path and cfg.eval_freq > 0:
             check_data_folder(cfg.eval_data_path, "--eval_data_path", "class folders, or a root with val/ or "
                                                                       "val_map.txt")
-        check_model_name(cfg.model)
+        check_model_name(cfg.model, getattr(self.method, "model_patterns", MIM_MODELS))
         self.window = check_geometry(cfg, patch_size_of(cfg.model), second_view=self.method.tokenizer_view)
         self.method.check_inputs()
 
@@ -81,7 +81,8 @@ class PretrainTask(Task):
         cfg = self.config
         mean, std = normalisation(cfg.imagenet_default_mean_and_std)
         masks = build_mask_generator(cfg.mask_type, self.window, cfg.num_mask_patches, cfg.mask_ratio,
-                                     cfg.min_mask_patches_per_block, cfg.max_mask_patches_per_block)
+                                     cfg.min_mask_patches_per_block, cfg.max_mask_patches_per_block,
+                                     exact=getattr(self.method, "exact_masks", False))
         transform = self.method.transform(self.window, masks, mean, std)
         dataset = build_pretraining_dataset(cfg.data_path, cfg.data_set, transform, cfg.seed)
         loader, sampler, steps = build_train_loader(dataset, cfg.batch_size, cfg.num_workers,
@@ -180,9 +181,18 @@ def build_monitor(cfg: PretrainConfig, depth: int, mean, std) -> KnnMonitor | No
     return KnnMonitor(train, val, num_classes, settings)
 
 
-def check_model_name(name: str) -> None:
-    names = timm.list_models("beit_*_8k_vocab")
+#: the pre-training models: BEiT's, and BEiT v2's with patch aggregation (only BEiT v2 trains those)
+MIM_MODELS = ("beit_*_8k_vocab",)
+V2_MODELS = ("beit_*_8k_vocab_cls_pt",)
+
+
+def check_model_name(name: str, patterns: tuple[str, ...] = MIM_MODELS) -> None:
+    """``--model`` is one of the pre-training models ``patterns`` match (the method's)."""
+    names = timm.list_models(list(patterns))
     if name not in names:
+        if name in timm.list_models(list(V2_MODELS)):
+            raise ConfigError(f"--model {name} is BEiT v2's patch-aggregation model (two outputs, two losses): train it "
+                              f"with mcbeit-pretrain-beitv2 (run_beitv2_pretraining.py), or choose one of {names}")
         what = "has no masked-image-modeling head" if timm.is_model(name) else "is not a pre-training model"
         raise ConfigError(f"--model {name} {what}; choose one of {names}")
 
