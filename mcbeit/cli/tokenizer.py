@@ -127,6 +127,11 @@ def train_vqkd(config: VQKDTrainConfig) -> dict:
     return stats
 
 
+def resolve_defaults(args: argparse.Namespace) -> VQKDTrainConfig:
+    """The frozen configuration of a parsed `mcbeit-vqkd` command line."""
+    return to_config(args, VQKDTrainConfig)
+
+
 def run_vqkd(args: argparse.Namespace) -> dict:
     """Run a parsed `mcbeit-vqkd` command line in this process."""
     return run_in_process(train_vqkd, args, VQKDTrainConfig)

@@ -130,7 +130,11 @@ def _resize_rel_tables(sd: dict[str, torch.Tensor], own: Mapping[str, torch.Tens
 
     for key, table in list(sd.items()):
         if key.endswith("relative_position_bias_table") and key in own and table.shape != own[key].shape:
-            sd[key] = interpolate_rel_pos_table(table, own[key].shape[0], (grid, grid))
+            try:
+                sd[key] = interpolate_rel_pos_table(table, own[key].shape[0], (grid, grid))
+            except Exception as exc:  # scipy's spline needs more than a 3x3 source table
+                raise InputError(f"teacher: {key} {tuple(table.shape)} cannot be resized to a {grid}x{grid} patch "
+                                 f"grid ({exc}); use the --teacher_input_size the file was trained at") from None
             notes.append(f"{key} resized to the {grid}x{grid} grid")
 
 
