@@ -46,9 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                           "token maps, reconstructions and codebook usage", INSPECT_DESCRIPTION)):
         add_arguments(sub.add_parser(name, help=text, description=description), cls)
         sub.choices[name].set_defaults(_config_class=cls)
-    sub.choices["train"].add_argument("--tokenizer_type", choices=TOKENIZER_TYPES, default="vqvae",
+    sub.choices["train"].add_argument("--tokenizer_type", choices=TOKENIZER_TYPES, default=argparse.SUPPRESS,
                                       help="vqvae: the VQ-VAE below (default); vqkd: BEiT v2's VQ-KD, whose flags are "
-                                           "mcbeit-vqkd's (see mcbeit-vqkd --help) (default: vqvae)")
+                                           "mcbeit-vqkd's (see mcbeit-vqkd --help); main() takes it out before parsing (default: vqvae)")
     return parser
 
 
