@@ -101,8 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also time base in bf16 / fp16 on a CPU that only emulates them (minutes per step)")
     p.add_argument("--recompute", default=DEFAULT_RECOMPUTE, choices=RECOMPUTE_MODES,
                    help="the product's --recompute in the step configurations (the reference keeps everything)")
-    p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling,monitor",
-                   help="comma-separated subset of: step, data, finetune, tokenizers, scaling, monitor, compile "
+    p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling,monitor,beitv2",
+                   help="comma-separated subset of: step, data, finetune, tokenizers, scaling, monitor, beitv2, compile "
                         "(compile is not in the default: inductor compiles for minutes on a CPU)")
     p.add_argument("--work_dir", default=None, help="where the generated JPEGs go (default: a temporary folder)")
     p.add_argument("--profile", action="store_true",
@@ -175,6 +175,21 @@ def _section_monitor(args, result: dict) -> None:
     result["monitor"] = [run_monitor(args.device, quick=args.quick, amp=amp) for amp in amps]
 
 
+def _section_beitv2(args, result: dict) -> None:
+    from mcbeit.bench.beitv2 import run_beitv2_step
+
+    if args.quick:
+        configs = [dict(size="tiny", batch_size=2, input_size=64, steps=1, warmup=0)]
+    else:
+        configs = [dict(size=m, steps=args.steps) for m in args.models.split(",")]
+    rows = []
+    print("\nBEiT v2 pre-training step (VQ-KD tokenizer + forward + CE + CE + backward + AdamW), median seconds per step")
+    for cfg in configs:
+        rows.append(run_beitv2_step(device=args.device, **cfg))
+        print_step_table(rows[-1:], header=False)
+    result["beitv2"] = rows
+
+
 def _section_compile(args, result: dict) -> None:
     from mcbeit.bench.step import run_compile
 
@@ -187,7 +202,7 @@ def _section_compile(args, result: dict) -> None:
 
 
 SECTIONS = {"step": _section_step, "data": _section_data, "finetune": _section_finetune,
-            "tokenizers": _section_tokenizers, "scaling": _section_scaling, "monitor": _section_monitor, "compile": _section_compile}
+            "tokenizers": _section_tokenizers, "scaling": _section_scaling, "monitor": _section_monitor, "beitv2": _section_beitv2, "compile": _section_compile}
 
 
 def main(argv=None) -> dict:

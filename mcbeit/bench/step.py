@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import timm
@@ -131,50 +132,62 @@ def loss_difference(run: RunContext, reference: ReferenceStep, batch) -> float:
 def run_step(cfg: StepConfig) -> dict:
     """Median time per phase and per step, images/s and peak step memory of both formulations."""
     run, reference, batch = build(cfg)
-    device, model, optimizer = run.device, run.task.model, run.strategy.optimizer
     diff = None
     if reference is not None and cfg.amp == "fp32":  # in eval mode: no drop path in the loss check
-        model.eval(), reference.model.eval()
+        run.task.model.eval(), reference.model.eval()
         diff = loss_difference(run, reference, batch)
-    model.train()
-    ours = PhaseTimer(device)
-    theirs = PhaseTimer(device) if reference is not None else None
-    for i in range(cfg.warmup + cfg.steps):
-        keep = i >= cfg.warmup
-        ours.start()
-        step(run, batch, mark=ours.mark)
-        ours.stop(keep)
-        if reference is not None:
-            reference.model.train()
-            theirs.start()
-            reference(batch, TEMP, mark=theirs.mark)
-            theirs.stop(keep)
-    row = {"config": cfg.name, "model": cfg.model, "tokenizer": cfg.tokenizer, "recompute": cfg.recompute,
-           "batch_size": cfg.batch_size,
-           "input_size": cfg.input_size, "amp": cfg.amp, "device": str(device), "steps": cfg.steps,
-           "loss_abs_diff": diff, "ours": _figures(ours.medians(), cfg.batch_size)}
-    if cfg.memory:
-        row["ours"]["peak_bytes"] = peak_memory(lambda: step(run, batch), device,
-                                                prepare=lambda: optimizer.zero_grad(set_to_none=True))
+    run.task.model.train()
     if reference is not None:
-        row["reference"] = _figures(theirs.medians(), cfg.batch_size)
-        if cfg.memory:
-            row["reference"]["peak_bytes"] = peak_memory(lambda: reference(batch, TEMP), device,
-                                                         prepare=lambda: reference.optimizer.zero_grad(set_to_none=True))
-        row["speedup"] = row["reference"]["step_s"] / row["ours"]["step_s"]
-        if cfg.memory and row["ours"]["peak_bytes"] and row["reference"]["peak_bytes"]:
-            row["memory_ratio"] = row["ours"]["peak_bytes"] / row["reference"]["peak_bytes"]
-    if cfg.flops:  # what the step computes, and how fast: explains a speed-up (or its absence)
-        peak = peak_flops(device)
-        runs = {"ours": lambda: step(run, batch)}
-        if reference is not None:
-            runs["reference"] = lambda: reference(batch, TEMP)
-        for who, job in runs.items():
-            flops = count_flops(job)
-            row[who]["gflop"] = flops / 1e9
-            row[who]["gflop_per_s"] = flops / 1e9 / row[who]["step_s"]
+        reference.model.train()
+    row = {"config": cfg.name, "model": cfg.model, "tokenizer": cfg.tokenizer, "recompute": cfg.recompute,
+           "batch_size": cfg.batch_size, "input_size": cfg.input_size, "amp": cfg.amp, "device": str(run.device),
+           "steps": cfg.steps, "loss_abs_diff": diff}
+    optimizer = run.strategy.optimizer
+    theirs = None if reference is None else Formulation(
+        lambda mark=None: reference(batch, TEMP, mark=mark), lambda: reference.optimizer.zero_grad(set_to_none=True))
+    row.update(side_by_side(Formulation(lambda mark=None: step(run, batch, mark),
+                                        lambda: optimizer.zero_grad(set_to_none=True)),
+                            theirs, run.device, cfg.batch_size, cfg.warmup, cfg.steps, cfg.memory, cfg.flops))
+    return row
+
+
+@dataclass
+class Formulation:
+    """One way of computing a step: ``run(mark)`` does it (calling ``mark(phase)`` as phases end);
+    ``prepare()`` drops what the previous step left (its gradients) before a memory measurement."""
+
+    run: Callable[..., object]
+    prepare: Callable[[], object]
+
+
+def side_by_side(ours: Formulation, theirs: Formulation | None, device: torch.device, batch_size: int,
+                 warmup: int = 1, steps: int = 3, memory: bool = True, flops: bool = True) -> dict:
+    """Both formulations timed alternately step by step (after ``warmup`` steps of each), then their
+    peak step memory and FLOPs: ``{'ours': figures, 'reference': figures, 'speedup', 'memory_ratio'}``."""
+    timers = {"ours": PhaseTimer(device)}
+    jobs = {"ours": ours}
+    if theirs is not None:
+        timers["reference"], jobs["reference"] = PhaseTimer(device), theirs
+    for i in range(warmup + steps):
+        for who, job in jobs.items():
+            timers[who].start()
+            job.run(mark=timers[who].mark)
+            timers[who].stop(i >= warmup)
+    row: dict = {who: _figures(timers[who].medians(), batch_size) for who in jobs}
+    for who, job in jobs.items():
+        if memory:
+            row[who]["peak_bytes"] = peak_memory(job.run, device, prepare=job.prepare)
+        if flops:  # what the step computes, and how fast: explains a speed-up (or its absence)
+            count = count_flops(job.run)
+            row[who]["gflop"] = count / 1e9
+            row[who]["gflop_per_s"] = count / 1e9 / row[who]["step_s"]
+            peak = peak_flops(device)
             if peak:
-                row[who]["mfu"] = flops / row[who]["step_s"] / peak
+                row[who]["mfu"] = count / row[who]["step_s"] / peak
+    if theirs is not None:
+        row["speedup"] = row["reference"]["step_s"] / row["ours"]["step_s"]
+        if memory and row["ours"]["peak_bytes"] and row["reference"]["peak_bytes"]:
+            row["memory_ratio"] = row["ours"]["peak_bytes"] / row["reference"]["peak_bytes"]
     return row
 
 

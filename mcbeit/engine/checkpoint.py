@@ -256,7 +256,7 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int, written_epo
 def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint written by `save_atomic` (or a released one) without unpickling code."""
     ckpt = load_checkpoint_file(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise RuntimeError(f"{path} is not a training checkpoint (no 'model' entry); "
+    if not isinstance(ckpt, dict) or not {"model", "state_dict"} & ckpt.keys():  # ours / unilm's, or mmpretrain's
+        raise RuntimeError(f"{path} is not a training checkpoint (no 'model' or 'state_dict' entry); "
                            "pass a checkpoint-<epoch>.pth written by mcbeit-pretrain")
     return ckpt
