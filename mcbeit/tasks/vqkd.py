@@ -135,7 +135,11 @@ class VQKDTrainingTask(Task):
         images = batch[0].to(run.device, non_blocking=True)                     # (B, 3, H, W) tokenizer input
         with run.precision.autocast():
             target = self.teacher(images)                                        # (B, N, C), no gradient
+            if mark is not None:
+                mark("teacher")
             out = run.forward(images, target)
+            if mark is not None:
+                mark("forward")
         self.last = {"features": out["features"], "ids": out["ids"]}
         return StepOutput(out["loss"], {k: out[k].detach() for k in _LOSSES}, images.shape[0],
                           batch[1].sum() if len(batch) > 1 else 0)

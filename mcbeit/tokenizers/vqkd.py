@@ -432,6 +432,3 @@ def _summary(keys: list[str]) -> str:
         groups[head] = groups.get(head, 0) + 1
     return ", ".join(f"{g}.* ({n} keys)" for g, n in sorted(groups.items()))
 
-
-def vqkd_state_dict_summary(sd: Mapping[str, Any]) -> str:
-    return _summary(list(sd))
