@@ -136,3 +136,93 @@ def run_beitv2_step(size: str = "base", batch_size: int = 8, input_size: int = 2
         Formulation(lambda mark=None: reference(batch, mark), lambda: reference.optimizer.zero_grad(set_to_none=True)),
         run.device, batch_size, warmup, steps, memory, memory))
     return row
+
+
+# ----------------------------------------------------------------------------------- the VQ-KD tokenizer
+
+VQKD_SIZES = {"tiny": ("vqkd_encoder_tiny_decoder_1x192x3_clip", (192, 4, 3)),
+              "base": ("vqkd_encoder_base_decoder_3x768x12_clip", (768, 12, 12))}  # teacher: CLIP ViT width/depth/heads
+
+
+class ReferenceVQKDStep:
+    """One VQ-KD training step as unilm's ``engine_for_vqkd.py`` and ``modeling_vqkd.py`` write it: the
+    teacher's targets under ``no_grad``, the codebook's EMA update inside the forward, hand attention,
+    per-tensor AdamW, ``loss.item()``."""
+
+    def __init__(self, model: torch.nn.Module, teacher: torch.nn.Module, *, lr: float = 2e-4,
+                 weight_decay: float = 1e-4, amp_dtype: torch.dtype | None = None):
+        self.model, self.teacher, self.amp_dtype = model, teacher, amp_dtype
+        self.optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.99),
+                                           foreach=False, fused=False)
+
+    def __call__(self, images: torch.Tensor, mark: Callable[[str], None] | None = None) -> float:
+        from mcbeit.objectives.codebook import code_statistics, ema_update_
+
+        mark = mark or (lambda phase: None)
+        with torch.no_grad():
+            target = self.teacher(images)                                            # (B, N, C)
+        mark("tokenizer")
+        device = images.device
+        with torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            out = self.model(images, target)
+            q = self.model.quantize
+            with torch.no_grad():                                                    # the EMA update in the forward
+                counts, sums = code_statistics(out["features"], out["ids"], q.vocab)
+                ema_update_(q.codebook, counts, sums, q.decay)
+        mark("forward")
+        self.optimizer.zero_grad()
+        out["loss"].backward()
+        mark("backward")
+        self.optimizer.step()
+        value = out["loss"].item()
+        if not math.isfinite(value):
+            raise RuntimeError(f"reference VQ-KD loss is {value}")
+        mark("optimizer")
+        return value
+
+
+def run_vqkd_step(size: str = "base", batch_size: int = 8, input_size: int = 224, amp: str = "fp32",
+                  steps: int = 3, warmup: int = 1, device: str = "cpu", memory: bool = True) -> dict:
+    """The VQ-KD training step (teacher + encoder + quantiser + decoder + loss + backward + AdamW), ours
+    (the engine's update, the EMA after it) and the reference's, on the same weights, teacher and images.
+    The teacher is a random CLIP image tower of the released recipe's size (ViT-B/16, 512-d) for base."""
+    from mcbeit.config.vqkd import VQKDTrainConfig
+    from mcbeit.engine.trainer import Trainer
+    from mcbeit.tasks.vqkd import VQKDTrainingTask
+    from mcbeit.tokenizers.teachers import CLIP_MEAN, CLIP_STD, Teacher, _clip_features, clip_visual_model
+
+    model, (width, depth, heads) = VQKD_SIZES[size]
+    restore = _quiet(("mcbeit.tokenizers.teachers", "mcbeit.vqkd"))
+    try:
+        config = resolve(VQKDTrainConfig, {
+            "model": model, "input_size": input_size, "teacher_input_size": input_size, "codebook_n_emd": 8192,
+            "quantize_kmeans_init": True, "amp": "off" if amp == "fp32" else amp, "opt_betas": (0.9, 0.99),
+            "output_dir": "", "device": device, "batch_size": batch_size})
+        run = Trainer(config, VQKDTrainingTask(config)).ready(steps_per_epoch=10 ** 6)
+    finally:
+        restore()
+    task = run.task
+    task.start_epoch(0)
+    torch.manual_seed(0)
+    teacher = Teacher(clip_visual_model(width, depth, heads, 16, 512, input_size), _clip_features, "clip",
+                      CLIP_MEAN, CLIP_STD, input_size, 512, 16).to(run.device)
+    task.teacher = teacher
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(batch_size, 3, input_size, input_size, generator=g) * 2 - 1).to(run.device)  # [-1, 1]
+    task.model.train()
+    with torch.no_grad():                                     # the first forward's k-means, before either copy
+        task.model(images, teacher(images))
+    reference = ReferenceVQKDStep(reference_model(task.model), teacher, amp_dtype=amp_dtype_of(amp))
+    optimizer = run.strategy.optimizer
+
+    def ours(mark=None):
+        renamed = None if mark is None else (lambda phase: mark("tokenizer" if phase == "teacher" else phase))
+        return step(run, (images,), renamed)
+
+    row = {"config": f"vqkd {size}@{input_size} b{batch_size} {amp}", "model": model, "batch_size": batch_size,
+           "input_size": input_size, "amp": amp, "device": str(run.device), "steps": steps}
+    row.update(side_by_side(Formulation(ours, lambda: optimizer.zero_grad(set_to_none=True)),
+                            Formulation(lambda mark=None: reference(images, mark),
+                                        lambda: reference.optimizer.zero_grad(set_to_none=True)),
+                            run.device, batch_size, warmup, steps, memory, memory))
+    return row

@@ -176,18 +176,23 @@ def _section_monitor(args, result: dict) -> None:
 
 
 def _section_beitv2(args, result: dict) -> None:
-    from mcbeit.bench.beitv2 import run_beitv2_step
+    from mcbeit.bench.beitv2 import run_beitv2_step, run_vqkd_step
 
     if args.quick:
         configs = [dict(size="tiny", batch_size=2, input_size=64, steps=1, warmup=0)]
     else:
         configs = [dict(size=m, steps=args.steps) for m in args.models.split(",")]
-    rows = []
-    print("\nBEiT v2 pre-training step (VQ-KD tokenizer + forward + CE + CE + backward + AdamW), median seconds per step")
-    for cfg in configs:
-        rows.append(run_beitv2_step(device=args.device, **cfg))
-        print_step_table(rows[-1:], header=False)
-    result["beitv2"] = rows
+    for key, title, job in (
+            ("beitv2", "BEiT v2 pre-training step (VQ-KD ids + forward + CE + CE + backward + AdamW)", run_beitv2_step),
+            ("vqkd", "VQ-KD training step (teacher in the tokenizer column; encoder + quantiser + decoder + cosine loss "
+                     "in forward)", run_vqkd_step)):
+        print(f"\n{title}, median seconds per step")
+        rows = []
+        for cfg in configs:
+            rows.append(job(device=args.device, **cfg))
+            print_step_table(rows[-1:], header=False)
+            _save(args.json, {**result, key: rows})
+        result[key] = rows
 
 
 def _section_compile(args, result: dict) -> None:

@@ -13,10 +13,10 @@ def test_tokenizer_benchmark_runs_and_prints(capsys):
 
 def test_quick_benchmark_prints_every_section_and_writes_the_json(tmp_path, capsys):
     path = tmp_path / "figures.json"
-    result = run.main(["--quick", "--json", str(path), "--sections", "step,data,finetune,tokenizers,scaling,monitor,compile"])
+    result = run.main(["--quick", "--json", str(path), "--sections", "step,data,finetune,tokenizers,scaling,monitor,beitv2,compile"])
     out = capsys.readouterr().out
     for title in ("Pre-training step", "Data pipeline per worker", "Fine-tuning step", "Tokenizers", "Scaling",
-                  "--compile", "k-NN monitor"):
+                  "--compile", "k-NN monitor", "BEiT v2 pre-training step", "VQ-KD training step"):
         assert title in out
     saved = json.loads(path.read_text())
     assert saved["mode"] == "quick" and saved["step"][0]["loss_abs_diff"] is not None
@@ -24,6 +24,10 @@ def test_quick_benchmark_prints_every_section_and_writes_the_json(tmp_path, caps
     assert step["ours"]["peak_bytes"] > 0 and step["reference"]["peak_bytes"] > 0
     assert 0 < step["ours"]["gflop"] < step["reference"]["gflop"]   # masked rows only: less work, counted
     assert saved["compile"]["compiled_step_s"] > 0
+    for key in ("beitv2", "vqkd"):   # side by side with the literal formulation of unilm's step
+        (row,) = saved[key]
+        assert row["ours"]["step_s"] > 0 and row["reference"]["peak_bytes"] > 0 and row["speedup"] > 0
+    assert saved["beitv2"][0]["loss_abs_diff"] < 1e-4
     for key in ("speedup_step_base_fp32", "memory_ratio_step_base_fp32", "speedup_data_per_worker"):
         assert key in saved and key in result
     assert [row["processes"] for row in saved["scaling"]["processes"]] == [1, 2]
