@@ -52,13 +52,14 @@ def test_trains_reports_usage_and_cosine_and_resumes_bit_for_bit(teacher_file, t
     tok_cli.run_vqkd(_args(whole, teacher_file, *extra))
     log = _log(whole)
     first, last = log[0], log[-1]
-    print("VQ-KD figures per epoch:", [(r["epoch"], round(r["train_rec_cosine"], 3), r["train_epoch_codes_used"],
-                                        round(r["train_epoch_perplexity"], 1), r["train_unused_code"])
-                                       for r in log])
+    err = capfd.readouterr().err
+    with capfd.disabled():
+        print("VQ-KD figures per epoch:", [(r["epoch"], round(r["train_rec_cosine"], 3), r["train_epoch_codes_used"],
+                                            round(r["train_epoch_perplexity"], 1), r["train_unused_code"])
+                                               for r in log])
     assert last["train_rec_cosine"] > first["train_rec_cosine"] + 0.05         # reconstructs the teacher better
     assert last["train_epoch_perplexity"] > first["train_epoch_perplexity"]    # and spreads over more codes
     assert last["train_epoch_codes_used"] >= 48                                # of 64
-    err = capfd.readouterr().err
     assert "LR = 0.00156250 (--lr 0.002 x total batch 100 / 128)" in err
     assert "rec cosine" in err and "codes used" in err and "perplexity" in err      # the epoch line reports them
 
