@@ -16,7 +16,10 @@ checkpoints, minus the ``relative_position_index`` buffers (non-persistent in ti
 timm lacks a hook between the patch embedding and the CLS concatenation, so
 ``forward_features`` is re-stated here (a dozen lines) with the mask replacement in it.
 
-Registered with timm here: ``beit_{tiny,small,base,large}_patch16_224_8k_vocab`` (this model) and the
+BEiT v2's model, :class:`BeitV2ForMaskedImageModeling`, adds patch aggregation (``cls_pt_layers``) to it.
+
+Registered with timm here: ``beit_{tiny,small,base,large}_patch16_224_8k_vocab`` (this model),
+``beit_{tiny,small,base,large}_patch16_224_8k_vocab_cls_pt`` (BEiT v2's) and the
 classification sizes timm lacks, ``beit_{tiny,small}_patch16_224`` (plain ``Beit``). Their weights
 load through the BEiT family's one conversion, :mod:`mcbeit.models.beit_weights`:
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` gives the tensors

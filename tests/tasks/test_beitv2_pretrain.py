@@ -146,6 +146,7 @@ def test_pretraining_md_command_runs_on_two_processes(embedded_subset, vqkd_file
     assert rec["train_loss"] == pytest.approx(rec["train_loss_1"] + rec["train_loss_2"], rel=1e-5)
     ckpt = torch.load(out / "checkpoint-0.pth", weights_only=True)
     a = ckpt["args"]
+    assert a["discrete_vae_type"] == "vqkd" and a["tokenizer_model"] == VQKD_MODEL
     assert a["world_size"] == 2 and a["shared_lm_head"] is True and (a["early_layers"], a["head_layers"]) == (9, 2)
     assert (a["min_crop_scale"], a["second_interpolation"], a["clip_grad"], a["lr"]) == (0.2, "bicubic", 3.0, 1.5e-3)
     assert a["opt_betas"] == [0.9, 0.999] and a["imagenet_default_mean_and_std"] and a["warmup_epochs"] == 10
