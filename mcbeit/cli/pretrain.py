@@ -54,26 +54,7 @@ def get_beitv2_args_parser() -> argparse.ArgumentParser:
         "original ignores it); --tokenizer_weight is a file on this machine (nothing is downloaded); without it the "
         "tokenizer is a RANDOM tiny VQ-KD (smoke runs only).",
         EMBEDDED_NOTE)
-    _take_a_value(parser, BeitV2PretrainConfig, ("shared_lm_head", "decoupling_aug"))
     return parser
-
-
-class _BoolValue(argparse.Action):
-    """unilm's ``type=utils.bool_flag`` flags: ``--flag True`` / ``--flag False``; a bare ``--flag`` means True."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, self.const if values is None else values)
-
-
-def _take_a_value(parser: argparse.ArgumentParser, config_cls: type, names: Sequence[str]) -> None:
-    """Turn the store-true flags ``names`` into flags that take an optional True/False value (their field's ``type``)."""
-    import dataclasses
-
-    types = {f.name: f.metadata["type"] for f in dataclasses.fields(config_cls)}
-    for action in parser._actions:
-        if action.dest in names and isinstance(action, argparse._StoreTrueAction):
-            action.__class__ = _BoolValue
-            action.nargs, action.type, action.metavar = "?", types[action.dest], "{True,False}"
 
 
 def _fmt(value: Any) -> str:

@@ -105,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> argparse.Argume
         names = [f"--{field.name}", *meta["aliases"]]
         help_text = f"{meta['help']} (default: {_default_text(cls, field)})".replace("%", "%%")
         common = dict(dest=field.name, default=argparse.SUPPRESS, help=help_text)
+        if isinstance(field.default, bool) and meta["type"] is not None:  # unilm's bool_flag: --flag True/False
+            group.add_argument(*names, nargs="?", const=True, type=meta["type"], metavar="{True,False}", **common)
+            continue
         if isinstance(field.default, bool):
             group.add_argument(*names, action="store_true", **common)
             if meta["negation"]:
@@ -181,3 +184,17 @@ def as_flags(config: Any) -> dict[str, Any]:
         else:
             out[key] = str(value)
     return out
+
+
+def bool_flag(text: str) -> bool:
+    """unilm's ``utils.bool_flag``: ``--flag True`` / ``--flag False`` (also on/off, 1/0, yes/no); give it as a
+    boolean field's ``type`` and a bare ``--flag`` still means True."""
+    value = str(text).strip().lower()
+    if value in ("true", "1", "on", "yes", "t", "y"):
+        return True
+    if value in ("false", "0", "off", "no", "f", "n"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean: use True or False")
+
+
+bool_flag.__name__ = "boolean"  # argparse's "invalid boolean value: 'x'"

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from mcbeit.config.fields import Group, flag
+from mcbeit.config.fields import Group, bool_flag, flag
 from mcbeit.config.run import CompileConfig, ImageFolderData, OptimConfig, RunConfig, at_least
 from mcbeit.errors import ConfigError
 
@@ -191,17 +191,6 @@ RANDOM_VQKD_MODEL = "vqkd_encoder_tiny_decoder_1x192x3"
 V2_MODEL_SUFFIX = "_cls_pt"
 
 
-def bool_flag(text: str) -> bool:
-    """unilm's ``utils.bool_flag``: ``--flag True`` / ``--flag False`` (also on/off, 1/0, yes/no)."""
-    value = str(text).strip().lower()
-    if value in ("true", "1", "on", "yes", "t", "y"):
-        return True
-    if value in ("false", "0", "off", "no", "f", "n"):
-        return False
-    raise ValueError(f"{text!r} is not a boolean: use True or False")
-
-
-bool_flag.__name__ = "boolean"  # argparse's "invalid boolean value: 'x'"
 
 
 @dataclass(frozen=True)

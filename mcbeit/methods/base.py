@@ -39,6 +39,12 @@ class PretrainMethod(ABC):
     #: that view's grid against the ViT's)
     tokenizer_view: bool = False
 
+    #: block masks of exactly --num_mask_patches (BEiT v2's generator tops the drawing up); BEiT's may stop short
+    exact_masks: bool = False
+
+    #: the --model names (timm patterns) this method trains
+    model_patterns: tuple[str, ...] = ("beit_*_8k_vocab",)
+
     def __init__(self, config: Any):
         self.config = config
         self.run: RunContext | None = None

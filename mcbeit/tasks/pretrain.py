@@ -62,7 +62,7 @@ class PretrainTask(Task):
         if cfg.eval_data_path and cfg.eval_freq > 0:
             check_data_folder(cfg.eval_data_path, "--eval_data_path", "class folders, or a root with val/ or "
                                                                       "val_map.txt")
-        check_model_name(cfg.model, getattr(self.method, "model_patterns", MIM_MODELS))
+        check_model_name(cfg.model, self.method.model_patterns)
         self.window = check_geometry(cfg, patch_size_of(cfg.model), second_view=self.method.tokenizer_view)
         self.method.check_inputs()
 
@@ -82,7 +82,7 @@ class PretrainTask(Task):
         mean, std = normalisation(cfg.imagenet_default_mean_and_std)
         masks = build_mask_generator(cfg.mask_type, self.window, cfg.num_mask_patches, cfg.mask_ratio,
                                      cfg.min_mask_patches_per_block, cfg.max_mask_patches_per_block,
-                                     exact=getattr(self.method, "exact_masks", False))
+                                     exact=self.method.exact_masks)
         transform = self.method.transform(self.window, masks, mean, std)
         dataset = build_pretraining_dataset(cfg.data_path, cfg.data_set, transform, cfg.seed)
         loader, sampler, steps = build_train_loader(dataset, cfg.batch_size, cfg.num_workers,
@@ -138,7 +138,7 @@ class PretrainTask(Task):
     # -- checkpoints --------------------------------------------------------------------------------------
     def load_weights(self, ckpt: Mapping[str, Any], path: str) -> bool:
         """Our checkpoints restore everything; released ones (another format) their weights only."""
-        state = filter_pretraining_state_dict(ckpt["model"], self.model)
+        state = filter_pretraining_state_dict(ckpt, self.model)  # "model", or mmpretrain's "state_dict" (names mapped)
         load_resumed_weights(self.model, state, path, self.flags(), ckpt.get("args"))
         return ckpt.get("format") == CHECKPOINT_FORMAT
 

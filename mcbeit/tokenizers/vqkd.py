@@ -314,7 +314,8 @@ def build_vqkd_tokenizer(weight_path: str | None, image_size: int, model: str | 
                     tok.arch.name)
         return tok.freeze()
     path = os.fspath(weight_path)
-    state, arch, dropped, notes = read_vqkd_file(path, model)
+    info: dict[str, Any] = {}
+    state, arch, dropped, notes = read_vqkd_file(path, model, info)
     vocab, dim = state["quantize.embedding.weight"].shape
     codebook_size, codebook_dim = codebook_size or vocab, codebook_dim or dim
     if (vocab, dim) != (codebook_size, codebook_dim):
@@ -324,6 +325,11 @@ def build_vqkd_tokenizer(weight_path: str | None, image_size: int, model: str | 
     fit_to_model(state, tok, path, notes)
     tok.load_state_dict(state, strict=True)
     tok.random_weights = False
+    if info.get("process_type") == "imagenet_norm":  # trained by mcbeit-vqkd --process_type imagenet_norm
+        from mcbeit.tokenizers.teachers import IMAGENET_MEAN, IMAGENET_STD
+
+        tok.input_transform = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        notes.append("trained with --process_type imagenet_norm: its input is normalised with ImageNet's mean/std")
     if dropped:
         log.info("VQ-KD file %s: not needed for tokenizing, not loaded: %s", path, _summary(dropped))
     for note in notes:
@@ -367,13 +373,18 @@ def _is_mmpretrain(sd: Mapping[str, Any]) -> bool:
     return any(k.startswith(("target_generator.", "encoder.layers.", "encoder.ln1.")) for k in sd)
 
 
-def read_vqkd_file(path: str, model: str | None = None) -> tuple[dict[str, torch.Tensor], VQKDArch, list[str],
-                                                                  list[str]]:
+def read_vqkd_file(path: str, model: str | None = None, info: dict[str, Any] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], VQKDArch, list[str], list[str]]:
     """A VQ-KD file's tokenizer weights in unilm names, its architecture, the keys it holds that the tokenizer
-    does not use (decoder, teacher, ...) and notes on what was converted. Other keys are an error."""
+    does not use (decoder, teacher, ...) and notes on what was converted. Other keys are an error. ``info``
+    receives the ``process_type`` the file's training flags record (a checkpoint of mcbeit-vqkd), if any."""
     from mcbeit.models.checkpoint import read_checkpoint, resolve_source
 
-    raw = _unwrap(read_checkpoint(resolve_source(path, "--tokenizer_weight")), path)
+    ckpt = read_checkpoint(resolve_source(path, "--tokenizer_weight"))
+    args = ckpt.get("args")
+    if info is not None and isinstance(args, Mapping) and args.get("process_type"):
+        info["process_type"] = args["process_type"]
+    raw = _unwrap(ckpt, path)
     raw = {k[len("module."):] if k.startswith("module.") else k: v for k, v in raw.items()}
     notes: list[str] = []
     sd = _from_mmpretrain(raw, notes) if _is_mmpretrain(raw) else dict(raw)

@@ -97,6 +97,19 @@ def test_unilm_layout_file_loads_with_the_same_tokens(trained_tiny, tmp_path):
     assert tok(torch.zeros(1, 3, 96, 96)).shape == (1, 64, 6, 6)
 
 
+def test_a_checkpoint_trained_on_imagenet_normalised_input_keeps_that_input(trained_tiny, tmp_path):
+    """mcbeit-vqkd --process_type imagenet_norm: the tokenizer built from its checkpoint normalises its input the
+    same way (the [-1, 1] map would feed it other numbers than it was trained on)."""
+    from mcbeit.tokenizers.base import Normalize
+    from mcbeit.tokenizers.teachers import IMAGENET_MEAN, IMAGENET_STD
+
+    for process, expected in (("imagenet_norm", Normalize(IMAGENET_MEAN, IMAGENET_STD)),
+                              ("default", Normalize((0.5,) * 3, (0.5,) * 3))):
+        path = tmp_path / f"{process}.pth"
+        torch.save({"model": dict(trained_tiny.state_dict()), "args": {"process_type": process}}, path)
+        assert build_vqkd_tokenizer(str(path), 64, codebook_size=64).input_transform == expected
+
+
 def to_mmpretrain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """mmpretrain's encoder-only vqkd_encoder.pth names, written by inverting its renames literally."""
     out = {}
