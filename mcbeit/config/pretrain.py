@@ -201,12 +201,15 @@ class VQKDTokenizerFlags(Group):
         None, "the VQ-KD tokenizer: unilm's vqkd_encoder_*.pth (weights under 'model' or 'state_dict'), mmpretrain's "
               "vqkd_encoder.pth, or a checkpoint / export of mcbeit-vqkd",
         show_default="none: a RANDOM tokenizer (smoke runs only)")
-    tokenizer_model: str = flag(
-        "vqkd_encoder_base_decoder_3x768x12_clip",
-        "VQ-KD architecture, vqkd_encoder_{tiny,small,base,large}_decoder_{depth}x{width}x{heads}[_{teacher}] (the "
-        f"file's shapes decide it where they can); without --tokenizer_weight and without this flag: {RANDOM_VQKD_MODEL}")
-    codebook_size: int = flag(8192, "codes in the tokenizer's codebook (= the student's vocabulary); must be the file's")
-    codebook_dim: int = flag(32, "dimension of a code; must be the file's")
+    tokenizer_model: str | None = flag(
+        None, "VQ-KD architecture, vqkd_encoder_{tiny,small,base,large}_decoder_{depth}x{width}x{heads}[_{teacher}]; "
+              "with --tokenizer_weight it must be the file's (its shapes say it)", type=str,
+        show_default=f"the file's (unilm's vqkd_encoder_base_decoder_3x768x12_clip, which its released files are); "
+                     f"without --tokenizer_weight {RANDOM_VQKD_MODEL}")
+    codebook_size: int | None = flag(None, "codes in the tokenizer's codebook (= the student's vocabulary); must be the "
+                                           "file's", type=int, show_default="the file's (unilm: 8192); 8192 when random")
+    codebook_dim: int | None = flag(None, "dimension of a code; must be the file's", type=int,
+                                    show_default="the file's (unilm: 32); 32 when random")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from mcbeit.errors import ConfigError
 @dataclass(frozen=True)
 class VQKDModel(Group):
     TITLE: ClassVar[str] = "model"
-    EMBEDDED: ClassVar[dict[str, Any]] = {"model": "vqkd_encoder_tiny_decoder_1x192x3_clip", "codebook_n_emd": 1024,
+    EMBEDDED: ClassVar[dict[str, Any]] = {"model": "vqkd_encoder_tiny_decoder_1x192x3", "codebook_n_emd": 1024,
                                           "quantize_kmeans_init": True}
 
     model: str = flag("vqkd_encoder_base_decoder_3x768x12_clip", "VQ-KD architecture: vqkd_encoder_{tiny,small,base,"
@@ -98,6 +98,14 @@ class VQKDTrainConfig(VQKDModel, VQKDTeacher, VQKDData, VQKDOptim, RunConfig):
         return parse_vqkd_name(self.model).teacher or self.teacher_model_type
 
     def derive(self, given: set[str]) -> "VQKDTrainConfig":
+        from mcbeit.tokenizers.vqkd import parse_vqkd_name
+
+        suffix = parse_vqkd_name(self.model).teacher
+        if "teacher_model_type" in given and suffix and suffix != self.teacher_model_type:
+            raise ConfigError(f"--model {self.model} names its teacher ({suffix}; the original then ignores "
+                              f"--teacher_model_type), but --teacher_model_type {self.teacher_model_type} was given: "
+                              f"use --model {self.model[:-len(suffix) - 1]} (no suffix) to take the teacher from the "
+                              "flag")
         return dataclasses.replace(self, log_dir=self.tensorboard_dir, weight_decay_end=self.final_weight_decay)
 
     def check(self) -> None:

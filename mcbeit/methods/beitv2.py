@@ -81,8 +81,8 @@ class BeitV2Targets(TokenizerTargets):
                 raise ConfigError(f"--early_layers {cfg.early_layers} --model {cfg.model}: {exc}") from None
             raise
         self.objective = PatchAggregationLoss()
-        log.info("tokenizer VQ-KD %s (%d codes x %d)%s", cfg.tokenizer_model, self.tokenizer.vocab_size,
-                 cfg.codebook_dim, "; patch aggregation: early_layers %d, head_layers %d, shared_lm_head %s" % (
+        log.info("tokenizer VQ-KD %s (%d codes x %d)%s", self.tokenizer.arch.name, self.tokenizer.vocab_size,
+                 self.tokenizer.codebook_dim, "; patch aggregation: early_layers %d, head_layers %d, shared_lm_head %s" % (
                      cfg.early_layers, cfg.head_layers, cfg.shared_lm_head) if self.aggregation else "")
         return set_recompute(student, cfg.recompute)
 

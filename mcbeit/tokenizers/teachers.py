@@ -247,13 +247,16 @@ def _timm_teacher(name: str, path: str, input_size: int) -> Teacher:
     if not timm.is_model(name):
         raise InputError(f"--teacher_model_type {name!r} is neither clip, dino nor a timm model name")
     sd = _read_state_dict(path)
-    model = _create_timm(name, input_size)
+    extra = {}
+    if "lm_head.weight" in sd and name.endswith(("_8k_vocab", "_8k_vocab_cls_pt")):  # a pre-training checkpoint
+        extra["vocab_size"] = sd["lm_head.weight"].shape[0]                        # of its tokenizer's vocabulary
+    model = _create_timm(name, input_size, **extra)
     own = model.state_dict()
     head = sorted(k for k in sd if k.startswith("head.") and (k not in own or sd[k].shape != own[k].shape))
     if head:
         log.info("teacher %s: its head %s (another class count) is not used; the patch features are", path, head)
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-        model = _create_timm(name, input_size, num_classes=0)
+        model = _create_timm(name, input_size, num_classes=0, **extra)
     drop = sorted(k for k in sd if k.endswith("relative_position_index") and k not in model.state_dict())
     sd = {k: v for k, v in sd.items() if k not in drop}
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))

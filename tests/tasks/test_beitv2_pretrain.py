@@ -205,8 +205,10 @@ def test_defaults_are_the_originals_and_the_embedded_run():
     parse = pretrain.get_beitv2_args_parser().parse_args
     real = pretrain.resolve_defaults(parse(["--data_path", "D", "--tokenizer_weight", "W"]))
     assert isinstance(real, BeitV2PretrainConfig)
+    # the tokenizer's architecture and codebook: the file's (unilm's defaults are what its released files hold;
+    # where a file differs the original fails its strict load, here the file decides)
     assert (real.model, real.tokenizer_model, real.codebook_size, real.codebook_dim) == (
-        "beit_base_patch16_224_8k_vocab", "vqkd_encoder_base_decoder_3x768x12_clip", 8192, 32)
+        "beit_base_patch16_224_8k_vocab", None, None, None)
     assert (real.early_layers, real.head_layers, real.shared_lm_head, real.decoupling_aug) == (9, 2, True, False)
     assert (real.input_size, real.second_input_size, real.num_mask_patches, real.min_mask_patches_per_block) == (
         224, 224, 75, 16)

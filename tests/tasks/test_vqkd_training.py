@@ -31,7 +31,7 @@ FAST = ["--input_size", "32", "--teacher_input_size", "32", "--model", "vqkd_enc
 def teacher_file(tmp_path_factory):
     """A real checkpoint of this package: {'model': state dict} written by the engine's atomic writer."""
     torch.manual_seed(0)
-    model = timm.create_model(TEACHER, img_size=32)
+    model = timm.create_model(TEACHER, img_size=32, vocab_size=1024)  # pre-trained against a 1,024-code tokenizer
     path = tmp_path_factory.mktemp("teacher") / "checkpoint-0.pth"
     save_atomic({"model": model.state_dict(), "epoch": 0}, path)
     return path
