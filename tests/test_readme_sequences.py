@@ -31,6 +31,10 @@ SPEED = {
                                  "--num_workers", "0"],
     "mcbeit-finetune": ["--input_size", "64", "--epochs", "1", "--num_workers", "0"],
     "mcbeit-export": [],
+    "mcbeit-vqkd": ["--input_size", "32", "--teacher_input_size", "32", "--codebook_n_emd", "64", "--epochs", "1",
+                    "--num_workers", "0"],
+    "mcbeit-pretrain-beitv2": ["--input_size", "64", "--second_input_size", "64", "--num_mask_patches", "6",
+                               "--min_mask_patches_per_block", "2", "--epochs", "1", "--num_workers", "0"],
 }
 
 
@@ -130,3 +134,17 @@ def test_the_pretrain_then_finetune_block_runs_as_written(researcher, cache):
     assert (out / "mcbeit_finetuned" / "checkpoint-best.pth").is_file()
     assert (out / "mcbeit_finetuned_scratch" / "checkpoint-best.pth").is_file()
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_the_beitv2_block_runs_as_written(researcher, cache):
+    """After the README's first command: VQ-KD distilled from that run's newest checkpoint (a folder as
+    --teacher_weight), then BEiT v2 pre-training on the tokenizer.pth it wrote."""
+    block = commands(bash_block_after("## BEiT v2"))
+    assert [c.split(" --")[0] for c in block] == ["mcbeit-vqkd", "mcbeit-pretrain-beitv2"], block
+    tmp_path = researcher
+    vqkd = run(block[0], tmp_path, cache).stderr
+    assert "its newest checkpoint, checkpoint-0.pth" in vqkd and "RANDOM" not in vqkd
+    assert (tmp_path / "output" / "vqkd" / "tokenizer.pth").is_file()
+    v2 = run(block[1], tmp_path, cache).stderr
+    assert "Loaded VQ-KD tokenizer" in v2 and "(64 codes x 32)" in v2
+    assert (tmp_path / "output" / "beitv2" / "checkpoint-0.pth").is_file()

@@ -24,6 +24,8 @@ Checkpoints: ``model`` is the VQ-KD state dict in unilm's layout (no teacher key
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -34,6 +36,7 @@ from mcbeit.data.datasets import build_pretraining_dataset
 from mcbeit.data.folders import check_data_folder
 from mcbeit.data.samplers import build_train_loader
 from mcbeit.data.transforms import OneViewTransform
+from mcbeit.engine.checkpoint import latest_good_checkpoint, save_atomic
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.resume import load_resumed_weights
 from mcbeit.engine.task import Mark, MeterSpec, StepOutput, Task, TrainData
@@ -47,6 +50,7 @@ from mcbeit.tokenizers.vqkd import VQKD, parse_vqkd_name
 log = logging.getLogger("mcbeit.vqkd")
 
 CHECKPOINT_FORMAT = "mcbeit-vqkd-v1"
+TOKENIZER_FILE = "tokenizer.pth"  # written beside the checkpoints: the newest tokenizer
 _LOSSES = ("loss", "quant_loss", "rec_loss", "rec_cosine")
 _USAGE = ("code_usage", "perplexity", "dead_codes_reinit")
 
@@ -86,7 +90,8 @@ class VQKDTrainingTask(Task):
     def build_model(self, run) -> nn.Module:
         cfg = self.config
         kind = cfg.teacher_kind
-        teacher = build_teacher(kind, cfg.teacher_weight, cfg.teacher_input_size, random_ok=self.embedded_data)
+        teacher = build_teacher(kind, teacher_file(cfg.teacher_weight), cfg.teacher_input_size,
+                                random_ok=self.embedded_data)
         if teacher.grid != cfg.input_size // 16:
             raise InputError(f"the {kind} teacher gives a {teacher.grid}x{teacher.grid} patch grid at "
                              f"--teacher_input_size {cfg.teacher_input_size}, the tokenizer a {cfg.input_size // 16}x"
@@ -194,6 +199,12 @@ class VQKDTrainingTask(Task):
         if "vqkd_unused_steps" in ckpt:
             self.unused_steps = ckpt["vqkd_unused_steps"].to(self.run.device)
 
+    def saved(self, path: str, epoch: int | str) -> None:
+        """``tokenizer.pth`` beside every checkpoint: the newest tokenizer under a name that does not change
+        (unilm's layout under ``'model'``, with the training flags: ``--tokenizer_weight`` takes it)."""
+        save_atomic({"model": self.model.state_dict(), "args": self.flags(), "epoch": epoch},
+                    Path(self.config.output_dir) / TOKENIZER_FILE)
+
     def load_weights(self, ckpt: Mapping[str, Any], path: str) -> bool:
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise InputError(f"{path} is not a checkpoint of mcbeit-vqkd (format {ckpt.get('format')!r}, expected "
@@ -201,3 +212,16 @@ class VQKDTrainingTask(Task):
                              f"with another --output_dir (or --start_over)")
         load_resumed_weights(self.model, ckpt["model"], path, self.flags(), ckpt.get("args"))
         return True
+
+
+def teacher_file(weight: str | None) -> str | None:
+    """``--teacher_weight``: a file, or a run's folder (its newest whole checkpoint-<N>.pth, as --finetune
+    takes the newest pre-training checkpoint)."""
+    if not weight or not os.path.isdir(weight):
+        return weight
+    newest = latest_good_checkpoint(weight)
+    if newest is None:
+        raise InputError(f"--teacher_weight {weight}: a folder without a checkpoint-<epoch>.pth; pass the teacher's "
+                         "weights file")
+    log.info("--teacher_weight %s: its newest checkpoint, %s", weight, newest.name)
+    return str(newest)
