@@ -1,7 +1,8 @@
 """mc-BEiT, BEiT: masked image modelling on today's PyTorch.
 
 ``import mcbeit`` registers this package's model names with timm
-(``beit_{tiny,small,base,large}_patch16_224_8k_vocab``, ``beit_{tiny,small}_patch16_224``), so
+(``beit_{tiny,small,base,large}_patch16_224_8k_vocab``, their BEiT v2 ``..._8k_vocab_cls_pt``,
+``beit_{tiny,small}_patch16_224``), so
 ``import mcbeit, timm; timm.create_model("beit_base_patch16_224_8k_vocab")`` works, and exposes the
 public names below. Both happen lazily: importing timm takes seconds (it imports torch and
 torchvision), which every command's ``--help`` would pay. So the names register the moment timm
@@ -20,22 +21,26 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it (imported on first use)
 _PUBLIC = {
     # models (registered with timm)
-    "BeitForMaskedImageModeling": "mcbeit.models", "build_classifier": "mcbeit.models.classifier",
+    "BeitForMaskedImageModeling": "mcbeit.models", "BeitV2ForMaskedImageModeling": "mcbeit.models.beit",
+    "build_classifier": "mcbeit.models.classifier",
     "LinearProbe": "mcbeit.models.linear_probe", "load_pretrained": "mcbeit.models",
     "convert_state_dict": "mcbeit.models", "load_for_export": "mcbeit.models",
     # tokenizers
     "build_tokenizer": "mcbeit.tokenizers", "Tokenizer": "mcbeit.tokenizers", "TOKENIZER_KINDS": "mcbeit.tokenizers",
+    "VQKD": "mcbeit.tokenizers.vqkd", "build_vqkd_tokenizer": "mcbeit.tokenizers.vqkd",
+    "build_teacher": "mcbeit.tokenizers.teachers",
     # objectives
     "MultiChoiceLoss": "mcbeit.objectives", "HardTokenLoss": "mcbeit.objectives", "build_objective": "mcbeit.objectives",
-    "VQVAETraining": "mcbeit.objectives.vqvae",
+    "PatchAggregationLoss": "mcbeit.objectives", "VQVAETraining": "mcbeit.objectives.vqvae",
     # pre-training methods, configurations, the engine
     "METHODS": "mcbeit.methods", "PretrainMethod": "mcbeit.methods",
     "PretrainConfig": "mcbeit.config.pretrain", "BeitPretrainConfig": "mcbeit.config.pretrain",
+    "BeitV2PretrainConfig": "mcbeit.config.pretrain", "VQKDTrainConfig": "mcbeit.config.vqkd",
     "FinetuneConfig": "mcbeit.config.finetune", "LinprobeConfig": "mcbeit.config.finetune",
     "TokenizerTrainConfig": "mcbeit.config.tokenizer", "resolve": "mcbeit.config",
     "Trainer": "mcbeit.engine.trainer",
     "PretrainTask": "mcbeit.tasks.pretrain", "FinetuneTask": "mcbeit.tasks.finetune",
-    "TokenizerTrainingTask": "mcbeit.tasks.tokenizer",
+    "TokenizerTrainingTask": "mcbeit.tasks.tokenizer", "VQKDTrainingTask": "mcbeit.tasks.vqkd",
     # errors
     "InputError": "mcbeit.errors", "ConfigError": "mcbeit.errors",
 }
