@@ -115,6 +115,19 @@ class Task(ABC):
     def build_data(self, run: RunContext) -> TrainData:
         """The training data."""
 
+    def image_training_data(self, run: RunContext, transform: Any) -> TrainData:
+        """The training data of an unlabelled image task (pre-training, tokenizers): ``--data_path`` (or the
+        embedded images) through ``transform``, sharded over the ranks, ``--batch_size`` per rank."""
+        from mcbeit.data.datasets import build_pretraining_dataset
+        from mcbeit.data.samplers import build_train_loader
+
+        cfg = self.config
+        dataset = build_pretraining_dataset(cfg.data_path, cfg.data_set, transform, cfg.seed)
+        loader, sampler, steps = build_train_loader(dataset, cfg.batch_size, cfg.num_workers,
+                                                    cfg.pin_mem and run.device.type == "cuda", cfg.seed,
+                                                    run.info.world_size, run.info.rank)
+        return TrainData(loader, sampler, steps, described=f"{len(dataset)} images")
+
     @abstractmethod
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer over ``model``'s parameter groups."""

@@ -15,10 +15,8 @@ from torch import nn
 
 import mcbeit.models  # noqa: F401  (registers the model names with timm)
 from mcbeit.config.pretrain import PretrainConfig
-from mcbeit.data.datasets import build_pretraining_dataset
 from mcbeit.data.folders import check_data_folder
 from mcbeit.data.masking import build_mask_generator, check_mask_flags
-from mcbeit.data.samplers import build_train_loader
 from mcbeit.data.transforms import normalisation
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.resume import load_resumed_weights
@@ -84,13 +82,10 @@ class PretrainTask(Task):
                                      cfg.min_mask_patches_per_block, cfg.max_mask_patches_per_block,
                                      exact=self.method.exact_masks)
         transform = self.method.transform(self.window, masks, mean, std)
-        dataset = build_pretraining_dataset(cfg.data_path, cfg.data_set, transform, cfg.seed)
-        loader, sampler, steps = build_train_loader(dataset, cfg.batch_size, cfg.num_workers,
-                                                    cfg.pin_mem and run.device.type == "cuda", cfg.seed,
-                                                    run.info.world_size, run.info.rank)
-        log.info("data: %d images, %s; %s", len(dataset), masks, transform)
+        data = self.image_training_data(run, transform)
+        log.info("data: %s, %s; %s", data.described, masks, transform)
         self.monitor = build_monitor(cfg, len(self.model.blocks), mean, std)
-        return TrainData(loader, sampler, steps)
+        return data
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.config

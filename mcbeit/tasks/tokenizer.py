@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from mcbeit.config.tokenizer import TokenizerInspectConfig, TokenizerTrainConfig
 from mcbeit.data.datasets import build_pretraining_dataset
 from mcbeit.data.folders import check_data_folder
-from mcbeit.data.samplers import build_train_loader, loader_worker_init
+from mcbeit.data.samplers import loader_worker_init
 from mcbeit.data.transforms import OneViewTransform
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.distributed import resolve_device
@@ -78,12 +78,9 @@ class TokenizerTrainingTask(Task):
         cfg = self.config
         transform = OneViewTransform(cfg.input_size, scale=(cfg.crop_min_scale, 1.0), interpolation=cfg.interpolation,
                                      output_transform=self.model.tokenizer.input_transform)
-        dataset = build_pretraining_dataset(cfg.data_path, cfg.data_set, transform, cfg.seed)
-        loader, sampler, steps = build_train_loader(dataset, cfg.batch_size, cfg.num_workers,
-                                                    cfg.pin_mem and run.device.type == "cuda", cfg.seed,
-                                                    run.info.world_size, run.info.rank)
-        log.info("data: %d images, %s", len(dataset), transform)
-        return TrainData(loader, sampler, steps)
+        data = self.image_training_data(run, transform)
+        log.info("data: %s, %s", data.described, transform)
+        return data
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.config

@@ -32,9 +32,7 @@ import torch
 from torch import nn
 
 from mcbeit.config.vqkd import VQKDTrainConfig
-from mcbeit.data.datasets import build_pretraining_dataset
 from mcbeit.data.folders import check_data_folder
-from mcbeit.data.samplers import build_train_loader
 from mcbeit.data.transforms import OneViewTransform
 from mcbeit.engine.checkpoint import latest_good_checkpoint, save_atomic
 from mcbeit.engine.optim import build_optimizer
@@ -116,12 +114,9 @@ class VQKDTrainingTask(Task):
         cfg = self.config
         transform = OneViewTransform(cfg.input_size, scale=(cfg.min_crop_scale, 1.0),
                                      interpolation=cfg.train_interpolation, output_transform=self.input_transform())
-        dataset = build_pretraining_dataset(cfg.data_path, cfg.data_set, transform, cfg.seed)
-        loader, sampler, steps = build_train_loader(dataset, cfg.batch_size, cfg.num_workers,
-                                                    cfg.pin_mem and run.device.type == "cuda", cfg.seed,
-                                                    run.info.world_size, run.info.rank)
-        log.info("data: %d images, %s", len(dataset), transform)
-        return TrainData(loader, sampler, steps)
+        data = self.image_training_data(run, transform)
+        log.info("data: %s, %s", data.described, transform)
+        return data
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.config
