@@ -179,6 +179,16 @@ def test_a_unilm_layout_checkpoint_loads_strictly(tmp_path):
     assert task.load_weights(ckpt, str(path)) is False  # weights only: not our format
     for key, value in task.model.state_dict().items():
         assert torch.equal(value, sd[key]), key
+    # mmpretrain's file of the same weights ({'meta', 'state_dict'} in its names, with its tokenizer): --resume
+    # takes it through the name map, weights only, the tokenizer listed as not loaded
+    from tests.models.test_released_v2 import write_mmpretrain_v2_pretraining
+
+    mm = tmp_path / "epoch_300.pth"
+    write_mmpretrain_v2_pretraining(mm, sd)
+    fresh = _ready().task
+    assert fresh.load_weights(ckpt_io.load_training_checkpoint(mm), str(mm)) is False
+    for key, value in fresh.model.state_dict().items():
+        assert torch.equal(value, sd[key]), key
     # strict: a file without the aggregation head does not load into the v2 model
     torch.save({"model": {k: v for k, v in sd.items() if not k.startswith("cls_pt_layers.")}, "epoch": 0}, path)
     with pytest.raises(StateDictMismatchError, match="cls_pt_layers"):
