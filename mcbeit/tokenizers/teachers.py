@@ -86,16 +86,15 @@ class Teacher(nn.Module):
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state dict from a checkpoint (safe loader; under 'model' / 'state_dict' / 'module' or bare) or a
     TorchScript archive (OpenAI's CLIP .pt files)."""
-    from mcbeit.models.checkpoint import CheckpointError, read_checkpoint
+    from mcbeit.models.checkpoint import read_checkpoint
 
     if not os.path.isfile(path):
         raise InputError(f"--teacher_weight {path!r} does not exist")
-    try:
-        ckpt: Mapping[str, Any] = read_checkpoint(path)
-    except CheckpointError:
-        if not _is_torchscript(path):
-            raise
+    ckpt: Mapping[str, Any]
+    if _is_torchscript(path):  # TorchScript code is not Python: loading it runs no pickled callable
         ckpt = torch.jit.load(path, map_location="cpu").state_dict()
+    else:
+        ckpt = read_checkpoint(path)
     for key in ("model", "state_dict", "module"):
         if isinstance(ckpt.get(key), Mapping):
             ckpt = ckpt[key]

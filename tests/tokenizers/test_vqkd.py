@@ -240,6 +240,27 @@ def test_clip_teacher_from_openai_names_is_ln_post_times_proj(tmp_path):
     torch.testing.assert_close(build_teacher("clip", str(bare), 64)(x), out, rtol=0, atol=0)
     small = build_teacher("clip", str(path), 32)                              # --teacher_input_size 32: images resized
     assert small(x).shape == (2, 4, 24)
+    archive = tmp_path / "ViT-B-16.pt"                                        # OpenAI's release: a TorchScript archive
+    torch.jit.script(_TorchScriptHolder({**openai, **text})).save(str(archive))
+    torch.testing.assert_close(build_teacher("clip", str(archive), 64)(x), out, rtol=0, atol=0)
+
+
+class _TorchScriptHolder(torch.nn.Module):
+    """Parameters under OpenAI CLIP's names in a scriptable module (the layout of OpenAI's ViT-B-16.pt archive)."""
+
+    def __init__(self, sd: dict[str, torch.Tensor]):
+        super().__init__()
+        for name, value in sd.items():
+            *path, leaf = name.split(".")
+            module = self
+            for part in path:
+                if not hasattr(module, part):
+                    module.add_module(part, torch.nn.Module())
+                module = getattr(module, part)
+            module.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 def test_dino_teacher_and_missing_weights(tmp_path):
