@@ -124,15 +124,17 @@ def test_a_worker_whose_reader_stopped_at_once_prints_no_traceback_for_the_aband
 
 
 def test_every_data_loader_of_the_package_ignores_stop_signals():
-    """Pre-training, fine-tuning / linear probing and tokenizer training build their loaders with
+    """Pre-training, fine-tuning / linear probing and tokenizer training (VQ-VAE, VQ-KD) build their loaders with
     build_train_loader / build_eval_loader; any DataLoader built elsewhere must pass the same init."""
     for path in (REPO / "mcbeit").rglob("*.py"):
         text = path.read_text()
         for call in re.finditer(r"\bDataLoader\(", text):
             args = text[call.end():text.find("\n\n", call.end())]
             assert "worker_init_fn=loader_worker_init(" in args, f"{path}: {text[call.start():call.start() + 120]}"
-    for task in ("pretrain", "finetune", "tokenizer"):
-        assert "build_train_loader(" in (REPO / "mcbeit" / "tasks" / f"{task}.py").read_text()
+    for where in ("engine/task.py", "tasks/finetune.py"):          # Task.image_training_data, fine-tuning's
+        assert "build_train_loader(" in (REPO / "mcbeit" / where).read_text()
+    for task in ("pretrain", "tokenizer", "vqkd"):
+        assert "self.image_training_data(" in (REPO / "mcbeit" / "tasks" / f"{task}.py").read_text()
 
 
 def _records(folder: Path, **files: str) -> WorkerRecords:

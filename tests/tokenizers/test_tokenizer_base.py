@@ -52,7 +52,7 @@ def test_transforms_reject_uint8():
 
 
 def test_kinds_and_aliases():
-    assert TOKENIZER_KINDS == ("dall-e", "vqgan", "customized", "vqgan_ema")
+    assert TOKENIZER_KINDS == ("dall-e", "vqgan", "customized", "vqgan_ema", "vqkd")
     assert canonical_kind("vqgan_gumbel_f8_8192") == "vqgan"
     assert canonical_kind("DALL-E") == "dall-e"
     with pytest.raises(ValueError) as err:
