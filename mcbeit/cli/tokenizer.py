@@ -22,7 +22,12 @@ VQKD_DESCRIPTION = (
     "Train BEiT v2's VQ-KD tokenizer (unilm run_vqkd_training.py's flags): a ViT encoder whose l2-normalised codes "
     "(EMA codebook, k-means initialised) are decoded into a teacher's patch features (CLIP, DINO or any timm model "
     "given as a weights file). A checkpoint-<epoch>.pth is usable as --tokenizer_weight in BEiT v2 pre-training. "
-    "With no flags: a tiny VQ-KD on the embedded images with a RANDOM tiny teacher (a demonstration).")
+    "With no flags: a tiny VQ-KD on the embedded images with a RANDOM tiny teacher (a demonstration). Differences "
+    "from the original, on purpose: the teacher comes from --teacher_weight (nothing downloads); the k-means "
+    "initialisation is rank 0's, broadcast (the original's ranks each run their own and never synchronise); the "
+    "codebook's EMA update follows the optimizer step (the same arithmetic; a skipped step leaves it alone); the "
+    "teacher's input is resized to --teacher_input_size; --dead_code_steps re-seeds dead codes (off, as the "
+    "original); no separate evaluation pass on --eval_data_path.")
 TOKENIZER_TYPES = ("vqvae", "vqkd")
 INSPECT_DESCRIPTION = ("Look at a tokenizer: image / token-id map / reconstruction grid for a few images, and the "
                        "codebook-usage histogram over a dataset (two PNGs; usage figures in the log).")
