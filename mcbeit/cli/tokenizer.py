@@ -27,7 +27,7 @@ VQKD_DESCRIPTION = (
     "initialisation is rank 0's, broadcast (the original's ranks each run their own and never synchronise); the "
     "codebook's EMA update follows the optimizer step (the same arithmetic; a skipped step leaves it alone); the "
     "teacher's input is resized to --teacher_input_size; --dead_code_steps re-seeds dead codes (off, as the "
-    "original); no separate evaluation pass on --eval_data_path.")
+    "original).")
 TOKENIZER_TYPES = ("vqvae", "vqkd")
 INSPECT_DESCRIPTION = ("Look at a tokenizer: image / token-id map / reconstruction grid for a few images, and the "
                        "codebook-usage histogram over a dataset (two PNGs; usage figures in the log).")

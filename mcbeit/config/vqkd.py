@@ -53,9 +53,10 @@ class VQKDData(ImageFolderData):
     EMBEDDED: ClassVar[dict[str, Any]] = {"input_size": 112, "teacher_input_size": 112}
 
     input_size: int = flag(224, "image size (a multiple of 16: tokens = size / 16)")
-    eval_data_path: str = flag("", "accepted for compatibility: no evaluation pass (usage and cosine are reported "
-                                   "from training)", experiment=False)
-    disable_eval: bool = flag(False, "accepted for compatibility (no evaluation pass is run)", experiment=False)
+    eval_data_path: str = flag("", "images evaluated after every epoch, as the original (resize to --input_size / "
+                                   "0.875, centre crop): loss, reconstruction cosine and codes used, logged as test_*",
+                               show_default="'': no evaluation", experiment=False)
+    disable_eval: bool = flag(False, "no evaluation pass even with --eval_data_path", experiment=False)
     calculate_codebook_usage: bool = flag(False, "accepted for compatibility: usage is reported every epoch",
                                           experiment=False)
     imagenet_default_mean_and_std: bool = flag(False, "accepted for compatibility (the original's VQ-KD data "

@@ -39,7 +39,7 @@ from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.resume import load_resumed_weights
 from mcbeit.engine.task import Mark, MeterSpec, StepOutput, Task, TrainData
 from mcbeit.errors import ConfigError, InputError
-from mcbeit.objectives.codebook import check_replicas, code_statistics, ema_update_, perplexity, reseed_dead_
+from mcbeit.objectives.codebook import all_reduce_sum, check_replicas, code_statistics, ema_update_, perplexity, reseed_dead_
 from mcbeit.objectives.vqvae import usage_figures
 from mcbeit.tokenizers.base import Normalize
 from mcbeit.tokenizers.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, build_teacher
@@ -68,6 +68,7 @@ class VQKDTrainingTask(Task):
         self.teacher: Teacher | None = None
         self.last: dict[str, torch.Tensor] = {}
         self.unused_steps: torch.Tensor | None = None
+        self.val_loader = None
 
     @property
     def base_lr(self) -> float:
@@ -116,7 +117,57 @@ class VQKDTrainingTask(Task):
                                      interpolation=cfg.train_interpolation, output_transform=self.input_transform())
         data = self.image_training_data(run, transform)
         log.info("data: %s, %s", data.described, transform)
+        self.val_loader = self._val_loader(run)
         return data
+
+    @property
+    def evaluates(self) -> bool:  # with --eval_data_path, a run stopped before an epoch's evaluation makes it up
+        return self.val_loader is not None
+
+    def _val_loader(self, run):
+        """The original's evaluation data: --eval_data_path's images resized to --input_size / 0.875 and centre
+        cropped (bicubic), in the tokenizer's input normalisation; None without it or with --disable_eval."""
+        from mcbeit.data.classification_transforms import SeededTransform
+        from mcbeit.data.datasets import build_pretraining_dataset
+        from mcbeit.data.samplers import build_eval_loader
+
+        cfg = self.config
+        if not cfg.eval_data_path or cfg.disable_eval:
+            return None
+        check_data_folder(cfg.eval_data_path, "--eval_data_path")
+        transform = SeededTransform(vqkd_eval_transform(cfg.input_size, self.input_transform()))
+        dataset = build_pretraining_dataset(cfg.eval_data_path, None, transform, cfg.seed)
+        log.info("evaluation after every epoch: %d images of --eval_data_path %s", len(dataset), cfg.eval_data_path)
+        return build_eval_loader(dataset, cfg.batch_size, cfg.num_workers, cfg.pin_mem and run.device.type == "cuda",
+                                 run.info.world_size, run.info.rank)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The val images through teacher and model in eval mode (no k-means, no EMA): mean loss, quant_loss,
+        rec_loss and reconstruction cosine per image, codes used and unused over all of them (summed over ranks)."""
+        run, model = self.run, self.model
+        vocab = self.config.codebook_n_emd
+        sums = torch.zeros(5, dtype=torch.float64, device=run.device)             # loss, quant, rec, cos, images
+        counts = torch.zeros(vocab, dtype=torch.float64, device=run.device)
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in self.val_loader:
+                images = batch[0].to(run.device, non_blocking=True)              # (B, 3, H, W)
+                with run.precision.autocast():
+                    out = model(images, self.teacher(images))
+                n = images.shape[0]
+                sums += torch.stack([out[k].double() * n for k in ("loss", "quant_loss", "rec_loss", "rec_cosine")]
+                                    + [sums.new_tensor(float(n))])
+                counts += torch.bincount(out["ids"].flatten(), minlength=vocab).double()
+        finally:
+            model.train(was_training)
+        sums, counts = all_reduce_sum(sums), all_reduce_sum(counts)
+        images = max(float(sums[4]), 1.0)
+        used = int((counts > 0).sum())
+        return {"loss": float(sums[0]) / images, "quant_loss": float(sums[1]) / images,
+                "rec_loss": float(sums[2]) / images, "rec_cosine": float(sums[3]) / images, "codes_used": used,
+                "unused_code": vocab - used, "images": int(sums[4])}
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.config
@@ -169,6 +220,18 @@ class VQKDTrainingTask(Task):
     def end_epoch(self, epoch: int, train_stats: dict[str, Any]) -> dict[str, Any]:
         check_replicas(self.model.quantize.codebook, "the VQ-KD codebook")
         stats = dict(train_stats)
+        if train_stats:  # empty: an epoch trained before a resume, owing only its evaluation
+            self._training_figures(epoch, stats)
+        record = {**super().end_epoch(epoch, stats), "codebook_size": self.config.codebook_n_emd,
+                  "n_parameters": self.run.n_parameters}
+        if self.val_loader is not None:
+            test = {f"test_{k}": v for k, v in self.evaluate().items()}
+            record.update(test)
+            if self.run.info.is_main:
+                self.run.writer.scalars((epoch + 1) * self.run.steps_per_epoch, test, "test")
+        return record
+
+    def _training_figures(self, epoch: int, stats: dict[str, Any]) -> None:
         stats["dead_codes_reinit"] = float(self.epoch_reinit)
         usage = usage_figures(self.epoch_counts)                                   # counts are already global
         stats.update(epoch_codes_used=usage["codes_used"], epoch_code_usage=usage["code_usage"],
@@ -177,10 +240,15 @@ class VQKDTrainingTask(Task):
         if self.run.info.is_main:
             self.run.writer.scalars((epoch + 1) * self.run.steps_per_epoch,
                                     {k: float(stats[k]) for k in ("epoch_code_usage", "epoch_perplexity")}, "codebook")
-        return {**super().end_epoch(epoch, stats), "codebook_size": self.config.codebook_n_emd,
-                "n_parameters": self.run.n_parameters}
 
     def epoch_message(self, s: Mapping[str, Any]) -> str:
+        test = (f"; eval: rec cosine {s['test_rec_cosine']:.3f}, codes used {s['test_codes_used']}/"
+                f"{self.config.codebook_n_emd} on {s['test_images']} images") if "test_rec_cosine" in s else ""
+        if "train_loss" not in s:                                                  # an owed evaluation only
+            return f"evaluated only (trained before){test}"
+        return self._train_message(s) + test
+
+    def _train_message(self, s: Mapping[str, Any]) -> str:
         return (f"loss {s['train_loss']:.4f} (quant {s['train_quant_loss']:.4f}, rec {s['train_rec_loss']:.4f}), "
                 f"rec cosine {s['train_rec_cosine']:.3f}, codes used {s['train_epoch_codes_used']}/"
                 f"{self.config.codebook_n_emd}, perplexity {s['train_epoch_perplexity']:.1f}, unused code "
@@ -220,3 +288,13 @@ def teacher_file(weight: str | None) -> str | None:
                          "weights file")
     log.info("--teacher_weight %s: its newest checkpoint, %s", weight, newest.name)
     return str(newest)
+
+
+def vqkd_eval_transform(size: int, normalise: Normalize):
+    """The original's VQ-KD evaluation view: short side to ``size / 0.875`` (bicubic; ``size`` from 384 px on),
+    centre crop ``size``, [0, 1], then the tokenizer's input normalisation."""
+    from torchvision import transforms as T
+
+    resize = int(size / (224 / 256)) if size < 384 else size
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(normalise.mean, normalise.std)])

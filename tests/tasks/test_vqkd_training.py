@@ -16,7 +16,7 @@ import mcbeit.models  # noqa: F401  (registers beit_tiny_patch16_224_8k_vocab)
 from mcbeit.cli import tokenizer as tok_cli
 from mcbeit.engine.checkpoint import save_atomic
 from mcbeit.tokenizers import build_tokenizer, build_vqkd_tokenizer
-from tests.tasks.conftest import PYTHON, free_port, run_cli
+from tests.tasks.conftest import PYTHON, free_port, make_image_folder, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,17 +84,51 @@ def test_trains_reports_usage_and_cosine_and_resumes_bit_for_bit(teacher_file, t
             assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
 
 
+def test_eval_data_path_is_evaluated_after_every_epoch_as_the_original(teacher_file, tmp_path):
+    """--eval_data_path: the original's evaluation view (resize / 0.875, centre crop), the model and teacher in
+    eval mode; the logged test_* figures are those of the checkpoint's model on those images."""
+    from mcbeit.tasks.vqkd import vqkd_eval_transform
+    from mcbeit.tokenizers import VQKD
+    from mcbeit.tokenizers.base import Normalize
+    from mcbeit.tokenizers.teachers import build_teacher
+
+    val = make_image_folder(tmp_path / "val", n_per_class=3, size=48, seed=5)      # 4 classes x 3 images
+    out = tmp_path / "evaluated"
+    tok_cli.run_vqkd(_args(out, teacher_file, "--epochs", "2", "--quantize_kmeans_init", "--eval_data_path",
+                           str(val)))
+    log = _log(out)
+    assert [r["test_images"] for r in log] == [12, 12]
+    last = log[-1]
+    assert 0 < last["test_codes_used"] <= 64 and last["test_unused_code"] == 64 - last["test_codes_used"]
+
+    model = VQKD("vqkd_encoder_tiny_decoder_1x192x3", 32, 64, teacher_dim=192).eval()
+    model.load_state_dict(torch.load(out / "checkpoint-1.pth", weights_only=True)["model"])
+    teacher = build_teacher(TEACHER, str(teacher_file), 32)
+    view = vqkd_eval_transform(32, Normalize((0.5,) * 3, (0.5,) * 3))
+    from PIL import Image
+    images = torch.stack([view(Image.open(p).convert("RGB")) for p in sorted(val.rglob("*.jpg"))])
+    with torch.no_grad():
+        expected = model(images, teacher(images))
+    assert abs(last["test_rec_cosine"] - float(expected["rec_cosine"])) < 1e-5
+    assert last["test_codes_used"] == len(set(expected["ids"].flatten().tolist()))
+    off = tmp_path / "disabled"
+    tok_cli.run_vqkd(_args(off, teacher_file, "--epochs", "1", "--eval_data_path", str(val), "--disable_eval"))
+    assert "test_images" not in _log(off)[-1]
+
+
 def test_two_processes_keep_identical_codebooks(teacher_file, tmp_path):
     out = tmp_path / "two"
+    val = make_image_folder(tmp_path / "val", n_per_class=2, size=48, seed=5)      # 8 images, 4 per rank
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "run_vqkd_training.py", "--output_dir", str(out),
            "--teacher_weight", str(teacher_file), *FAST, "--batch_size", "50", "--epochs", "1",
-           "--quantize_kmeans_init", "--dead_code_steps", "3"]
+           "--quantize_kmeans_init", "--dead_code_steps", "3", "--eval_data_path", str(val)]
     proc = run_cli(cmd, tmp_path, timeout=600)
     # Each epoch end checks the ranks' codebooks are equal (it raises otherwise); the run finished.
     assert "LR = 0.00156250 (--lr 0.002 x total batch 100 / 128)" in proc.stderr
     record = _log(out)[-1]
     assert record["train_epoch_codes_used"] > 0 and 0 < record["train_rec_cosine"] <= 1
+    assert record["test_images"] == 8 and 0 < record["test_rec_cosine"] <= 1      # each val image once
     model = torch.load(out / "checkpoint-0.pth", weights_only=True)["model"]
     assert float(model["quantize.embedding.initted"]) == 1.0
 
