@@ -19,7 +19,6 @@ update), decoder, cosine loss, backward, AdamW; ours through the engine's update
 from __future__ import annotations
 
 import copy
-import logging
 import math
 from typing import Callable
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mcbeit.bench.measure import quiet_loggers
 from mcbeit.bench.reference import reference_model
 from mcbeit.bench.step import Formulation, amp_dtype_of, side_by_side, step
 from mcbeit.config import resolve
@@ -35,15 +35,6 @@ from mcbeit.engine.optim import param_groups
 
 SIZES = {"tiny": ("beit_tiny_patch16_224_8k_vocab_cls_pt", "vqkd_encoder_tiny_decoder_1x192x3"),
          "base": ("beit_base_patch16_224_8k_vocab_cls_pt", "vqkd_encoder_base_decoder_3x768x12_clip")}
-
-
-def _quiet(names: tuple[str, ...]):
-    """Silence the 'RANDOM weights' warnings of a benchmark that means them."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    return lambda: [lg.setLevel(level) for lg, level in zip(loggers, levels, strict=True)]
 
 
 def _masks(window: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -101,7 +92,7 @@ def run_beitv2_step(size: str = "base", batch_size: int = 8, input_size: int = 2
 
     model, tokenizer_model = SIZES[size]
     window = input_size // 16
-    restore = _quiet(("mcbeit.tokenizers.vqkd", "mcbeit.tokenizers.factory"))
+    restore = quiet_loggers("mcbeit.tokenizers.vqkd", "mcbeit.tokenizers.factory")
     try:
         config = resolve(BeitV2PretrainConfig, {
             "model": model, "tokenizer_model": tokenizer_model, "input_size": input_size,
@@ -192,7 +183,7 @@ def run_vqkd_step(size: str = "base", batch_size: int = 8, input_size: int = 224
     from mcbeit.tokenizers.teachers import CLIP_MEAN, CLIP_STD, Teacher, _clip_features, clip_visual_model
 
     model, (width, depth, heads) = VQKD_SIZES[size]
-    restore = _quiet(("mcbeit.tokenizers.teachers", "mcbeit.vqkd"))
+    restore = quiet_loggers("mcbeit.tokenizers.teachers", "mcbeit.vqkd")
     try:
         config = resolve(VQKDTrainConfig, {
             "model": model, "input_size": input_size, "teacher_input_size": input_size, "codebook_n_emd": 8192,

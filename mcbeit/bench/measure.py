@@ -24,6 +24,18 @@ import torch
 PHASES = ("tokenizer", "forward", "loss", "backward", "optimizer")
 
 
+def quiet_loggers(*names: str) -> Callable[[], object]:
+    """Silence these loggers below ERROR (the 'RANDOM weights' warnings of a benchmark that means them);
+    returns the function that restores their levels."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    return lambda: [lg.setLevel(level) for lg, level in zip(loggers, levels, strict=True)]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,7 +18,7 @@ import timm
 import torch
 
 import mcbeit.models  # noqa: F401  (registers the MIM models)
-from mcbeit.bench.measure import PHASES, PhaseTimer, count_flops, peak_flops, peak_memory
+from mcbeit.bench.measure import PHASES, PhaseTimer, count_flops, peak_flops, peak_memory, quiet_loggers
 from mcbeit.bench.reference import ReferenceStep, literal_loss, reference_model
 from mcbeit.config import resolve
 from mcbeit.config.finetune import FinetuneConfig
@@ -95,14 +94,12 @@ def pretrain_config(cfg: StepConfig, **flags) -> PretrainConfig:
 
 def build(cfg: StepConfig, info: DistInfo | None = None):
     """(the product's run, reference step, batch) on the same weights and inputs."""
-    factory_log = logging.getLogger("mcbeit.tokenizers.factory")
-    level = factory_log.level
-    factory_log.setLevel(logging.ERROR)  # "RANDOM weights": intended here
+    restore = quiet_loggers("mcbeit.tokenizers.factory")  # "RANDOM weights": intended here
     try:
         config = pretrain_config(cfg)
         run = Trainer(config, PretrainTask(config)).ready(steps_per_epoch=10 ** 6, info=info)
     finally:
-        factory_log.setLevel(level)
+        restore()
     tokenizer = copy.deepcopy(run.task.method.tokenizer).to(memory_format=torch.contiguous_format)  # reference: NCHW
     reference = ReferenceStep(reference_model(run.task.model), tokenizer, clip_grad=3.0,
                               amp_dtype=amp_dtype_of(cfg.amp)) if cfg.reference else None

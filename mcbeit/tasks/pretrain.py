@@ -176,12 +176,11 @@ def build_monitor(cfg: PretrainConfig, depth: int, mean, std) -> KnnMonitor | No
     return KnnMonitor(train, val, num_classes, settings)
 
 
-#: the pre-training models: BEiT's, and BEiT v2's with patch aggregation (only BEiT v2 trains those)
-MIM_MODELS = ("beit_*_8k_vocab",)
+#: BEiT v2's patch-aggregation models (only BEiT v2 trains them; the methods say what they train)
 V2_MODELS = ("beit_*_8k_vocab_cls_pt",)
 
 
-def check_model_name(name: str, patterns: tuple[str, ...] = MIM_MODELS) -> None:
+def check_model_name(name: str, patterns: tuple[str, ...]) -> None:
     """``--model`` is one of the pre-training models ``patterns`` match (the method's)."""
     names = timm.list_models(list(patterns))
     if name not in names:

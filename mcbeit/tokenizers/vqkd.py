@@ -154,6 +154,7 @@ class NormEMAQuantizer(nn.Module):
         self.vocab, self.dim, self.decay, self.beta = int(vocab), int(dim), float(decay), float(beta)
         self.embedding = CodebookEMA(self.vocab, self.dim, kmeans)
         self.register_buffer("cluster_size", torch.zeros(self.vocab))
+        self._initted_known = False
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -161,8 +162,12 @@ class NormEMAQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_codebook(self, z: torch.Tensor) -> None:
-        """k-means initialisation from the unit features ``z`` (N, c), once (rank 0's, broadcast)."""
+        """k-means initialisation from the unit features ``z`` (N, c), once (rank 0's, broadcast). The buffer
+        ``initted`` is read from the device once, not at every training step (a host sync on a GPU)."""
+        if self._initted_known:
+            return
         if bool(self.embedding.initted.item()):
+            self._initted_known = True
             return
         log.info("VQ-KD codebook: k-means initialisation (10 iterations, cosine) of %d codes from %d features",
                  self.vocab, z.shape[0])
@@ -170,6 +175,11 @@ class NormEMAQuantizer(nn.Module):
         self.embedding.weight.copy_(means)
         self.embedding.cluster_size.copy_(bins.float())
         self.embedding.initted.fill_(1.0)
+        self._initted_known = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._initted_known = False  # the loaded ``initted`` decides again
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """z (B, N, c) -> straight-through codes (B, N, c), commitment loss, ids (B, N), unit z (B*N, c)."""
@@ -349,16 +359,15 @@ def _unwrap(ckpt: Mapping[str, Any], path: str) -> Mapping[str, torch.Tensor]:
 
 
 def _from_mmpretrain(sd: Mapping[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
-    """mmpretrain's VQKD names (``encoder.layers.N.ln1``, ``encoder.ln1``, ...) -> unilm's."""
-    from mcbeit.models.key_maps import mmpretrain_vit_key
+    """mmpretrain's VQKD names (``encoder.layers.N.ln1``, ``encoder.ln1``, ``target_generator.*``, ...) -> unilm's,
+    through the package's one map (:func:`mcbeit.models.key_maps.from_mmpretrain`); the keys of a whole
+    pre-training file that are not the tokenizer are noted and left out."""
+    from mcbeit.models.key_maps import from_mmpretrain, split_notes
 
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        k = key[len("target_generator."):] if key.startswith("target_generator.") else key
-        if k.startswith("encoder."):
-            rest = k[len("encoder."):]
-            k = "encoder." + mmpretrain_vit_key(rest, final_norm="fc_norm")
-        out[k] = value
+    out, mapped = from_mmpretrain(sd, tokenizer=True)
+    _, dropped = split_notes(mapped)
+    if dropped:
+        notes.append(f"not the tokenizer, not loaded: {_summary(sorted(dropped))}")
     weight = out.get("quantize.embedding.weight")
     if weight is not None:  # mmpretrain's EmbeddingEMA has no statistics (unused for tokenizing): as a fresh model's
         out.setdefault("quantize.embedding.cluster_size", torch.zeros(weight.shape[0]))
@@ -369,16 +378,13 @@ def _from_mmpretrain(sd: Mapping[str, torch.Tensor], notes: list[str]) -> dict[s
     return out
 
 
-def _is_mmpretrain(sd: Mapping[str, Any]) -> bool:
-    return any(k.startswith(("target_generator.", "encoder.layers.", "encoder.ln1.")) for k in sd)
-
-
 def read_vqkd_file(path: str, model: str | None = None, info: dict[str, Any] | None = None
                    ) -> tuple[dict[str, torch.Tensor], VQKDArch, list[str], list[str]]:
     """A VQ-KD file's tokenizer weights in unilm names, its architecture, the keys it holds that the tokenizer
     does not use (decoder, teacher, ...) and notes on what was converted. Other keys are an error. ``info``
     receives the ``process_type`` the file's training flags record (a checkpoint of mcbeit-vqkd), if any."""
     from mcbeit.models.checkpoint import read_checkpoint, resolve_source
+    from mcbeit.models.key_maps import is_mmpretrain
 
     ckpt = read_checkpoint(resolve_source(path, "--tokenizer_weight"))
     args = ckpt.get("args")
@@ -387,7 +393,7 @@ def read_vqkd_file(path: str, model: str | None = None, info: dict[str, Any] | N
     raw = _unwrap(ckpt, path)
     raw = {k[len("module."):] if k.startswith("module.") else k: v for k, v in raw.items()}
     notes: list[str] = []
-    sd = _from_mmpretrain(raw, notes) if _is_mmpretrain(raw) else dict(raw)
+    sd = _from_mmpretrain(raw, notes) if is_mmpretrain(raw) else dict(raw)
     keep = ("encoder.", "encode_task_layer.", "quantize.")
     unused = ("decoder.", "decode_task_layer.") + DROPPED_PREFIXES
     state = {k: v for k, v in sd.items() if k.startswith(keep)}
