@@ -62,7 +62,7 @@ def parse_and_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     record_start()
     status: Any = 1
     if trains:
-        stop_signals.install()
+        stop_signals.install(hard_exit=True)  # a second Ctrl-C ends this process, however the unwinding goes
     try:
         status = run_command(lambda: run(config), dist_timeout=getattr(config, "dist_timeout", 30.0))
     except KeyboardInterrupt:  # a second Ctrl-C while the run was closing (inside the run it is status 130 already)
@@ -75,6 +75,7 @@ def parse_and_run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     finally:
         if trains:
             stop_signals.uninstall()
+            stop_signals.hard_exit = False  # (a command run in-process, by a test: its watchdog goes with it)
         record_exit(status)
     return status
 

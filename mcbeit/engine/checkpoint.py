@@ -69,6 +69,10 @@ def checkpoint_path(output_dir: str | os.PathLike, epoch: int | str, steps_done:
     return Path(output_dir) / f"checkpoint-{name}.pth"
 
 
+#: temporary files being written right now (a hard exit removes them: mcbeit.engine.control's second-Ctrl-C watchdog)
+WRITING: set[str] = set()
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """``write(file)`` into a temporary file beside ``path``, fsync, then rename over it (and fsync the folder).
 
@@ -78,6 +82,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    WRITING.add(tmp)
     try:
         os.fchmod(fd, file_mode())  # mkstemp creates 0600: the file gets the user's umask, as open() would
         with os.fdopen(fd, "wb") as f:
@@ -88,6 +93,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        interrupt = _interrupt_in(exc)
+        if interrupt is not None and interrupt is not exc:
+            # Ctrl-C inside torch.save: its zip writer then fails on closing ('unexpected pos'); that is the
+            # interrupt's doing, not a full disk, so the interrupt is what goes on up.
+            raise interrupt.with_traceback(None) from None
         cause = write_failure(exc)
         if cause is not None:
             kept = f"the previous {path.name} is untouched" if path.exists() else f"no {path.name} was written"
@@ -95,6 +105,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
                                        "Free space or raise the limit, then run again (auto-resume continues "
                                        "from the newest good checkpoint)") from exc
         raise
+    finally:
+        WRITING.discard(tmp)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -105,6 +117,17 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (full disk, file-size limit, I/O error); nothing older was harmed."""
+
+
+def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt ``exc`` is, or arose while handling (its __context__ / __cause__ chain)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def write_failure(exc: BaseException) -> str | None:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from mcbeit.engine.distributed import DistInfo
-from mcbeit.errors import TooManyBadImagesError
+from mcbeit.errors import EXIT_INTERRUPTED, TooManyBadImagesError
 
 log = logging.getLogger("mcbeit")
 
@@ -68,16 +68,24 @@ class StopSignals:
     outermost uninstall restores the previous handlers. A signal is recorded and logged, nothing else:
     the training loop asks :attr:`received` after each step. A SIGINT while a stop is pending (a
     second Ctrl-C) raises ``KeyboardInterrupt`` where the main thread is: the command line exits with
-    status 130 (checkpoint writes are atomic, so nothing is left half-written). Other repeated signals
-    are ignored (torchrun and SLURM forward theirs on top of the user's).
+    status 130 (checkpoint writes are atomic, so nothing is left half-written). An exception raised at an
+    arbitrary point can leave a lock of a library (a writer thread's queue, a loader's) held for good, so
+    the second Ctrl-C also starts a watchdog (in a command line's process: ``install(hard_exit=True)``): a
+    process still alive :data:`HARD_EXIT_AFTER_S` seconds later removes the temporary file of a checkpoint
+    being written and ends with status 130 at once. Other
+    repeated signals are ignored (torchrun and SLURM forward theirs on top of the user's).
     """
 
     def __init__(self) -> None:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
         self._depth = 0
+        #: arm the watchdog on a second Ctrl-C (the command line's process only: never a test's or a notebook's)
+        self.hard_exit = False
 
-    def install(self) -> "StopSignals":
+    def install(self, hard_exit: bool | None = None) -> "StopSignals":
+        if hard_exit is not None:
+            self.hard_exit = bool(hard_exit)
         if threading.current_thread() is not threading.main_thread():
             return self
         if self._depth == 0:
@@ -106,12 +114,49 @@ class StopSignals:
                 if name == "SIGINT" else ""
             log.warning("%s received: finishing this step, then writing a checkpoint and exiting%s", name, again)
         elif name == "SIGINT":
+            if self.hard_exit:
+                _exit_unless_stopped_within(HARD_EXIT_AFTER_S)
             log.warning("SIGINT while stopping on %s: stopping at once (checkpoints already written are whole; "
                         "the steps since the newest one are lost)", self.received)
             raise KeyboardInterrupt
 
 
 stop_signals = StopSignals()
+
+#: seconds a process may take to unwind after a second Ctrl-C before the watchdog ends it
+HARD_EXIT_AFTER_S = 10.0
+
+
+def _exit_unless_stopped_within(seconds: float) -> None:
+    """Start (once) a daemon timer that ends this process with status 130 if it is still alive after ``seconds``,
+    first removing the temporary file of a checkpoint write in progress (the written ones are whole). It writes
+    to stderr with ``os.write`` and takes no lock: whatever hangs the unwinding may hold them."""
+    global _watchdog
+    if _watchdog is not None:
+        return
+
+    def hard_exit() -> None:
+        from mcbeit.engine.checkpoint import WRITING
+
+        for tmp in list(WRITING):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        try:
+            record_exit(EXIT_INTERRUPTED)
+        except Exception:  # noqa: BLE001 - the launcher's record is best effort here
+            pass
+        os.write(2, f"still running {seconds:g} s after the second Ctrl-C: exiting now (status {EXIT_INTERRUPTED}; "
+                    "checkpoints already written are whole)\n".encode())
+        os._exit(EXIT_INTERRUPTED)
+
+    _watchdog = threading.Timer(seconds, hard_exit)
+    _watchdog.daemon = True
+    _watchdog.start()
+
+
+_watchdog: threading.Timer | None = None
 
 
 def _launch_record(kind: str, value: str) -> None:

@@ -308,3 +308,33 @@ def test_a_real_run_names_its_mid_epoch_checkpoints_by_position(tmp_path):
                  if (c := torch.load(p, weights_only=True))}
     assert positions == {"checkpoint-0-step3.pth": (0, 3), "checkpoint-1-step2.pth": (1, 2), "checkpoint-1.pth": (1, 4)}
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1.pth"]  # the mid-epoch ones were superseded
+
+
+class _InterruptedFile:
+    """A file whose third write is hit by Ctrl-C, as a signal handler raising KeyboardInterrupt would be."""
+
+    def __init__(self, f):
+        self.f, self.calls = f, 0
+
+    def write(self, data):
+        self.calls += 1
+        if self.calls == 3:
+            raise KeyboardInterrupt
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def test_ctrl_c_during_a_checkpoint_write_is_an_interrupt_not_a_write_error(tmp_path):
+    """A second Ctrl-C can land inside torch.save: its zip writer then fails on closing ('unexpected pos'),
+    which reads like a full disk. The caller gets the KeyboardInterrupt, the old file stays and the partial one
+    goes (CI once printed a CheckpointWriteError traceback here)."""
+    path = ck.checkpoint_path(tmp_path, 0)
+    ck.save_atomic(_state(0), path)
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt) as info:
+        ck.write_atomic(path, lambda f: torch.save({"w": torch.randn(100_000), "v": torch.randn(1000)},
+                                                   _InterruptedFile(f)))
+    assert not isinstance(info.value.__context__, ck.CheckpointWriteError)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint-0.pth"]

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -186,3 +187,59 @@ def test_the_launcher_exits_75_when_every_worker_did_and_with_torchruns_status_o
                           text=True, timeout=120)
     assert done.returncode == expected, done.stderr[-3000:]
     assert (f"exit {EXIT_PREEMPTED}" in done.stderr) == (code == EXIT_PREEMPTED)
+
+
+HANGS_AFTER_A_SECOND_CTRL_C = """
+import os, sys, threading, time
+from mcbeit.engine import checkpoint, control
+control.HARD_EXIT_AFTER_S = 1.0
+control.stop_signals.install(hard_exit=True)
+tmp = sys.argv[1]
+open(tmp, "wb").write(b"half a checkpoint")
+checkpoint.WRITING.add(tmp)             # a write in progress
+held = threading.Lock()
+held.acquire()                          # a lock the interrupted code never gives back
+print("ready", flush=True)
+try:
+    while True:
+        time.sleep(0.01)
+finally:
+    held.acquire()                      # the unwinding waits on it for good
+"""
+
+
+def test_a_process_that_cannot_unwind_after_a_second_ctrl_c_is_ended_by_the_watchdog(tmp_path):
+    """A second Ctrl-C raises KeyboardInterrupt; when the unwinding hangs (a lock left held), the watchdog ends
+    the process with 130 a moment later and removes the checkpoint write in progress."""
+    script, tmp = tmp_path / "hang.py", tmp_path / ".checkpoint-3.pth.abc.tmp"
+    script.write_text(HANGS_AFTER_A_SECOND_CTRL_C)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)     # the first: recorded
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)     # the second: KeyboardInterrupt, then the hang
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert code == EXIT_INTERRUPTED, err
+    assert "still running 1 s after the second Ctrl-C: exiting now (status 130" in err
+    assert not tmp.exists()
+
+
+def test_the_watchdog_is_armed_only_for_a_command_lines_process():
+    """In-process runs (tests, notebooks) keep KeyboardInterrupt alone: no timer may end the caller's process."""
+    import mcbeit.engine.control as control
+
+    stops = StopSignals()
+    stops.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stops.uninstall()
+    assert control._watchdog is None
