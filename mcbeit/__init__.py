@@ -1,8 +1,8 @@
-"""mc-BEiT, BEiT: masked image modelling on today's PyTorch.
+"""mc-BEiT, BEiT, BEiT v2, ConMIM: masked image modelling on today's PyTorch.
 
 ``import mcbeit`` registers this package's model names with timm
 (``beit_{tiny,small,base,large}_patch16_224_8k_vocab``, their BEiT v2 ``..._8k_vocab_cls_pt``,
-``beit_{tiny,small}_patch16_224``), so
+ConMIM's ``conmim_{tiny,small,base,large}_patch16_224``, ``beit_{tiny,small}_patch16_224``), so
 ``import mcbeit, timm; timm.create_model("beit_base_patch16_224_8k_vocab")`` works, and exposes the
 public names below. Both happen lazily: importing timm takes seconds (it imports torch and
 torchvision), which every command's ``--help`` would pay. So the names register the moment timm
@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     # models (registered with timm)
     "BeitForMaskedImageModeling": "mcbeit.models", "BeitV2ForMaskedImageModeling": "mcbeit.models.beit",
+    "ConMIMForMaskedImageModeling": "mcbeit.models.beit",
     "build_classifier": "mcbeit.models.classifier",
     "LinearProbe": "mcbeit.models.linear_probe", "load_pretrained": "mcbeit.models",
     "convert_state_dict": "mcbeit.models", "load_for_export": "mcbeit.models",
@@ -31,11 +32,13 @@ _PUBLIC = {
     "build_teacher": "mcbeit.tokenizers.teachers",
     # objectives
     "MultiChoiceLoss": "mcbeit.objectives", "HardTokenLoss": "mcbeit.objectives", "build_objective": "mcbeit.objectives",
-    "PatchAggregationLoss": "mcbeit.objectives", "VQVAETraining": "mcbeit.objectives.vqvae",
+    "PatchAggregationLoss": "mcbeit.objectives", "DenoisingContrastLoss": "mcbeit.objectives",
+    "VQVAETraining": "mcbeit.objectives.vqvae",
     # pre-training methods, configurations, the engine
     "METHODS": "mcbeit.methods", "PretrainMethod": "mcbeit.methods",
     "PretrainConfig": "mcbeit.config.pretrain", "BeitPretrainConfig": "mcbeit.config.pretrain",
-    "BeitV2PretrainConfig": "mcbeit.config.pretrain", "VQKDTrainConfig": "mcbeit.config.vqkd",
+    "BeitV2PretrainConfig": "mcbeit.config.pretrain", "ConMIMPretrainConfig": "mcbeit.config.pretrain",
+    "VQKDTrainConfig": "mcbeit.config.vqkd",
     "FinetuneConfig": "mcbeit.config.finetune", "LinprobeConfig": "mcbeit.config.finetune",
     "TokenizerTrainConfig": "mcbeit.config.tokenizer", "resolve": "mcbeit.config",
     "Trainer": "mcbeit.engine.trainer",

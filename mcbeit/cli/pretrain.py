@@ -1,5 +1,5 @@
-"""`mcbeit-pretrain` (`run_mcbeit_pretraining.py`), `mcbeit-pretrain-beit` (`run_beit_pretraining.py`) and
-`mcbeit-pretrain-beitv2` (`run_beitv2_pretraining.py`).
+"""`mcbeit-pretrain` (`run_mcbeit_pretraining.py`), `mcbeit-pretrain-beit` (`run_beit_pretraining.py`),
+`mcbeit-pretrain-beitv2` (`run_beitv2_pretraining.py`) and `mcbeit-pretrain-conmim` (`run_conmim_pretraining.py`).
 
 Every flag of the originals keeps its name and meaning; each entry point has its original's
 defaults (:mod:`mcbeit.config.pretrain`). With no flags: a tiny model on the embedded images, on
@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 from mcbeit.cli.common import config_parser, parse_and_run, run_in_process, to_config
 from mcbeit.config.fields import embedded_values
-from mcbeit.config.pretrain import BeitPretrainConfig, BeitV2PretrainConfig, PretrainConfig, changed_defaults
+from mcbeit.config.pretrain import (BeitPretrainConfig, BeitV2PretrainConfig, ConMIMPretrainConfig, PretrainConfig,
+                                   changed_defaults)
 
 #: the embedded demonstration's values of the flags not given (no --data_path)
 EMBEDDED_DEFAULTS = embedded_values(PretrainConfig)
@@ -57,6 +58,26 @@ def get_beitv2_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def get_conmim_args_parser() -> argparse.ArgumentParser:
+    """ConMIM's `run_conmim_pretraining.py`: denoising patch contrast against an EMA teacher."""
+    return config_parser(
+        "mcbeit-pretrain-conmim", ConMIMPretrainConfig,
+        "ConMIM pre-training (masked image modelling with denoising contrast, TencentARC/ConMIM): the student sees "
+        "the crop with masked patches, an EMA teacher (momentum --t_momentum -> 1) the same crop unmasked and "
+        "photometrically perturbed; each masked patch's projected feature must pick the teacher's patch at its own "
+        "position among the image's patches (InfoNCE at --temp). The flags of the original "
+        "run_conmim_pretraining.py with its defaults; the README's recipe adds --mask_type random_mps32 "
+        "--mask_ratio 0.75 --imagenet_default_mean_and_std. Writes checkpoint-<epoch>.pth (student, teacher, "
+        "optimizer: resumes everything) and checkpoint_copy-<epoch>.pth (the teacher, as the original: the file "
+        "to fine-tune). Where it differs from the original on purpose: one process works (the original needs "
+        "DDP), any --input_size on the patch grid works, a multiple of 32 with random_mps32 (the original hard-codes "
+        "224: 196 patches and a 7x7 random_mps32 grid), the default 'block' masks work on numpy 2 (the original's np.int fails), "
+        "--model defaults to conmim_base_patch16_224 (the original's deit_base_patch16_224 has no projector), "
+        "the unused second 112 px view is not computed, lm_head (built, never used) is frozen, and --proj_hidden_dim / "
+        "--proj_dim make the projector's widths flags. The k-NN monitor (--eval_freq) measures the teacher.",
+        EMBEDDED_NOTE)
+
+
 def _fmt(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
@@ -89,6 +110,10 @@ def main_beit(argv: Sequence[str] | None = None) -> int:
 
 def main_beitv2(argv: Sequence[str] | None = None) -> int:
     return parse_and_run(get_beitv2_args_parser(), argv, train)
+
+
+def main_conmim(argv: Sequence[str] | None = None) -> int:
+    return parse_and_run(get_conmim_args_parser(), argv, train)
 
 
 if __name__ == "__main__":

@@ -75,13 +75,15 @@ class MaskConfig(Group):
     TITLE: ClassVar[str] = "masking"
     EMBEDDED: ClassVar[dict[str, Any]] = {"num_mask_patches": 19}
 
-    mask_type: str = flag("block", "block: BEiT's block-wise masking; random: --mask_ratio of the patches",
-                          choices=("block", "random"))
+    mask_type: str = flag("block", "block: BEiT's block-wise masking; random: --mask_ratio of the patches; "
+                                   "random_mps32: --mask_ratio of 32-pixel cells (2x2 patches; ConMIM's recipe; "
+                                   "--input_size a multiple of 32)", choices=("block", "random", "random_mps32"))
     num_mask_patches: int = flag(75, "patches masked per image (block masking)")
     max_mask_patches_per_block: int | None = flag(None, "largest block (block masking)", type=int,
                                                   show_default="--num_mask_patches")
     min_mask_patches_per_block: int = flag(16, "smallest block (block masking)")
-    mask_ratio: float = flag(0.75, "fraction of the patches masked (random masking)")
+    mask_ratio: float = flag(0.75, "fraction of the patches (random) or of the 2x2-patch cells (random_mps32, "
+                                   "rounded up) masked")
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,80 @@ class BeitV2PretrainConfig(VQKDTokenizerFlags, PatchAggregationFlags, PretrainCo
         at_least(self, 0, ("head_layers",))
         if self.model.endswith(V2_MODEL_SUFFIX) and self.early_layers < 1:
             raise ConfigError(f"--early_layers must be at least 1, got {self.early_layers}")
+
+
+@dataclass(frozen=True)
+class ConMIMObjective(Group):
+    TITLE: ClassVar[str] = "objective"
+
+    temp: float = flag(0.1, "temperature of the patch contrast (logits = cosine / temp)")
+    t_momentum: float = flag(0.996, "teacher momentum at the first update, raised to 1 on a cosine over the run")
+    no_loss_masked: bool = flag(False, "accepted for compatibility; the original never reads it (the loss is over the "
+                                       "masked patches)", experiment=False)
+
+
+@dataclass(frozen=True)
+class UnusedTokenizerFlags(Group):
+    TITLE: ClassVar[str] = "tokenizer"
+
+    discrete_vae_weight_path: str | None = flag(None, "accepted for compatibility: ConMIM has no tokenizer (the "
+                                                      "original parses the flag and never reads it)", experiment=False)
+    discrete_vae_type: str = flag("dall-e", "accepted for compatibility, unused", experiment=False)
+
+
+@dataclass(frozen=True)
+class ProjectorFlags(Group):
+    TITLE: ClassVar[str] = "model"
+
+    proj_hidden_dim: int = flag(4096, "hidden width of the projector MLP (the original's constant; ours as a flag)")
+    proj_dim: int = flag(256, "output width of the projector MLP (the original's constant; ours as a flag)")
+
+
+@dataclass(frozen=True)
+class ConMIMPretrainConfig(MonitorConfig, ConMIMObjective, MaskConfig, ProjectorFlags, PretrainModelConfig,
+                           UnusedTokenizerFlags, PretrainDataConfig, CompileConfig, OptimConfig, RunConfig):
+    """ConMIM pre-training (`run_conmim_pretraining.py`, `mcbeit-pretrain-conmim`): denoising patch contrast
+    against an EMA teacher (TencentARC/ConMIM), with the original script's defaults: block masking of 75
+    patches (its README recipe passes --mask_type random_mps32 --mask_ratio 0.75), layer scale 0.1, drop path
+    0, AdamW betas (0.9, 0.98), lr 5e-4 not scaled by the batch, warm-up 5 epochs, 300 epochs, --temp 0.1,
+    --t_momentum 0.996. --model conmim_{tiny,small,base,large}_patch16_224 (the original's default,
+    deit_base_patch16_224, has no projector; tiny is ours). The embedded run: the tiny model at 128 px with the
+    recipe's random_mps32 masks (4x4 cells) and a 1024-wide projector (4096 triples its step on a CPU), 4 epochs."""
+
+    TITLE: ClassVar[str] = "run"
+    EMBEDDED: ClassVar[dict[str, Any]] = {"epochs": 4, "warmup_epochs": 1, "save_ckpt_freq": 2, "batch_size": 32,
+                                          "model": "conmim_tiny_patch16_224", "input_size": 128,
+                                          "mask_type": "random_mps32", "proj_hidden_dim": 1024}
+    METHOD: ClassVar[str] = "conmim"
+
+    output_dir: str = flag("./output/conmim_pretrained", "where checkpoints (checkpoint-<epoch>.pth: student, "
+                                                         "teacher, optimizer; checkpoint_copy-<epoch>.pth: the "
+                                                         "teacher alone, the file to fine-tune), log.txt and "
+                                                         "tensorboard/ go; '' writes nothing", experiment=False)
+    model: str = flag("conmim_base_patch16_224", "conmim_{tiny,small,base,large}_patch16_224")
+    resume_copy: str = flag("", "the EMA teacher's checkpoint_copy-<epoch>.pth to start or resume with (the "
+                                "original's flag)", show_default="the teacher inside the resumed "
+                            "checkpoint-<epoch>.pth, or the checkpoint_copy-<epoch>.pth beside it", experiment=False)
+    color_jitter: float = flag(0.0, "not used by ConMIM (the teacher's view has the original's fixed perturbation); "
+                                    "must stay 0")
+    second_input_size: int = flag(112, "accepted for compatibility: the original resizes a second view it never "
+                                       "uses; nothing is resized here", experiment=False)
+
+    def derive(self, given: set[str]) -> "ConMIMPretrainConfig":
+        return dataclasses.replace(self, weight_decay_end=self.final_weight_decay, log_dir=self.tensorboard_dir)
+
+    def check(self) -> None:
+        self.check_run()
+        self.check_optim()
+        self.check_monitor()
+        at_least(self, 1, ("input_size", "proj_dim", "proj_hidden_dim"))
+        if self.color_jitter:
+            raise ConfigError(f"--color_jitter {self.color_jitter}: ConMIM perturbs the teacher's view with the "
+                              "original's fixed jitter / grayscale / blur / solarize; leave --color_jitter out")
+        if self.temp <= 0:
+            raise ConfigError(f"--temp must be positive, got {self.temp}")
+        if not 0.0 <= self.t_momentum <= 1.0:
+            raise ConfigError(f"--t_momentum must lie in [0, 1], got {self.t_momentum}")
 
 
 def changed_defaults(cls: type, base: type = PretrainConfig) -> dict[str, tuple[Any, Any]]:

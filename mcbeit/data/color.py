@@ -18,15 +18,22 @@ from torchvision.transforms import functional as TF
 
 from mcbeit.data.images import OpenedImage
 
-_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
 
-def jitter_colour(image: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
-    """``image`` with brightness, contrast and saturation each scaled by a factor uniform in
-    [max(0, 1 - strength), 1 + strength], in a random order (torchvision's ``ColorJitter``, hue 0)."""
-    low, high = max(0.0, 1.0 - strength), 1.0 + strength
-    order = rng.permutation(len(_OPS))
-    factors = rng.uniform(low, high, size=len(_OPS))
+def jitter_colour(image: Image.Image, strength: float, rng: np.random.Generator, *,
+                  saturation: float | None = None, hue: float = 0.0) -> Image.Image:
+    """torchvision's ``ColorJitter(strength, strength, saturation, hue)`` with draws from ``rng``:
+    brightness, contrast and saturation each scaled by a factor uniform in [max(0, 1 - s), 1 + s]
+    (``saturation`` defaults to ``strength``), the hue shifted by a value uniform in [-hue, hue]
+    (only when ``hue`` > 0), in a random order."""
+    sat = strength if saturation is None else saturation
+    ranges = [(max(0.0, 1.0 - s), 1.0 + s) for s in (strength, strength, sat)]
+    if hue > 0:
+        ranges.append((-hue, hue))
+    order = rng.permutation(len(ranges))
+    low, high = np.array(ranges).T
+    factors = rng.uniform(low, high)
     for i in order:
         image = _OPS[i](image, float(factors[i]))
     return image

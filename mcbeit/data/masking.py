@@ -12,9 +12,12 @@ import math
 
 import numpy as np
 
-__all__ = ["BlockMaskGenerator", "RandomMaskGenerator", "build_mask_generator", "check_mask_flags", "MASK_TYPES"]
+__all__ = ["BlockMaskGenerator", "CellMaskGenerator", "RandomMaskGenerator", "build_mask_generator", "check_mask_flags",
+           "MASK_TYPES", "MASK_CELL_PIXELS"]
 
-MASK_TYPES = ("block", "random")
+MASK_TYPES = ("block", "random", "random_mps32")
+#: random_mps32's mask cell: 32 pixels (2x2 patches of 16)
+MASK_CELL_PIXELS = 32
 
 
 def _window(window: int | tuple[int, int]) -> tuple[int, int]:
@@ -157,6 +160,40 @@ class RandomMaskGenerator:
         return mask.reshape(self.height, self.width)
 
 
+class CellMaskGenerator:
+    """ConMIM's ``random_mps32`` (SimMIM's generator): the patch grid cut into cells of ``cell`` x ``cell``
+    patches (32 pixels: 2x2 patches of 16), ``ceil(cells * mask_ratio)`` cells masked at uniformly
+    random positions, each masking all its patches. At 224 px: a 7x7 cell grid, 37 of 49 cells, 148 of
+    196 patches (75.5 %). The original hard-codes 224 px; here any grid whose sides are multiples of
+    ``cell`` works (:func:`check_mask_flags` says which input sizes fit otherwise)."""
+
+    def __init__(self, window: int | tuple[int, int], mask_ratio: float, cell: int = 2) -> None:
+        self.height, self.width = _window(window)
+        if cell < 1 or self.height % cell or self.width % cell:
+            raise ValueError(f"a {self.height}x{self.width} patch grid is not made of {cell}x{cell} cells")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio}")
+        self.cell, self.mask_ratio = int(cell), float(mask_ratio)
+        self.cells = (self.height // cell, self.width // cell)
+        self.num_cells = self.cells[0] * self.cells[1]
+        self.num_mask_cells = int(math.ceil(self.num_cells * self.mask_ratio))
+        self.num_mask = self.num_mask_cells * cell * cell
+
+    def __repr__(self) -> str:
+        return (f"CellMaskGenerator({self.height}x{self.width}, cells {self.cell}x{self.cell} patches, "
+                f"{self.num_mask_cells} of {self.num_cells} cells = {self.num_mask} patches, "
+                f"mask_ratio={self.mask_ratio})")
+
+    def get_shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        cells = np.zeros(self.num_cells, dtype=np.bool_)
+        cells[rng.permutation(self.num_cells)[: self.num_mask_cells]] = True
+        cells = cells.reshape(self.cells)                                    # (h/c, w/c)
+        return cells.repeat(self.cell, axis=0).repeat(self.cell, axis=1)    # (h, w)
+
+
 def check_mask_flags(
     mask_type: str,
     window: int | tuple[int, int],
@@ -164,18 +201,24 @@ def check_mask_flags(
     mask_ratio: float = 0.75,
     min_per_block: int = 16,
     max_per_block: int | None = None,
+    cell: int = 2,
 ) -> None:
     """Raise ValueError, in the command line's terms, when the masking flags cannot give useful masks
     on a ``window`` patch grid: more patches than the grid has, no patch at all, or blocks that
-    cannot be drawn (the original then silently masks fewer patches, or none). Only the flags of
-    ``mask_type`` are checked."""
+    cannot be drawn (the original then silently masks fewer patches, or none), or a grid that is not made
+    of random_mps32's ``cell`` x ``cell`` cells. Only the flags of ``mask_type`` are checked."""
     height, width = _window(window)
     grid, patches = f"{height}x{width} patch grid", height * width
     kind = str(mask_type).strip().lower()
-    if kind == "random":
+    if kind == "random_mps32":
+        if cell < 1 or height % cell or width % cell:
+            raise ValueError(f"--mask_type random_mps32 masks cells of {MASK_CELL_PIXELS} pixels ({cell}x{cell} "
+                             f"patches), which the {grid} is not made of: use an --input_size that is a multiple of "
+                             f"{MASK_CELL_PIXELS} (224 gives 7x7 cells), or --mask_type random")
+    if kind in ("random", "random_mps32"):
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"--mask_ratio must lie in (0, 1), got {mask_ratio}")
-        if int(mask_ratio * patches) < 1:
+        if kind == "random" and int(mask_ratio * patches) < 1:
             raise ValueError(f"--mask_ratio {mask_ratio} masks int({mask_ratio} x {patches}) = 0 of the {patches} "
                              f"patches of the {grid}; use --mask_ratio of at least {1 / patches:.4g}")
         return
@@ -212,11 +255,13 @@ def build_mask_generator(
     min_per_block: int = 16,
     max_per_block: int | None = None,
     exact: bool = False,
-) -> BlockMaskGenerator | RandomMaskGenerator:
+    cell: int = 2,
+) -> BlockMaskGenerator | RandomMaskGenerator | CellMaskGenerator:
     """The generator the command line asks for: ``block`` (BEiT; ``exact``: BEiT v2's, always
-    ``num_mask_patches``) or ``random`` (mc-BEiT recipe, always exact); flags that cannot give useful
+    ``num_mask_patches``), ``random`` (mc-BEiT recipe, always exact) or ``random_mps32`` (ConMIM: cells
+    of ``cell`` x ``cell`` patches); flags that cannot give useful
     masks raise ValueError (:func:`check_mask_flags`)."""
-    check_mask_flags(mask_type, window, num_mask_patches, mask_ratio, min_per_block, max_per_block)
+    check_mask_flags(mask_type, window, num_mask_patches, mask_ratio, min_per_block, max_per_block, cell)
     kind = str(mask_type).strip().lower()
     if kind == "block":
         return BlockMaskGenerator(
@@ -224,4 +269,6 @@ def build_mask_generator(
         )
     if kind == "random":
         return RandomMaskGenerator(window, mask_ratio)
+    if kind == "random_mps32":
+        return CellMaskGenerator(window, mask_ratio, cell)
     raise ValueError(f"unknown mask_type {mask_type!r}: choose one of {', '.join(MASK_TYPES)}")

@@ -10,9 +10,11 @@ from typing import Any
 from mcbeit.errors import ConfigError
 from mcbeit.methods.base import PretrainMethod
 from mcbeit.methods.beitv2 import BeitV2Targets
+from mcbeit.methods.conmim import ConMIM
 from mcbeit.methods.tokenizer_targets import BeitTargets, TokenizerTargets
 
-METHODS: dict[str, type[PretrainMethod]] = {"mcbeit": TokenizerTargets, "beit": BeitTargets, "beitv2": BeitV2Targets}
+METHODS: dict[str, type[PretrainMethod]] = {"mcbeit": TokenizerTargets, "beit": BeitTargets, "beitv2": BeitV2Targets,
+                                         "conmim": ConMIM}
 
 __all__ = ["METHODS", "PretrainMethod", "build_method"]
 

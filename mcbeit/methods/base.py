@@ -75,8 +75,8 @@ class PretrainMethod(ABC):
         """After an optimizer update: e.g. the EMA teacher's update. Extra metrics to log."""
         return {}
 
-    def start_epoch(self, epoch: int) -> None:
-        """Per-epoch values (a temperature, a momentum)."""
+    def start_epoch(self, epoch: int, first: int = 0) -> None:
+        """Per-epoch values (a temperature, a momentum); ``first``: updates of ``epoch`` already done (a resume)."""
 
     def epoch_values(self, epoch: int) -> dict[str, float]:
         """Per-epoch values for the epoch's log record."""
@@ -94,8 +94,19 @@ class PretrainMethod(ABC):
         """What ``--compile`` compiles besides the student."""
         return []
 
+    def monitored(self, student: nn.Module) -> nn.Module:
+        """The network the k-NN monitor measures: the student, or e.g. an EMA teacher that is what fine-tuning takes."""
+        return student
+
     def state(self) -> dict[str, Any]:
         return {}
+
+    def resume_source(self, path: str) -> str:
+        """The checkpoint a resume from ``path`` reads (e.g. the student file beside a teacher's copy)."""
+        return path
+
+    def saved(self, path: str, name: int | str, flags: Mapping[str, Any]) -> None:
+        """On rank 0, after checkpoint ``name`` was written at ``path``: files the method writes beside it."""
 
     def load_state(self, ckpt: Mapping[str, Any], path: str) -> None:
         """Restore what :meth:`state` wrote."""

@@ -110,7 +110,7 @@ class BeitV2Targets(TokenizerTargets):
         return JitterThenViews(views, cfg.color_jitter) if cfg.color_jitter > 0 else views
 
     # no temperature: hard targets
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, first: int = 0) -> None:
         pass
 
     def epoch_values(self, epoch: int) -> dict[str, float]:

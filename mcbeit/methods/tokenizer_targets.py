@@ -96,7 +96,7 @@ class TokenizerTargets(PretrainMethod):
                                  cfg.second_interpolation, mean, std, self.tokenizer.input_transform, masks)
         return JitterThenViews(views, cfg.color_jitter) if cfg.color_jitter > 0 else views
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, first: int = 0) -> None:
         self.temp = float(self.temperatures[epoch])
 
     def epoch_values(self, epoch: int) -> dict[str, float]:

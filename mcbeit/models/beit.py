@@ -16,10 +16,12 @@ checkpoints, minus the ``relative_position_index`` buffers (non-persistent in ti
 timm lacks a hook between the patch embedding and the CLS concatenation, so
 ``forward_features`` is re-stated here (a dozen lines) with the mask replacement in it.
 
-BEiT v2's model, :class:`BeitV2ForMaskedImageModeling`, adds patch aggregation (``cls_pt_layers``) to it.
+BEiT v2's model, :class:`BeitV2ForMaskedImageModeling`, adds patch aggregation (``cls_pt_layers``) to it;
+ConMIM's, :class:`ConMIMForMaskedImageModeling`, a projector MLP on every token.
 
 Registered with timm here: ``beit_{tiny,small,base,large}_patch16_224_8k_vocab`` (this model),
-``beit_{tiny,small,base,large}_patch16_224_8k_vocab_cls_pt`` (BEiT v2's) and the
+``beit_{tiny,small,base,large}_patch16_224_8k_vocab_cls_pt`` (BEiT v2's),
+``conmim_{tiny,small,base,large}_patch16_224`` (ConMIM's) and the
 classification sizes timm lacks, ``beit_{tiny,small}_patch16_224`` (plain ``Beit``). Their weights
 load through the BEiT family's one conversion, :mod:`mcbeit.models.beit_weights`:
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` gives the tensors
@@ -50,7 +52,7 @@ except ImportError:  # pragma: no cover - older timm
     def _checkpoint(function, *args, **kwargs):
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
 
-__all__ = ['BeitForMaskedImageModeling', 'BeitV2ForMaskedImageModeling', 'patch_size_of']
+__all__ = ['BeitForMaskedImageModeling', 'BeitV2ForMaskedImageModeling', 'ConMIMForMaskedImageModeling', 'patch_size_of']
 
 _logger = logging.getLogger(__name__)
 
@@ -369,6 +371,59 @@ class BeitV2ForMaskedImageModeling(BeitForMaskedImageModeling):
         return features, self.lm_head(features[mask]), head(cls_pt[:, self.num_prefix_tokens:][mask])
 
 
+class ConMIMForMaskedImageModeling(BeitForMaskedImageModeling):
+    """ConMIM's pre-training model (TencentARC/ConMIM ``modeling_pretrain.py``, built there with
+    ``use_mlp_projectors=True``): BEiT's MIM model plus ``projectors``, an MLP applied to every token
+    after the final norm::
+
+        Linear(D, 4096, bias=False) BN ReLU Linear(4096, 4096, bias=False) BN ReLU
+        Linear(4096, 256, bias=False) BN(affine=False)
+
+    Plain ``BatchNorm1d`` over the (B * (1+N)) rows of a process's batch, CLS included (as the
+    original: no SyncBN). ``lm_head`` exists (the original builds it, so released files have it) but
+    ConMIM never uses it; the method freezes it. The projector's Linear weights get the original's
+    truncated normal (its ``_init_weights`` runs over them), the BatchNorms PyTorch's 1 / 0.
+    The state dict has the original's keys: BEiT's plus ``projectors.{0,1,3,4,6,7}.*``.
+    """
+
+    def __init__(self, *args: Any, proj_dim: int = 256, proj_hidden_dim: int = 4096, **kwargs: Any):
+        self._proj = (int(proj_hidden_dim), int(proj_dim))
+        super().__init__(*args, **kwargs)
+
+    def init_weights(self, needs_reset: bool = True) -> None:
+        if not hasattr(self, 'lm_head'):
+            return
+        if not hasattr(self, 'projectors'):  # built here, before the original initialisation runs over it
+            hidden, out = self._proj
+            dd = {'device': self.mask_token.device, 'dtype': self.mask_token.dtype}
+            self.projectors = nn.Sequential(
+                nn.Linear(self.embed_dim, hidden, bias=False, **dd), nn.BatchNorm1d(hidden, **dd), nn.ReLU(inplace=True),
+                nn.Linear(hidden, hidden, bias=False, **dd), nn.BatchNorm1d(hidden, **dd), nn.ReLU(inplace=True),
+                nn.Linear(hidden, out, bias=False, **dd), nn.BatchNorm1d(out, affine=False, **dd))
+        super().init_weights(needs_reset)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        groups = super().group_matcher(coarse)
+        groups['blocks'] = [*groups['blocks'], (r'^projectors', (99999,))]
+        return groups
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,1+N,D) after the final norm -> (B,N,P) projected patch tokens (CLS projected, then dropped)."""
+        B, L, D = tokens.shape
+        z = self.projectors(tokens.reshape(B * L, D)).reshape(B, L, -1)  # (B,1+N,P): BN over all B*(1+N) rows
+        return z[:, self.num_prefix_tokens:]  # (B,N,P)
+
+    def forward(self, x: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (B,3,H,W); bool_masked_pos (B,N) bool, or None for an unmasked view (the teacher's).
+
+        Returns features (B,N,D) after the final norm without CLS, and projected (B,N,P) (not normalised)."""
+        mask = None if bool_masked_pos is None else self._check_mask(x, bool_masked_pos)
+        tokens = self.forward_features(x, mask)  # (B,1+N,D)
+        return tokens[:, self.num_prefix_tokens:], self.project(tokens)
+
+
 # ---------------------------------------------------------------------- registry
 def _cfg(**kwargs) -> Dict[str, Any]:
     return {
@@ -390,6 +445,10 @@ default_cfgs = generate_default_cfgs({
     'beit_small_patch16_224_8k_vocab_cls_pt': _cfg(num_classes=0, classifier='lm_head'),
     'beit_base_patch16_224_8k_vocab_cls_pt': _cfg(num_classes=0, classifier='lm_head'),
     'beit_large_patch16_224_8k_vocab_cls_pt': _cfg(num_classes=0, classifier='lm_head'),
+    'conmim_tiny_patch16_224': _cfg(num_classes=0, classifier='lm_head'),
+    'conmim_small_patch16_224': _cfg(num_classes=0, classifier='lm_head'),
+    'conmim_base_patch16_224': _cfg(num_classes=0, classifier='lm_head'),
+    'conmim_large_patch16_224': _cfg(num_classes=0, classifier='lm_head'),
     'beit_tiny_patch16_224': _cfg(),
     'beit_small_patch16_224': _cfg(),
 })
@@ -460,6 +519,38 @@ def beit_base_patch16_224_8k_vocab_cls_pt(pretrained: bool = False, **kwargs) ->
 def beit_large_patch16_224_8k_vocab_cls_pt(pretrained: bool = False, **kwargs) -> BeitV2ForMaskedImageModeling:
     args = dict(_MIM_DEFAULTS, **dict(_V2_DEFAULTS, early_layers=21), embed_dim=1024, depth=24, num_heads=16)
     return _create_mim_v2('beit_large_patch16_224_8k_vocab_cls_pt', pretrained, **dict(args, **kwargs))
+
+
+def _create_conmim(variant: str, pretrained: bool = False, **kwargs) -> ConMIMForMaskedImageModeling:
+    return build_beit(ConMIMForMaskedImageModeling, variant, pretrained, **kwargs)
+
+
+# ConMIM (modeling_pretrain.py): BEiT's pre-training arguments, projector 4096 -> 256; tiny is ours (not in the original)
+_CONMIM_DEFAULTS = dict(_MIM_DEFAULTS, proj_dim=256, proj_hidden_dim=4096)
+
+
+@register_model
+def conmim_tiny_patch16_224(pretrained: bool = False, **kwargs) -> ConMIMForMaskedImageModeling:
+    args = dict(_CONMIM_DEFAULTS, embed_dim=192, depth=12, num_heads=3)
+    return _create_conmim('conmim_tiny_patch16_224', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def conmim_small_patch16_224(pretrained: bool = False, **kwargs) -> ConMIMForMaskedImageModeling:
+    args = dict(_CONMIM_DEFAULTS, embed_dim=384, depth=12, num_heads=6)
+    return _create_conmim('conmim_small_patch16_224', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def conmim_base_patch16_224(pretrained: bool = False, **kwargs) -> ConMIMForMaskedImageModeling:
+    args = dict(_CONMIM_DEFAULTS, embed_dim=768, depth=12, num_heads=12)
+    return _create_conmim('conmim_base_patch16_224', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def conmim_large_patch16_224(pretrained: bool = False, **kwargs) -> ConMIMForMaskedImageModeling:
+    args = dict(_CONMIM_DEFAULTS, embed_dim=1024, depth=24, num_heads=16)
+    return _create_conmim('conmim_large_patch16_224', pretrained, **dict(args, **kwargs))
 
 
 def _create_classifier(variant: str, pretrained: bool = False, **kwargs) -> Beit:

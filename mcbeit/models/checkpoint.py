@@ -22,6 +22,7 @@ import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -161,12 +162,31 @@ def _deepspeed_file(folder: str, what: str) -> str:
         if os.path.isfile(path):
             return path
     raise CheckpointNotFoundError(
-        f'{what} {folder!r} is a folder but not a DeepSpeed checkpoint: none of {candidates} exists; '
-        f'pass a checkpoint file or a DeepSpeed folder (with a latest file naming the tag folder)')
+        f'{what} {folder!r} is a folder but not a DeepSpeed checkpoint: none of {candidates} exists, and it holds no '
+        f'checkpoint-<epoch>.pth of a run; pass a checkpoint file, a run\'s output folder or a DeepSpeed folder '
+        f'(with a latest file naming the tag folder)')
+
+
+def _newest_in_run_folder(folder: str) -> Optional[str]:
+    """A training run's output folder: its newest ``checkpoint_copy-<E>.pth`` (ConMIM's EMA teacher, the network
+    its fine-tuning takes), else its newest whole ``checkpoint-<E>.pth``; None when it has neither."""
+    from mcbeit.engine.checkpoint import latest_good_checkpoint  # (the engine imports this module)
+
+    copies = [(int(m.group(1)), p) for p in Path(folder).glob('checkpoint_copy-*.pth')
+              if (m := re.fullmatch(r'checkpoint_copy-(\d+)\.pth', p.name))]
+    if copies:
+        newest = str(max(copies)[1])
+        _logger.info('%s: its newest EMA teacher, %s', folder, os.path.basename(newest))
+        return newest
+    found = latest_good_checkpoint(folder)
+    if found is not None:
+        _logger.info('%s: its newest checkpoint, %s', folder, found.name)
+    return None if found is None else str(found)
 
 
 def resolve_source(spec: str | os.PathLike, what: str = '--finetune') -> str:
-    """The local file behind ``spec``: a file path, a DeepSpeed folder or an http(s) URL (hub cache).
+    """The local file behind ``spec``: a file path, a DeepSpeed folder, a training run's output folder (its newest
+    checkpoint; ConMIM's: its newest teacher, ``checkpoint_copy-<E>.pth``) or an http(s) URL (hub cache).
 
     ``what`` names ``spec`` in error messages: the flag that gave it, or e.g. ``'checkpoint'``.
     """
@@ -175,7 +195,9 @@ def resolve_source(spec: str | os.PathLike, what: str = '--finetune') -> str:
         return _cached_download(spec, what)
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
-        return _deepspeed_file(path, what)
+        deepspeed = os.path.isfile(os.path.join(path, 'latest')) or os.path.isfile(os.path.join(path, DEEPSPEED_FILE))
+        newest = None if deepspeed else _newest_in_run_folder(path)
+        return newest if newest is not None else _deepspeed_file(path, what)
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(
             f'{what} {spec!r} does not exist: pass a checkpoint file (.pth/.pt/.bin/.safetensors), '

@@ -31,7 +31,7 @@ __all__ = ["classifier_kwargs", "build_classifier", "classifier_names"]
 
 def classifier_names() -> list[str]:
     """BEiT classification models known to timm (ours included), without the pre-training ``_8k_vocab`` ones
-    (BEiT v2's ``_8k_vocab_cls_pt`` included)."""
+    (BEiT v2's ``_8k_vocab_cls_pt`` included; ConMIM's ``conmim_*`` are not ``beit_*``)."""
     return sorted(n for n in timm.list_models(["beit_*", "beitv2_*"]) if "_8k_vocab" not in n)
 
 
@@ -48,6 +48,17 @@ def classifier_kwargs(*, nb_classes: int, input_size: int = 224, use_mean_poolin
                 attn_drop_rate=float(attn_drop_rate), drop_path_rate=float(drop_path))
 
 
+def classifier_counterpart(name: str) -> str:
+    """The classification model of a pre-training name: ``beit_base_patch16_224_8k_vocab`` (BEiT, mc-BEiT),
+    ``..._8k_vocab_cls_pt`` (BEiT v2) and ``conmim_base_patch16_224`` (ConMIM) give ``beit_base_patch16_224``;
+    any other name is returned as it is."""
+    if "_8k_vocab" in name:
+        return name[:name.index("_8k_vocab")]
+    if name.startswith("conmim_"):
+        return "beit_" + name[len("conmim_"):]
+    return name
+
+
 def build_classifier(name: str, **kwargs: Any) -> Beit:
     """``timm.create_model(name, pretrained=False, **classifier_kwargs(**kwargs))``.
 
@@ -56,8 +67,9 @@ def build_classifier(name: str, **kwargs: Any) -> Beit:
     """
     names = classifier_names()
     if name not in names:
-        hint = (f"{name} is a pre-training model; fine-tune its classification counterpart "
-                f"{name[:name.index('_8k_vocab')]}" if "_8k_vocab" in name else f"{name} is not a BEiT classifier")
+        counterpart = classifier_counterpart(name)
+        hint = (f"{name} is a pre-training model; fine-tune its classification counterpart {counterpart}"
+                if counterpart != name else f"{name} is not a BEiT classifier")
         raise InputError(f"--model {name}: {hint}; choose one of {names}")
     model = timm.create_model(name, pretrained=False, **classifier_kwargs(**kwargs))
     if not isinstance(model, Beit):  # pragma: no cover - every beit* name of timm builds a Beit

@@ -39,7 +39,7 @@ from mcbeit.errors import InputError
 from mcbeit.files import apply_umask
 from mcbeit.models.beit_weights import PRETRAINING_ONLY, convert_state_dict
 from mcbeit.models.checkpoint import LoadReport, StateDictMismatchError, extract_state_dict, load_checkpoint_file
-from mcbeit.models.classifier import classifier_names
+from mcbeit.models.classifier import classifier_counterpart, classifier_names
 
 __all__ = ['ExportError', 'Exportable', 'load_for_export', 'architecture_from_weights', 'timm_config',
            'save_timm', 'timm_create_calls', 'verify_export', 'hf_config_kwargs', 'timm_to_hf_state_dict', 'save_hf']
@@ -113,10 +113,10 @@ def _model_name(args: Mapping[str, Any]) -> str:
     if not name:
         raise ExportError('the checkpoint has no args naming its model: pass --model, e.g. beit_base_patch16_224 '
                           '(or beit_base_patch16_224_8k_vocab for a pre-training checkpoint)')
-    name = name[:-len(_VOCAB_SUFFIX)] if name.endswith(_VOCAB_SUFFIX) else name
+    name = classifier_counterpart(name)
     if name not in classifier_names():
         raise ExportError(f'--model {args["model"]}: not a BEiT model timm knows; choose one of {classifier_names()} '
-                          f'(or their pre-training names ending in {_VOCAB_SUFFIX})')
+                          f'(or their pre-training names: ending in {_VOCAB_SUFFIX}, or conmim_*)')
     return name
 
 

@@ -16,7 +16,7 @@ from torch import nn
 import mcbeit.models  # noqa: F401  (registers the model names with timm)
 from mcbeit.config.pretrain import PretrainConfig
 from mcbeit.data.folders import check_data_folder
-from mcbeit.data.masking import build_mask_generator, check_mask_flags
+from mcbeit.data.masking import MASK_CELL_PIXELS, build_mask_generator, check_mask_flags
 from mcbeit.data.transforms import normalisation
 from mcbeit.engine.optim import build_optimizer
 from mcbeit.engine.resume import load_resumed_weights
@@ -80,7 +80,8 @@ class PretrainTask(Task):
         mean, std = normalisation(cfg.imagenet_default_mean_and_std)
         masks = build_mask_generator(cfg.mask_type, self.window, cfg.num_mask_patches, cfg.mask_ratio,
                                      cfg.min_mask_patches_per_block, cfg.max_mask_patches_per_block,
-                                     exact=self.method.exact_masks)
+                                     exact=self.method.exact_masks,
+                                     cell=mask_cell(self.model.patch_embed.patch_size[0]))
         transform = self.method.transform(self.window, masks, mean, std)
         data = self.image_training_data(run, transform)
         log.info("data: %s, %s; %s", data.described, masks, transform)
@@ -102,7 +103,7 @@ class PretrainTask(Task):
 
     # -- training -----------------------------------------------------------------------------------------
     def start_epoch(self, epoch: int, first: int = 0) -> None:
-        self.method.start_epoch(epoch)
+        self.method.start_epoch(epoch, first)
 
     def epoch_temperatures(self, epoch: int) -> dict[str, float]:
         return self.method.epoch_temperatures(epoch)
@@ -118,7 +119,7 @@ class PretrainTask(Task):
                  "n_parameters": self.run.n_parameters}
         if self.monitor is not None and self.monitor.due(epoch, self.config.epochs):
             run = self.run
-            values = self.monitor.measure(self.model, run.device, run.precision.target_dtype, run.info.world_size,
+            values = self.monitor.measure(self.method.monitored(self.model), run.device, run.precision.target_dtype, run.info.world_size,
                                           run.info.rank)
             stats.update(values)
             if run.writer is not None:
@@ -140,11 +141,22 @@ class PretrainTask(Task):
     def state(self) -> dict[str, Any]:
         return self.method.state()
 
+    def resume_source(self, path: str) -> str:
+        return self.method.resume_source(path)
+
+    def saved(self, path: str, epoch: int | str) -> None:
+        self.method.saved(path, epoch, self.run.flags() if self.run is not None else self.flags())
+
     def load_state(self, ckpt: Mapping[str, Any], path: str) -> None:
         self.method.load_state(ckpt, path)
 
     def flags(self) -> dict[str, Any]:
         return {**super().flags(), "window_size": list(self.window or ())}
+
+
+def mask_cell(patch: int) -> int:
+    """random_mps32's cell side in patches: 32 pixels over the patch size (2 at patch 16)."""
+    return max(1, MASK_CELL_PIXELS // patch)
 
 
 def build_monitor(cfg: PretrainConfig, depth: int, mean, std) -> KnnMonitor | None:
@@ -187,7 +199,10 @@ def check_model_name(name: str, patterns: tuple[str, ...]) -> None:
         if name in timm.list_models(list(V2_MODELS)):
             raise ConfigError(f"--model {name} is BEiT v2's patch-aggregation model (two outputs, two losses): train it "
                               f"with mcbeit-pretrain-beitv2 (run_beitv2_pretraining.py), or choose one of {names}")
-        what = "has no masked-image-modeling head" if timm.is_model(name) else "is not a pre-training model"
+        if name in timm.list_models(["beit_*_8k_vocab", "conmim_*"]):
+            what = "is another method's pre-training model (its heads are not this method's)"
+        else:
+            what = "has no masked-image-modeling head" if timm.is_model(name) else "is not a pre-training model"
         raise ConfigError(f"--model {name} {what}; choose one of {names}")
 
 
@@ -226,7 +241,7 @@ def check_geometry(cfg: PretrainConfig, patch: int, tokenizer_down: int | None =
             f"but the ViT has {window[0]}x{window[1]} patches; use --second_input_size {side * tokenizer_down}")
     try:
         check_mask_flags(cfg.mask_type, window, cfg.num_mask_patches, cfg.mask_ratio,
-                         cfg.min_mask_patches_per_block, cfg.max_mask_patches_per_block)
+                         cfg.min_mask_patches_per_block, cfg.max_mask_patches_per_block, mask_cell(patch))
     except ValueError as exc:
         raise InputError(f"{exc} (--input_size {cfg.input_size} gives {side}x{side} patches of {patch} px)") from None
     return window

@@ -198,3 +198,123 @@ def test_exact_trim_is_the_originals():
 def test_build_mask_generator_passes_exact():
     assert build_mask_generator("block", 14, 75, 0.75, 16, None, exact=True).exact
     assert not build_mask_generator("block", 14, 75, 0.75, 16, None).exact
+
+
+# ---------------------------------------------------------------------- random_mps32 (ConMIM)
+from mcbeit.data.masking import CellMaskGenerator, check_mask_flags  # noqa: E402
+
+
+def literal_conmim_mask(rng: np.random.Generator, input_size=224, mask_patch_size=32, model_patch_size=16,
+                        mask_ratio=0.75):
+    """TencentARC/ConMIM masking_generator.py MaskGenerator, restated with ``rng`` for numpy's global generator:
+    ceil(token_count * mask_ratio) of the rand_size x rand_size cells chosen by a permutation, each repeated
+    scale x scale."""
+    rand_size = input_size // mask_patch_size
+    scale = mask_patch_size // model_patch_size
+    token_count = rand_size ** 2
+    mask_count = int(np.ceil(token_count * mask_ratio))
+    chosen = rng.permutation(token_count)[:mask_count]
+    cells = np.zeros(token_count, dtype=int)
+    cells[chosen] = 1
+    return cells.reshape(rand_size, rand_size).repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def _cells_of(masks: np.ndarray, cell: int = 2) -> np.ndarray:
+    """(K, h, w) patch masks -> (K, h/cell, w/cell, cell*cell): the patches of each cell."""
+    k, h, w = masks.shape
+    return masks.reshape(k, h // cell, cell, w // cell, cell).transpose(0, 1, 3, 2, 4).reshape(k, h // cell, w // cell, -1)
+
+
+@pytest.mark.parametrize("window, cells_masked, patches_masked", [
+    ((14, 14), 37, 148),   # 224 px: 7x7 = 49 cells, ceil(36.75)
+    ((18, 18), 61, 244),   # 288 px: 9x9 = 81 cells, ceil(60.75)
+    ((14, 18), 48, 192),   # 224x288 px: 7x9 = 63 cells, ceil(47.25)
+])
+def test_random_mps32_masks_whole_cells_exactly(window, cells_masked, patches_masked):
+    generator = build_mask_generator("random_mps32", window, mask_ratio=0.75)
+    assert isinstance(generator, CellMaskGenerator)
+    assert generator.get_shape() == window
+    assert (generator.num_mask_cells, generator.num_mask) == (cells_masked, patches_masked)
+    assert f"{cells_masked} of " in repr(generator) and f"{patches_masked} patches" in repr(generator)
+    rng = np.random.default_rng(0)
+    draws = 2000
+    masks = np.stack([generator(rng) for _ in range(draws)])
+    assert masks.dtype == np.bool_ and masks.shape == (draws, *window)
+    assert (masks.sum(axis=(1, 2)) == patches_masked).all()
+    cells = _cells_of(masks)
+    assert (cells.all(-1) == cells.any(-1)).all()  # every 2x2 cell all-or-nothing
+    per_cell = cells[..., 0]                        # (draws, h/2, w/2)
+    assert (per_cell.sum(axis=(1, 2)) == cells_masked).all()
+    # every cell is masked cells_masked / num_cells of the time (binomial: 5 standard deviations)
+    p = cells_masked / per_cell[0].size
+    sd = math.sqrt(p * (1 - p) / draws)
+    assert np.abs(per_cell.mean(axis=0) - p).max() < 5 * sd
+    # and the masks are not all alike: about as many distinct masks as draws
+    assert len({m.tobytes() for m in masks}) > draws * 0.99
+
+
+@pytest.mark.parametrize("ratio, cells_masked", [(0.5, 25), (0.6, 30), (0.1, 5), (0.99, 49)])
+def test_random_mps32_mask_ratio_is_rounded_up(ratio, cells_masked):
+    generator = build_mask_generator("random_mps32", 14, mask_ratio=ratio)
+    assert generator.num_mask_cells == cells_masked == math.ceil(49 * ratio)
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        assert generator(rng).sum() == 4 * cells_masked
+
+
+@pytest.mark.parametrize("input_size, ratio", [(224, 0.75), (224, 0.6), (288, 0.75), (224, 0.5)])
+def test_random_mps32_is_the_originals_mask_generator(input_size, ratio):
+    """The same draws as the original's MaskGenerator: with one rng, the very same masks."""
+    window = input_size // 16
+    ours = build_mask_generator("random_mps32", window, mask_ratio=ratio)
+    rng_ours, rng_ref = np.random.default_rng(11), np.random.default_rng(11)
+    for _ in range(200):
+        ref = literal_conmim_mask(rng_ref, input_size=input_size, mask_ratio=ratio)
+        got = ours(rng_ours)
+        assert ref.shape == got.shape == (window, window)
+        assert np.array_equal(got, ref.astype(bool))
+    assert rng_ours.random() == rng_ref.random()  # and consumed the same draws
+
+
+def test_random_mps32_seeding():
+    generator = build_mask_generator("random_mps32", 14, mask_ratio=0.75)
+    a = generator(np.random.default_rng([7, 1, 2]))
+    b = generator(np.random.default_rng([7, 1, 2]))
+    c = generator(np.random.default_rng([7, 2, 2]))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    state = np.random.get_state()
+    np.random.seed(123)  # numpy's global state plays no part
+    d = generator(np.random.default_rng([7, 1, 2]))
+    np.random.set_state(state)
+    assert np.array_equal(a, d)
+
+
+@pytest.mark.parametrize("window", [7, (7, 7), (14, 15), (13, 14), 1])
+def test_random_mps32_needs_a_grid_of_whole_cells(window):
+    """112 px (a 7x7 grid) cannot be cut into 2x2-patch cells: a ValueError in the command line's terms."""
+    for call in (lambda: check_mask_flags("random_mps32", window),
+                 lambda: build_mask_generator("random_mps32", window, mask_ratio=0.75)):
+        with pytest.raises(ValueError, match="32") as info:
+            call()
+        assert "--input_size" in str(info.value)
+    with pytest.raises(ValueError):
+        CellMaskGenerator(window, 0.75)
+    if window != 1:  # the other mask types do not care about cells
+        check_mask_flags("random", window, mask_ratio=0.75)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.5, 1.5])
+def test_random_mps32_mask_ratio_must_lie_in_0_1(ratio):
+    with pytest.raises(ValueError, match="mask_ratio"):
+        build_mask_generator("random_mps32", 14, mask_ratio=ratio)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        CellMaskGenerator(14, ratio)
+
+
+def test_random_mps32_other_cell_sizes():
+    generator = CellMaskGenerator((12, 12), 0.75, cell=3)  # 4x4 cells of 3x3 patches
+    assert (generator.num_mask_cells, generator.num_mask) == (12, 108)
+    masks = np.stack([generator(np.random.default_rng(s)) for s in range(100)])
+    cells = _cells_of(masks, 3)
+    assert (cells.all(-1) == cells.any(-1)).all() and (masks.sum(axis=(1, 2)) == 108).all()

@@ -249,7 +249,8 @@ def _check_finetuning_conversion(model, unilm, report):
     assert sorted(dropped) == sorted(k for k in unilm if k.startswith(PRETRAINING_DROPS))  # 30 + 2 + 1 + 2
     assert 'rel_pos_bias.relative_position_index' in report.dropped
     summary = report.summary()
-    assert 'cls_pt_layers.0.gamma_1' in summary and 'lm_head.weight' in summary and 'mask_token' in summary
+    # every dropped key is named: one by one when few, else by module with its count
+    assert 'cls_pt_layers.* (30 keys)' in summary and 'lm_head.weight' in summary and 'mask_token' in summary
     assert 'norm.weight' in summary and 'shared relative position bias copied into every block' in summary
 
 
@@ -326,7 +327,7 @@ def test_v2_pretraining_files_finetune_through_the_command_line(unilm_file, mmpr
                               '--lr', '1e-4', *norm]) == 0
         cleanup()
         logged = capfd.readouterr().err  # the run's log: what --finetune dropped, and the v2 normalisation warning
-        assert 'cls_pt_layers.0.gamma_1' in logged and 'lm_head.weight' in logged
+        assert 'cls_pt_layers.* (30 keys)' in logged and 'lm_head.weight' in logged
         assert ('is a BEiT v2 pre-training checkpoint' in logged) == (not norm)
         ckpt = torch.load(out / 'checkpoint-0.pth', weights_only=True)['model']
         moved = (ckpt['blocks.3.mlp.fc1.weight'] - unilm['blocks.3.mlp.fc1.weight']).abs()

@@ -108,3 +108,19 @@ def labelled_root(tmp_path_factory) -> Path:
     make_image_folder(root / "train", n_per_class=16, seed=5)
     make_image_folder(root / "val", n_per_class=6, seed=6)
     return root
+
+
+@pytest.fixture(scope="session")
+def embedded_subset(tmp_path_factory) -> Path:
+    """6 images of each of the embedded dataset's 10 classes (its real JPEGs), as an image folder."""
+    import shutil
+
+    from mcbeit.data.embedded import EMBEDDED_CLASSES, embedded_dataset_root
+
+    source = embedded_dataset_root() / "train"
+    root = tmp_path_factory.mktemp("embedded") / "train"
+    for name in EMBEDDED_CLASSES:
+        (root / name).mkdir(parents=True)
+        for f in sorted((source / name).glob("*.jpg"))[:6]:
+            shutil.copy(f, root / name / f.name)
+    return root

@@ -7,7 +7,6 @@ import argparse
 import json
 import re
 import shlex
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ import mcbeit.models  # noqa: F401
 from mcbeit.cli import pretrain
 from mcbeit.config import resolve
 from mcbeit.config.pretrain import BeitV2PretrainConfig
-from mcbeit.data.embedded import EMBEDDED_CLASSES, embedded_dataset_root
 from mcbeit.engine import checkpoint as ckpt_io
 from mcbeit.engine.trainer import Trainer
 from mcbeit.models.checkpoint import StateDictMismatchError
@@ -76,18 +74,6 @@ def vqkd_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("vqkd") / "vqkd_encoder_tiny.pth"
     torch.save({"model": model.state_dict()}, path)
     return path
-
-
-@pytest.fixture(scope="module")
-def embedded_subset(tmp_path_factory):
-    """6 images of each of the embedded dataset's 10 classes (its real JPEGs), as an image folder."""
-    source = embedded_dataset_root() / "train"
-    root = tmp_path_factory.mktemp("embedded") / "train"
-    for name in EMBEDDED_CLASSES:
-        (root / name).mkdir(parents=True)
-        for f in sorted((source / name).glob("*.jpg"))[:6]:
-            shutil.copy(f, root / name / f.name)
-    return root
 
 
 def _args(data, out, vqkd_file, *extra):
