@@ -33,6 +33,10 @@ SPEED = {
     "mcbeit-export": [],
     "mcbeit-vqkd": ["--input_size", "32", "--teacher_input_size", "32", "--codebook_n_emd", "64", "--epochs", "1",
                     "--num_workers", "0"],
+    "mcbeit-pretrain-conmim": ["--input_size", "64", "--proj_hidden_dim", "64", "--epochs", "1", "--num_workers", "0"],
+    "mcbeit-seg train": ["--max_iters", "4", "--eval_interval", "2", "--checkpoint_interval", "2", "--crop_size", "32",
+                         "--img_scale", "128", "32", "--num_workers", "0"],
+    "mcbeit-seg test": ["--num_workers", "0"],
     "mcbeit-pretrain-beitv2": ["--input_size", "64", "--second_input_size", "64", "--num_mask_patches", "6",
                                "--min_mask_patches_per_block", "2", "--epochs", "1", "--num_workers", "0"],
 }
@@ -119,6 +123,18 @@ def test_the_own_tokenizer_block_runs_as_written(tmp_path, cache):
     assert list((tmp_path / "output").glob("tokenizer_inspect*.png"))
 
 
+def test_the_conmim_block_runs_as_written(tmp_path, cache):
+    """ConMIM on the embedded images, then fine-tuning its folder: the newest EMA teacher (checkpoint_copy)."""
+    block = commands(bash_block_after("## ConMIM"))
+    assert [c.split(" --")[0] for c in block] == ["mcbeit-pretrain-conmim", "mcbeit-finetune"], block
+    run(block[0], tmp_path, cache)
+    out = tmp_path / "output"
+    assert (out / "conmim" / "checkpoint-0.pth").is_file() and (out / "conmim" / "checkpoint_copy-0.pth").is_file()
+    finetune = run(block[1], tmp_path, cache).stderr
+    assert "its newest EMA teacher, checkpoint_copy-0.pth" in finetune
+    assert (out / "conmim_finetuned" / "checkpoint-best.pth").is_file()
+
+
 def test_the_pretrain_then_finetune_block_runs_as_written(researcher, cache):
     """After the README's first command: its `mcbeit-pretrain` then finds the run done, and the
     fine-tuning commands each write their own folder."""
@@ -148,3 +164,20 @@ def test_the_beitv2_block_runs_as_written(researcher, cache):
     v2 = run(block[1], tmp_path, cache).stderr
     assert "Loaded VQ-KD tokenizer" in v2 and "(64 codes x 32)" in v2
     assert (tmp_path / "output" / "beitv2" / "checkpoint-0.pth").is_file()
+
+
+def test_the_segmentation_block_runs_as_written(researcher, cache):
+    """After the README's first command: UperNet from that run's newest checkpoint, the same from scratch, then the
+    test command on the best checkpoint alone (its settings are in it), multi-scale + flip."""
+    block = commands(bash_block_after("## Semantic segmentation"))
+    assert [" ".join(c.split()[:2]) for c in block] == ["mcbeit-seg train"] * 2 + ["mcbeit-seg test"], block
+    tmp_path = researcher
+    first = run(block[0], tmp_path, cache).stderr
+    assert re.search(r"backbone from \S*mcbeit_pretrained/checkpoint-0.pth", first), first[-3000:]
+    scratch = run(block[1], tmp_path, cache).stderr
+    assert "RANDOM initialisation" in scratch
+    out = tmp_path / "output"
+    assert (out / "mcbeit_seg" / "checkpoint-best.pth").is_file()
+    assert (out / "mcbeit_seg_scratch" / "checkpoint-best.pth").is_file()
+    tested = run(block[2], tmp_path, cache).stderr
+    assert "(multi-scale + flip)" in tested and re.search(r"mIoU \d+\.\d+, mAcc", tested)

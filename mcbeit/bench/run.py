@@ -4,6 +4,7 @@ fine-tuning step cost, ours against the reference formulation, measured side by 
     python -m mcbeit.bench                       # the full table on this machine (2-core CPU: about 7 minutes)
     python -m mcbeit.bench --quick               # seconds: tiny models and images (CI runs this)
     python -m mcbeit.bench --json figures.json   # also write every figure
+    python -m mcbeit.bench --sections segmentation   # UperNet ViT-B@512 against transformers' (about 12 minutes)
 
 Speed-ups are the reference's time over ours and memory ratios ours over the reference's, both
 measured in the same process on the same inputs. On a GPU (``--device cuda``) the step table adds
@@ -66,10 +67,19 @@ def _save(path: str | None, result: dict) -> None:
         Path(path).write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 
-def print_step_table(rows: list[dict], header: bool = True) -> None:
-    if header:
-        print("\nPre-training step (tokenizer + forward + loss + backward + AdamW), median seconds per step")
-    head = f"{'config':<22}{'':>4}{'tokenizer':>10}{'forward':>9}{'loss':>8}{'backward':>10}{'optim':>8}" \
+# (column title, phase, width) of the step tables
+STEP_COLUMNS = (("tokenizer", "tokenizer", 10), ("forward", "forward", 9), ("loss", "loss", 8),
+                ("backward", "backward", 10), ("optim", "optimizer", 8))
+CONMIM_COLUMNS = (("teacher", "teacher", 10), ("forward", "forward", 9), ("loss", "loss", 8),
+                  ("backward", "backward", 10), ("optim", "optimizer", 8), ("ema", "ema", 7))
+SEG_COLUMNS = (("fwd+loss+bwd", "fwd_loss_bwd", 14), ("optim", "optimizer", 8))
+
+
+def print_step_table(rows: list[dict], header: bool = True, columns=STEP_COLUMNS,
+                     title: str | None = "Pre-training step (tokenizer + forward + loss + backward + AdamW)") -> None:
+    if header and title:
+        print(f"\n{title}, median seconds per step")
+    head = f"{'config':<22}{'':>4}" + "".join(f"{name:>{width}}" for name, _, width in columns) + \
            f"{'step':>8}{'img/s':>8}{'peak MB':>9}{'GFLOP':>8}{'GFLOP/s':>9}{'MFU':>6}"
     if header:
         print(head)
@@ -78,8 +88,8 @@ def print_step_table(rows: list[dict], header: bool = True) -> None:
             if who not in row:
                 continue
             f = row[who]
-            print(f"{row['config'] if who == 'ours' else '':<22}{who[:4]:>4}{f['tokenizer_s']:>10.3f}{f['forward_s']:>9.3f}"
-                  f"{f['loss_s']:>8.3f}{f['backward_s']:>10.3f}{f['optimizer_s']:>8.3f}{f['step_s']:>8.3f}"
+            phases = "".join(f"{f.get(f'{phase}_s', 0.0):>{width}.3f}" for _, phase, width in columns)
+            print(f"{row['config'] if who == 'ours' else '':<22}{who[:4]:>4}{phases}{f['step_s']:>8.3f}"
                   f"{f['images_per_s']:>8.2f}{_mb(f.get('peak_bytes')):>9}{_num(f.get('gflop'), '.0f'):>8}"
                   f"{_num(f.get('gflop_per_s'), '.1f'):>9}{_num(f.get('mfu'), '.0%'):>6}")
         if "speedup" in row:
@@ -101,9 +111,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also time base in bf16 / fp16 on a CPU that only emulates them (minutes per step)")
     p.add_argument("--recompute", default=DEFAULT_RECOMPUTE, choices=RECOMPUTE_MODES,
                    help="the product's --recompute in the step configurations (the reference keeps everything)")
-    p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling,monitor,beitv2",
-                   help="comma-separated subset of: step, data, finetune, tokenizers, scaling, monitor, beitv2, compile "
-                        "(compile is not in the default: inductor compiles for minutes on a CPU)")
+    p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling,monitor,beitv2,conmim",
+                   help="comma-separated subset of: step, data, finetune, tokenizers, scaling, monitor, beitv2, conmim, "
+                        "segmentation, compile (not in the default: segmentation times ViT-B UperNet at 512 beside transformers', "
+                        "about 12 minutes on a 2-core CPU; inductor compiles for minutes on a CPU)")
     p.add_argument("--work_dir", default=None, help="where the generated JPEGs go (default: a temporary folder)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top operators of one base fp32 step, ours and the reference")
@@ -195,6 +206,47 @@ def _section_beitv2(args, result: dict) -> None:
         result[key] = rows
 
 
+def _section_conmim(args, result: dict) -> None:
+    from mcbeit.bench.conmim import run_conmim_step
+
+    if args.quick:
+        configs = [dict(size="tiny", batch_size=2, input_size=64, steps=1, warmup=0)]
+    else:
+        configs = [dict(size=m, steps=args.steps) for m in args.models.split(",")]
+    print("\nConMIM pre-training step (EMA teacher + student + projectors + patch contrast + backward + AdamW + "
+          "EMA update), median seconds per step")
+    rows = []
+    for cfg in configs:
+        rows.append(run_conmim_step(device=args.device, **cfg))
+        print_step_table(rows[-1:], header=len(rows) == 1, columns=CONMIM_COLUMNS, title=None)
+        _save(args.json, {**result, "conmim": rows})
+    result["conmim"] = rows
+
+
+def _section_segmentation(args, result: dict) -> None:
+    from mcbeit.bench.segmentation import print_slide, run_segmentation_step, run_slide_eval
+
+    amps = ["fp32"] + (["bf16"] if args.device == "cuda" else [])
+    if args.quick:
+        step_cfg = dict(size="tiny", input_size=64, steps=1, warmup=0)
+        slide_cfg = dict(size="tiny", input_size=64, image_size=(64, 85), repeats=1, warmup=0)
+    else:
+        step_cfg, slide_cfg = dict(size="base"), dict(size="base")
+    print("\nUperNet segmentation step (forward + decode and auxiliary losses + backward + AdamW) beside transformers' "
+          "BeitForSemanticSegmentation of the same size (a speed reference: it feeds blocks 1,3,5,9 to the neck), "
+          "median seconds per step")
+    rows = []
+    for amp in amps:
+        rows.append(run_segmentation_step(device=args.device, amp=amp, **step_cfg))
+        print_step_table(rows[-1:], header=len(rows) == 1, columns=SEG_COLUMNS, title=None)
+        _save(args.json, {**result, "segmentation": rows})
+    slides = [run_slide_eval(device=args.device, amp=amp, **slide_cfg) for amp in amps]
+    for row in slides:
+        print_slide(row)
+    result["segmentation"] = rows
+    result["segmentation_slide"] = slides
+
+
 def _section_compile(args, result: dict) -> None:
     from mcbeit.bench.step import run_compile
 
@@ -207,7 +259,8 @@ def _section_compile(args, result: dict) -> None:
 
 
 SECTIONS = {"step": _section_step, "data": _section_data, "finetune": _section_finetune,
-            "tokenizers": _section_tokenizers, "scaling": _section_scaling, "monitor": _section_monitor, "beitv2": _section_beitv2, "compile": _section_compile}
+            "tokenizers": _section_tokenizers, "scaling": _section_scaling, "monitor": _section_monitor, "beitv2": _section_beitv2,
+            "conmim": _section_conmim, "segmentation": _section_segmentation, "compile": _section_compile}
 
 
 def main(argv=None) -> dict:

@@ -15,27 +15,17 @@ into place, so concurrent processes (DDP ranks, data-loader workers) never see h
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import os
-import shutil
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
+from .generated import default_cache_dir, generated_root, marker_matches  # noqa: F401 (default_cache_dir: its old home)
 
 __all__ = ["embedded_dataset_root", "generate_embedded_dataset", "EMBEDDED_CLASSES"]
-
-logger = logging.getLogger(__name__)
 
 VERSION = "embedded-v2"
 EMBEDDED_CLASSES = (
@@ -48,11 +38,6 @@ _SEED = 20221204
 _JPEG_QUALITY = 90
 
 
-def default_cache_dir() -> Path:
-    """``$MCBEIT_CACHE`` if set, else ``~/.cache/mcbeit``."""
-    env = os.environ.get("MCBEIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mcbeit"
-
 
 def _expected_marker() -> dict:
     return {"version": VERSION, "classes": list(EMBEDDED_CLASSES), "images_per_class": SPLITS}
@@ -60,11 +45,7 @@ def _expected_marker() -> dict:
 
 def _is_complete(root: Path) -> bool:
     """The marker matches and every split/class folder holds the expected number of files."""
-    try:
-        marker = json.loads((root / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    if marker != _expected_marker():
+    if not marker_matches(root / MARKER, _expected_marker()):
         return False
     for split, per_class in SPLITS.items():
         for name in EMBEDDED_CLASSES:
@@ -80,63 +61,9 @@ def _is_complete(root: Path) -> bool:
 
 def embedded_dataset_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """Root of the embedded dataset (``train/`` and ``val/`` inside), generating it if needed."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = cache / VERSION
-    if _is_complete(root):
-        return root
-    cache.mkdir(parents=True, exist_ok=True)
-    with _generation_lock(cache):  # lets concurrent ranks wait instead of all generating
-        if not _is_complete(root):
-            _generate_atomically(cache, root)
-    if not _is_complete(root):
-        raise RuntimeError(f"embedded dataset at {root} is incomplete after generation")
-    return root
-
-
-@contextlib.contextmanager
-def _generation_lock(cache: Path):
-    """An advisory lock where the platform has one; correctness never depends on it (the tree
-    appears by an atomic rename), it only saves duplicate work."""
-    if fcntl is None:
-        yield
-        return
-    try:
-        handle = open(cache / f".{VERSION}.lock", "a")
-    except OSError:
-        yield
-        return
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:  # e.g. a file system without locks
-            pass
-        yield  # closing the file releases the lock
-
-
-def _generate_atomically(cache: Path, root: Path) -> None:
-    tmp = cache / f".{VERSION}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    start = time.perf_counter()
-    logger.info("generating the embedded dataset into %s (once)", root)
-    try:
-        generate_embedded_dataset(tmp)
-        if root.exists() and not _is_complete(root):
-            # A stale or damaged tree (not ours: ours only ever appear complete): move it aside.
-            stale = cache / f".{VERSION}.stale-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(root, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            except OSError:
-                pass  # someone else moved it first
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not _is_complete(root):  # lost a race to a process whose tree is complete?
-                raise
-            logger.info("another process generated %s first; using theirs", root)
-        else:
-            logger.info("embedded dataset ready in %.1f s: %s", time.perf_counter() - start, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return generated_root(cache_dir, VERSION, _is_complete,
+                          lambda dest: generate_embedded_dataset(dest),  # looked up at call time: tests replace it
+                          "embedded dataset")
 
 
 def generate_embedded_dataset(dest: str | os.PathLike) -> Path:

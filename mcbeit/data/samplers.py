@@ -5,6 +5,7 @@ to load it."""
 from __future__ import annotations
 
 import functools
+import itertools
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sized
@@ -14,7 +15,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from mcbeit.errors import InputError
 
-__all__ = ["EpochTaggedSampler", "ShardSampler", "build_eval_loader", "build_train_loader", "loader_worker_init"]
+__all__ = ["EpochTaggedSampler", "ShardSampler", "StreamSampler", "build_eval_loader", "build_stream_loader",
+           "build_train_loader", "loader_worker_init"]
 
 #: the signals a run stops on (mcbeit.engine.control.STOP_SIGNALS); data-loader workers ignore them
 _STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
@@ -116,6 +118,57 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, pin_memory: b
                         drop_last=True, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
                         generator=generator, worker_init_fn=loader_worker_init())
     return loader, sampler, steps
+
+
+class StreamSampler(Sampler[tuple[int, int]]):
+    """An endless stream of ``(index, data_epoch)`` cut into rounds, for training counted in iterations.
+
+    This rank's stream is its ``DistributedSampler`` order of data epoch 0 (shuffled with ``seed``), then of data
+    epoch 1, and so on; the engine's epoch ``r`` (a *round* of ``per_round`` samples, e.g. the 16,000 iterations
+    between two evaluations) is positions ``[r * per_round, (r + 1) * per_round)`` of it.
+    ``set_epoch(r, start=k)`` skips the first ``k`` of the round: a run resumed mid-round continues with exactly
+    the samples the uninterrupted run would see. Every index is tagged with its data epoch, so a sample's
+    augmentation is a function of ``(seed, data epoch, index)`` (mmseg's iteration runner instead re-creates its
+    workers with the same seeds on every pass over the data, repeating their random streams).
+    """
+
+    def __init__(self, length: int, per_round: int, world_size: int = 1, rank: int = 0, seed: int = 0) -> None:
+        if length <= 0:
+            raise InputError("the dataset is empty: there is nothing to train on")
+        self.sampler = DistributedSampler(range(length), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=False)  # padded: every rank has samples, however few there are
+        self.per_round, self.round, self.start = int(per_round), 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.round, self.start = int(epoch), int(start)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        per_epoch = len(self.sampler)                              # this rank's samples per pass over the data
+        position = self.round * self.per_round + self.start       # in this rank's stream
+        end = (self.round + 1) * self.per_round
+        while position < end:
+            data_epoch, offset = divmod(position, per_epoch)
+            self.sampler.set_epoch(data_epoch)
+            for index in itertools.islice(iter(self.sampler), offset, offset + end - position):
+                yield int(index), data_epoch
+            position += min(per_epoch - offset, end - position)
+
+    def __len__(self) -> int:
+        return max(self.per_round - self.start, 0)
+
+
+def build_stream_loader(dataset, batch_size: int, updates_per_round: int, num_workers: int, pin_memory: bool,
+                        seed: int, world_size: int, rank: int, batches_per_step: int = 1
+                        ) -> tuple[DataLoader, StreamSampler]:
+    """The loader of :class:`StreamSampler` rounds of ``updates_per_round`` updates (each ``batches_per_step``
+    batches of ``batch_size`` on this rank): whole batches, the data epochs running on without a seam."""
+    sampler = StreamSampler(len(dataset), updates_per_round * batch_size * batches_per_step, world_size, rank, seed)
+    workers = max(0, num_workers)
+    generator = torch.Generator().manual_seed(int(seed) + 7919 * int(rank))
+    loader = DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                        drop_last=True, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                        generator=generator, worker_init_fn=loader_worker_init())
+    return loader, sampler
 
 
 class ShardSampler(Sampler[int]):

@@ -127,6 +127,19 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(model, broadcast_buffers=has_batch_norm)
 
 
+def sync_batch_norm_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's buffers, as DDP does before each forward of a model with batch norm (see
+    :func:`wrap_ddp`): after the last update each rank holds the running statistics of its own batches, and an
+    evaluation should measure the ones the checkpoint holds (rank 0's). Nothing to do for one process or a model
+    without batch norm (its buffers are the same everywhere); training is unchanged (the next forward does it)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if info.world_size <= 1 or not dist.is_initialized() or not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
+
+
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     """Sum of `t` over ranks, on the backend's device (nccl needs CUDA tensors), back on `t`'s device."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

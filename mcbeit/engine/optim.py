@@ -63,15 +63,18 @@ def param_groups(
     layer_decay: float | None = None,
     num_layers: int | None = None,
     extra_no_decay_keywords: Sequence[str] = (),
+    layer_prefix: str = "",
 ) -> list[dict[str, Any]]:
     """Parameter groups ``{'params', 'weight_decay', 'lr_scale'}``, keyed by (layer, decay / no decay).
 
-    Frozen parameters (``requires_grad=False``) are left out.
+    Frozen parameters (``requires_grad=False``) are left out. ``layer_prefix`` (e.g. ``'backbone.'`` for a
+    segmentor): layer ids are read from the names under it with the prefix removed, and every other
+    parameter (necks, heads) is in the top layer, ``num_layers + 1`` (mmseg's layer-decay constructor).
     """
     model = unwrap_model(model)
     skip = set(skip_list)
     if layer_decay is not None and num_layers is None:
-        num_layers = num_layers_of(model)
+        num_layers = num_layers_of(model.get_submodule(layer_prefix.rstrip(".")) if layer_prefix else model)
 
     groups: dict[str, dict[str, Any]] = {}
     names: dict[str, list[str]] = {}
@@ -87,7 +90,11 @@ def param_groups(
         key = "no_decay" if no_decay else "decay"
         scale = 1.0
         if layer_decay is not None:
-            layer = layer_id(name, num_layers)
+            if layer_prefix:
+                layer = layer_id(name[len(layer_prefix):], num_layers) if name.startswith(layer_prefix) \
+                    else num_layers + 1
+            else:
+                layer = layer_id(name, num_layers)
             key = f"layer_{layer}_{key}"
             scale = float(layer_decay ** (num_layers + 1 - layer))
         if key not in groups:
@@ -135,23 +142,28 @@ def build_optimizer(
     layer_decay: float | None = None,
     extra_no_decay_keywords: Sequence[str] = (),
     num_layers: int | None = None,
+    skip_list: Iterable[str] | None = None,
+    layer_prefix: str = "",
 ) -> torch.optim.Optimizer:
     """Any optimizer timm knows, over :func:`param_groups` (every group keeps its ``lr_scale``).
 
     ``opt_eps`` / ``opt_betas`` set to None leave the optimizer's own defaults. AdamW uses PyTorch's
     fused kernel on CPU and CUDA (on the 2-core CPU 3.4x faster than the multi-tensor one for
     ViT-B, without its parameter-sized temporaries; it also skips a non-finite step on the device,
-    see :func:`clip_and_step`), the multi-tensor (foreach) one elsewhere.
+    see :func:`clip_and_step`), the multi-tensor (foreach) one elsewhere. ``skip_list``: the names without weight
+    decay beyond 1-D parameters and biases (default: the model's ``no_weight_decay()`` less the relative tables);
+    ``layer_prefix``: see :func:`param_groups`.
     """
     _check_optimizer_name(opt)
     model = unwrap_model(model)
     groups = param_groups(
         model,
         weight_decay,
-        skip_list=_original_skip_list(model),
+        skip_list=_original_skip_list(model) if skip_list is None else skip_list,
         layer_decay=layer_decay,
         num_layers=num_layers,
         extra_no_decay_keywords=extra_no_decay_keywords,
+        layer_prefix=layer_prefix,
     )
     kwargs: dict[str, Any] = {}
     if opt_eps is not None:

@@ -38,6 +38,25 @@ def cosine_scheduler(
     return np.concatenate((warmup, cosine)).astype(np.float64)
 
 
+def poly_scheduler(base_value: float, total_iters: int, power: float = 1.0, min_value: float = 0.0,
+                   warmup_iters: int = 0, warmup_ratio: float = 1e-6) -> np.ndarray:
+    """Per-iteration values of mmcv's ``poly`` policy with ``warmup='linear'`` (mmseg's schedule).
+
+    Iteration ``t`` (0-based, the update about to be made) gets ``regular = (base - min) * (1 - t / total) ** power
+    + min``; during the warm-up (``t < warmup_iters``) that value times ``1 - (1 - t / warmup_iters) * (1 -
+    warmup_ratio)``: the warm-up multiplies the already decayed poly value and starts at ``base * warmup_ratio``,
+    as mmcv 1.3's ``PolyLrUpdaterHook`` + ``get_warmup_lr`` compute it (not a warm-up to ``base`` followed by poly).
+    """
+    if total_iters < 0 or warmup_iters < 0:
+        raise ValueError(f"total_iters and warmup_iters must be non-negative, got {total_iters} and {warmup_iters}")
+    t = np.arange(total_iters, dtype=np.float64)
+    regular = (base_value - min_value) * (1.0 - t / max(total_iters, 1)) ** power + min_value
+    if warmup_iters > 0:
+        warm = t < warmup_iters
+        regular[warm] *= 1.0 - (1.0 - t[warm] / warmup_iters) * (1.0 - warmup_ratio)
+    return regular
+
+
 def temperature_schedule(temp_warmup: float, temp: float, epochs: int, warmup_epochs: int = 30) -> np.ndarray:
     """Tokenizer-softmax temperature per ABSOLUTE epoch: ``linspace(temp_warmup, temp, warmup_epochs)``
     over the first ``warmup_epochs`` epochs, then ``temp``.

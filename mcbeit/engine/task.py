@@ -132,6 +132,12 @@ class Task(ABC):
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer over ``model``'s parameter groups."""
 
+    def schedules(self, steps_per_epoch: int) -> tuple[Any, Any] | None:
+        """Per-update learning-rate and weight-decay arrays over the whole run (``epochs x steps_per_epoch``
+        values); None (the default) for the engine's cosine schedules of ``--lr`` / ``--min_lr`` /
+        ``--warmup_epochs`` and ``--weight_decay`` / ``--weight_decay_end``."""
+        return None
+
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
@@ -197,6 +203,10 @@ class Task(ABC):
         from mcbeit.config import as_flags
 
         return as_flags(self.config)
+
+    def resume_source(self, path: str) -> str:
+        """The checkpoint a resume from ``path`` (``--resume`` or the newest found) reads; ``path`` itself by default."""
+        return path
 
     def saved(self, path: str, epoch: int | str) -> None:
         """Called on rank 0 after a checkpoint was written (files the task writes beside it)."""

@@ -31,7 +31,7 @@ from mcbeit.config.fields import experiment_flags
 from mcbeit.config.run import RunConfig
 from mcbeit.engine.context import RunContext
 from mcbeit.engine.control import RunControl
-from mcbeit.engine.distributed import DistInfo, init_distributed, resolve_device
+from mcbeit.engine.distributed import DistInfo, init_distributed, resolve_device, sync_batch_norm_buffers
 from mcbeit.engine.logging import RunWriter, setup_logging
 from mcbeit.engine.output_dir import prepare_output_dir
 from mcbeit.engine.loop import train_one_epoch
@@ -159,9 +159,13 @@ class Trainer:
         cfg, task = self.config, self.task
         optimizer = task.build_optimizer(task.model)
         spe = run.steps_per_epoch = steps_per_epoch
-        run.lr_schedule = cosine_scheduler(task.base_lr, cfg.min_lr, cfg.epochs, spe, warmup_epochs=cfg.warmup_epochs,
-                                           warmup_steps=warmup_steps(cfg, spe))
-        run.wd_schedule = cosine_scheduler(cfg.weight_decay, cfg.final_weight_decay, cfg.epochs, spe)
+        own = task.schedules(spe)
+        if own is not None:  # the task's (segmentation's poly with mmcv's warm-up)
+            run.lr_schedule, run.wd_schedule = own
+        else:
+            run.lr_schedule = cosine_scheduler(task.base_lr, cfg.min_lr, cfg.epochs, spe,
+                                               warmup_epochs=cfg.warmup_epochs, warmup_steps=warmup_steps(cfg, spe))
+            run.wd_schedule = cosine_scheduler(cfg.weight_decay, cfg.final_weight_decay, cfg.epochs, spe)
         task.compile()
         if task.deepspeed:
             from mcbeit.engine.strategy import DeepSpeedStrategy
@@ -184,6 +188,7 @@ class Trainer:
         path = run.strategy.find_resume(cfg.resume, auto, cfg.output_dir)
         if path is None:
             return cfg.start_epoch, 0, None, None
+        path = task.resume_source(path)
         ckpt = run.strategy.read(path)
         if ckpt.get("format") == task.checkpoint_format:  # other files: load_weights says what they are
             check_experiment(ckpt, path, run.flags(), experiment_flags(type(cfg)), explicit=bool(cfg.resume),
@@ -247,6 +252,8 @@ class Trainer:
         the checkpoint and the epoch / step the run went on from; the record's ``train_*`` figures
         then cover the steps from there)."""
         cfg, task = self.config, self.task
+        if not task.deepspeed:  # the epoch's evaluation measures the checkpoint's batch-norm statistics on every rank
+            sync_batch_norm_buffers(task.model, run.info)
         stats = task.end_epoch(epoch, train_stats)
         path = None
         if saving and ((epoch + 1) % cfg.save_ckpt_freq == 0 or epoch + 1 == cfg.epochs):

@@ -26,6 +26,12 @@ safely (:mod:`mcbeit.models.checkpoint`).
    checkpoint has none of (``pos_embed``; relative tables when it has no table at all, i.e. no
    bias); anything else raises ``StateDictMismatchError`` naming keys and shapes.
 
+A model built on ``Beit`` for another task declares what it adds and what it lacks (the segmentation
+backbone, :mod:`mcbeit.models.segmentation`, does): ``new_modules`` (key prefixes of modules no BEiT
+checkpoint has, e.g. ``('fpn1.', 'fpn2.')``: reported as fresh) and ``checkpoint_keys_without_place``
+(key prefix -> why a checkpoint's keys under it are dropped, e.g. ``{'norm.': 'no final norm'}``: step 2,
+each key listed with that reason). Models without these attributes convert as before.
+
 Routes (one file into one architecture gives equal tensors through each):
 
 * :func:`load_pretrained` ``(model, file)``: Python, for any BEiT model, timm's own names included;
@@ -51,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -113,8 +120,21 @@ class ConversionReport:
 
 
 def _names(keys: List[str], limit: int = 6) -> str:
-    more = f' and {len(keys) - limit} more' if len(keys) > limit else ''
-    return ', '.join(keys[:limit]) + more
+    """Every key named: one by one when few, else by module, its keys by name when they are few
+    (``mask_token, lm_head.weight, lm_head.bias, projectors.* (16 keys)``, in first-seen order)."""
+    if len(keys) <= limit:
+        return ', '.join(keys)
+    groups: Dict[str, List[str]] = {}
+    for k in keys:
+        groups.setdefault(k.split('.')[0], []).append(k)
+
+    def group(head: str, g: List[str]) -> str:
+        if len(g) <= 3:
+            return ', '.join(g)
+        patterns = {re.sub(r'\.\d+(?=\.|$)', '.*', k) for k in g}  # one key per block: say which key
+        return f'{patterns.pop()} ({len(g)} keys)' if len(patterns) == 1 else f'{head}.* ({len(g)} keys)'
+
+    return ', '.join(group(head, g) for head, g in groups.items())
 
 
 # ---------------------------------------------------------------------- the conversion
@@ -125,6 +145,9 @@ def _drop_what_has_no_place(sd: Dict[str, torch.Tensor], model: nn.Module, own: 
         sd.pop(key)
         report.dropped[key] = why
 
+    for prefix, why in getattr(model, 'checkpoint_keys_without_place', {}).items():
+        for k in [k for k in sd if k.startswith(prefix) and k not in own]:
+            drop(k, why)
     for k in ('head.weight', 'head.bias'):
         if k in sd and (k not in own or sd[k].shape != own[k].shape):
             drop(k, f'head {tuple(sd[k].shape)} vs model {tuple(own[k].shape) if k in own else "none"}: starts fresh')
@@ -171,9 +194,12 @@ def adapt_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module,
     return sd
 
 
-def _expected_fresh(key: str, sd: Mapping[str, torch.Tensor]) -> bool:
-    """Model keys that may start from their initialisation when the checkpoint lacks them."""
+def _expected_fresh(key: str, sd: Mapping[str, torch.Tensor], model: Optional[nn.Module] = None) -> bool:
+    """Model keys that may start from their initialisation when the checkpoint lacks them (the model's
+    own ``new_modules`` included)."""
     if key.startswith(('head.', 'fc_norm.')) or key == 'pos_embed':
+        return True
+    if key.startswith(tuple(getattr(model, 'new_modules', ()))):
         return True
     return key.endswith('relative_position_bias_table') and not any(
         k.endswith('relative_position_bias_table') for k in sd)
@@ -215,7 +241,7 @@ def convert_state_dict(checkpoint: Mapping, model: nn.Module, *, model_key: str 
     report = ConversionReport(source=source, model_key=used, dropped=dict(outside), renamed=renamed)
     sd = adapt_state_dict(sd, model, report)
     mismatch = compare_state_dict(model, sd)
-    report.fresh = [k for k in mismatch.missing if _expected_fresh(k, sd)]
+    report.fresh = [k for k in mismatch.missing if _expected_fresh(k, sd, model)]
     fatal_missing = [k for k in mismatch.missing if k not in report.fresh]
     if fatal_missing or mismatch.unexpected or mismatch.mismatched:
         mismatch.missing = fatal_missing

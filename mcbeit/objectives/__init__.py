@@ -1,13 +1,15 @@
-"""Pre-training objectives: mc-BEiT multi-choice soft targets, BEiT hard visual tokens, BEiT v2's two streams."""
+"""Pre-training objectives: mc-BEiT multi-choice soft targets, BEiT hard visual tokens, BEiT v2's two streams,
+ConMIM's denoising patch contrast."""
 from __future__ import annotations
 
 from torch import nn
 
 from .aggregation import PatchAggregationLoss
+from .denoising_contrast import DenoisingContrastLoss
 from .hard_tokens import HardTokenLoss, token_cross_entropy
 from .multichoice import MultiChoiceLoss
 
-__all__ = ["HardTokenLoss", "MultiChoiceLoss", "PatchAggregationLoss", "build_objective", "token_cross_entropy"]
+__all__ = ["DenoisingContrastLoss", "HardTokenLoss", "MultiChoiceLoss", "PatchAggregationLoss", "build_objective", "token_cross_entropy"]
 
 
 def build_objective(

@@ -33,3 +33,39 @@ def test_quick_benchmark_prints_every_section_and_writes_the_json(tmp_path, caps
     assert [row["processes"] for row in saved["scaling"]["processes"]] == [1, 2]
     (monitor,) = saved["monitor"]
     assert monitor["extract_s_per_1000"] > 0 and monitor["features"] == 4 and monitor["knn_s"] > 0
+
+
+def test_conmim_benchmark_times_its_phases_beside_the_original_step_on_the_same_loss(tmp_path, capsys):
+    path = tmp_path / "figures.json"
+    result = run.main(["--quick", "--json", str(path), "--sections", "conmim"])
+    assert "ConMIM pre-training step" in capsys.readouterr().out
+    (row,) = json.loads(path.read_text())["conmim"]
+    assert row == json.loads(json.dumps(result["conmim"][0], default=str))
+    assert row["masked_patches"] == 12                     # random_mps32 at 64 px: 3 of 4 cells of 2x2 patches
+    assert row["loss_abs_diff"] < 1e-4                     # the first step, the same weights and inputs
+    for who in ("ours", "reference"):
+        figures = row[who]
+        for phase in ("teacher", "forward", "loss", "backward", "optimizer", "ema"):
+            assert figures[f"{phase}_s"] > 0, (who, phase)
+        assert figures["images_per_s"] > 0 and figures["peak_bytes"] > 0 and figures["gflop"] > 0
+    assert row["speedup"] > 0 and row["memory_ratio"] > 0
+
+
+def test_segmentation_benchmark_times_the_upernet_step_beside_transformers_and_the_sliding_window(tmp_path, capsys,
+                                                                                                 one_thread):
+    path = tmp_path / "figures.json"
+    result = run.main(["--quick", "--json", str(path), "--sections", "segmentation"])
+    out = capsys.readouterr().out
+    assert "UperNet segmentation step" in out and "Sliding-window evaluation" in out
+    saved = json.loads(path.read_text())
+    (row,) = saved["segmentation"]
+    assert row == json.loads(json.dumps(result["segmentation"][0], default=str))
+    assert row["parameters_m"]["ours"] == row["parameters_m"]["reference"]   # the same sizes, neck and heads
+    for who in ("ours", "reference"):
+        figures = row[who]
+        assert figures["fwd_loss_bwd_s"] > 0 and figures["optimizer_s"] > 0 and figures["images_per_s"] > 0
+        assert figures["peak_bytes"] > 0 and figures["gflop"] > 0
+    assert abs(row["ours"]["gflop"] / row["reference"]["gflop"] - 1) < 0.1  # the same work per step
+    (slide,) = saved["segmentation_slide"]
+    assert slide["windows"] == 2 and slide["image"] == [64, 85] and slide["stride"] == 42
+    assert slide["ours"]["s_per_image"] > 0 and slide["reference"]["window_batch"] == 1

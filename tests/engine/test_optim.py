@@ -162,3 +162,26 @@ def test_optimizer_from_the_finetuning_flags_and_compiled_model_names():
     decay, no_decay = decay_membership(model, opt.param_groups)
     assert "blocks.2.attn.relative_position_bias_table" in no_decay
     assert len({g["lr_scale"] for g in opt.param_groups}) == DEPTH + 2
+
+
+def test_layer_prefix_reads_layers_under_it_and_puts_everything_else_on_top():
+    """A segmentor (backbone.* + neck and heads): mmseg's LayerDecayOptimizerConstructor, num_layers + 2 groups."""
+    from torch import nn
+
+    class Segmentor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = tiny_mim_model()
+            self.decode_head = nn.Conv2d(4, 3, 1)
+
+    model = Segmentor()
+    decay = 0.9
+    groups = param_groups(model, 0.05, skip_list=(), layer_decay=decay, layer_prefix="backbone.")
+    scale = {n: g["lr_scale"] for g, names in zip(groups, names_by_group(model, groups), strict=True) for n in names}
+    top = DEPTH + 1
+    assert scale["backbone.cls_token"] == scale["backbone.patch_embed.proj.weight"] == pytest.approx(decay ** top)
+    assert scale[f"backbone.blocks.{DEPTH - 1}.attn.qkv.weight"] == pytest.approx(decay)
+    assert scale["decode_head.weight"] == scale["backbone.norm.weight"] == 1.0
+    decayed = {n for g, names in zip(groups, names_by_group(model, groups), strict=True) if g["weight_decay"] > 0
+               for n in names}
+    assert "backbone.cls_token" in decayed  # the original's quirk: its exemption list never matches prefixed names

@@ -88,3 +88,30 @@ def test_apply_schedules_uses_lr_scale_and_only_touches_decayed_groups():
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4) and opt.param_groups[0]["weight_decay"] == 0.02
     assert opt.param_groups[1]["lr"] == pytest.approx(1e-3) and opt.param_groups[1]["weight_decay"] == 0.0
     assert type(opt.param_groups[0]["lr"]) is float
+
+
+def _mmcv_poly_with_linear_warmup(base, t, total, power, min_lr, warmup_iters, warmup_ratio):
+    """Literal restatement of mmcv 1.3 lr_updater.py: PolyLrUpdaterHook.get_lr (L203-211) and, while
+    t < warmup_iters, get_warmup_lr's 'linear' branch (L83-92) applied to that regular lr."""
+    coeff = (1 - t / total) ** power
+    regular = (base - min_lr) * coeff + min_lr
+    if t < warmup_iters:
+        k = (1 - t / warmup_iters) * (1 - warmup_ratio)
+        return regular * (1 - k)
+    return regular
+
+
+def test_poly_schedule_is_mmcv_poly_with_its_linear_warmup():
+    from mcbeit.engine.schedules import poly_scheduler
+
+    values = poly_scheduler(8e-5, 160000, 1.0, 0.0, 1500, 1e-6)
+    assert len(values) == 160000
+    for t in (0, 1, 749, 1499, 1500, 1501, 80000, 159999):
+        assert values[t] == pytest.approx(_mmcv_poly_with_linear_warmup(8e-5, t, 160000, 1.0, 0.0, 1500, 1e-6),
+                                          rel=1e-12)
+    assert values[0] == pytest.approx(8e-5 * 1e-6)                 # starts at base x warmup_ratio, not 0
+    assert values[1499] == pytest.approx(0.98997 * 8e-5, rel=1e-4)  # the warm-up multiplies the decayed value
+    assert values[1500] == pytest.approx(0.990625 * 8e-5, rel=1e-9)
+    assert values[-1] == pytest.approx(8e-5 / 160000)
+    other = poly_scheduler(1.0, 100, 0.9, 1e-4, 0)
+    assert other[50] == pytest.approx(_mmcv_poly_with_linear_warmup(1.0, 50, 100, 0.9, 1e-4, 0, 1e-6))

@@ -1,0 +1,7 @@
+# upernet_beit_base_12_512_slide_160k_ade20k_pt2ft: the recipe of microsoft/unilm beit/semantic_segmentation/configs/beit/upernet/upernet_beit_base_12_512_slide_160k_ade20k_pt2ft.py
+# (mmseg 0.11), as mcbeit's preset of the same name: `mcbeit-seg presets` lists what it sets.
+# Values set here override the preset as --options would (mmseg keys, see mcbeit.config.segmentation.OPTION_KEYS),
+# e.g. options = {"data_root": "/data/ADEChallengeData2016", "model.pretrained": "/ckpt/checkpoint-799.pth"};
+# flags and --options on the command line override both.
+preset = "upernet_beit_base_12_512_slide_160k_ade20k_pt2ft"
+options = {}
