@@ -30,7 +30,10 @@ A model built on ``Beit`` for another task declares what it adds and what it lac
 backbone, :mod:`mcbeit.models.segmentation`, does): ``new_modules`` (key prefixes of modules no BEiT
 checkpoint has, e.g. ``('fpn1.', 'fpn2.')``: reported as fresh) and ``checkpoint_keys_without_place``
 (key prefix -> why a checkpoint's keys under it are dropped, e.g. ``{'norm.': 'no final norm'}``: step 2,
-each key listed with that reason). Models without these attributes convert as before.
+each key listed with that reason). A model whose position parameters are not timm's (the detection
+backbone, :mod:`mcbeit.models.detection`: tables per attention window, no CLS rows) converts them itself
+in ``adapt_checkpoint(sd, report)``, called after step 2 on the flat state dict (it pops the checkpoint's
+tables, puts its own, records what it did in ``report``). Models without these attributes convert as before.
 
 Routes (one file into one architecture gives equal tensors through each):
 
@@ -184,6 +187,9 @@ def adapt_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module,
     own = model.state_dict()
     sd = dict(sd)
     _drop_what_has_no_place(sd, model, own, report)
+    adapt = getattr(model, 'adapt_checkpoint', None)
+    if adapt is not None:  # the model's own conversion of its position parameters (module doc)
+        adapt(sd, report)
     per_block = 'blocks.0.attn.relative_position_bias_table' in own
     if per_block and SHARED_TABLE in sd and SHARED_TABLE not in own:
         shared = sd.pop(SHARED_TABLE)  # (num_pos, heads)
