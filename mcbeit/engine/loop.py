@@ -82,6 +82,8 @@ def train_one_epoch(run: RunContext, loader: Iterable, epoch: int, *, first: int
     wanted, micro_batches = set(task.meter.metrics), iter(loader)
     for update in range(first, spe):
         it = epoch * spe + update
+        if it >= len(run.lr_schedule):  # the run ends with its schedule (a last round shorter than the others)
+            break
         apply_schedules(strategy.optimizer, float(run.lr_schedule[it]), float(run.wd_schedule[it]))
         out = run_update(run, itertools.islice(micro_batches, task_freq(run)))
         if out is None:

@@ -14,7 +14,7 @@ not what the original does). Each group carries ``lr_scale = layer_decay ** (num
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -64,12 +64,15 @@ def param_groups(
     num_layers: int | None = None,
     extra_no_decay_keywords: Sequence[str] = (),
     layer_prefix: str = "",
+    no_decay_names: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Parameter groups ``{'params', 'weight_decay', 'lr_scale'}``, keyed by (layer, decay / no decay).
 
     Frozen parameters (``requires_grad=False``) are left out. ``layer_prefix`` (e.g. ``'backbone.'`` for a
     segmentor): layer ids are read from the names under it with the prefix removed, and every other
     parameter (necks, heads) is in the top layer, ``num_layers + 1`` (mmseg's layer-decay constructor).
+    ``no_decay_names``: the parameters without weight decay, replacing the rule above (detectron2's:
+    :func:`detectron2_no_decay`).
     """
     model = unwrap_model(model)
     skip = set(skip_list)
@@ -81,7 +84,7 @@ def param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        no_decay = (
+        no_decay = name in no_decay_names if no_decay_names is not None else (
             param.ndim == 1
             or name.endswith(".bias")
             or name in skip
@@ -108,6 +111,27 @@ def param_groups(
             logger.debug("param group %s: weight_decay=%g lr_scale=%g %s",
                          key, group["weight_decay"], group["lr_scale"], names[key])
     return list(groups.values())
+
+
+#: the module types whose parameters detectron2's ``get_default_optimizer_params`` gives ``weight_decay_norm``
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+               nn.modules.instancenorm._InstanceNorm)
+
+
+def detectron2_no_decay(model: nn.Module, names: Iterable[str] = ("pos_embed", "relative_position_bias_table"),
+                        ) -> set[str]:
+    """The parameters that detectron2's ``get_default_optimizer_params(weight_decay_norm=0.0, overrides={name:
+    {"weight_decay": 0.0} for name in names})`` exempts from weight decay: every parameter of a normalisation
+    module, and those whose own name (the last part of the dotted name) is in ``names``. Biases of other modules,
+    ``cls_token``, ``q_bias`` / ``v_bias`` and layer-scale gammas keep the weight decay there."""
+    model = unwrap_model(model)
+    exempt = set(names)
+    out = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            if isinstance(module, _NORM_TYPES) or param_name in exempt:
+                out.add(f"{module_name}.{param_name}" if module_name else param_name)
+    return out
 
 
 def _original_skip_list(model: nn.Module) -> set[str]:
@@ -144,6 +168,7 @@ def build_optimizer(
     num_layers: int | None = None,
     skip_list: Iterable[str] | None = None,
     layer_prefix: str = "",
+    no_decay_names: Collection[str] | None = None,
 ) -> torch.optim.Optimizer:
     """Any optimizer timm knows, over :func:`param_groups` (every group keeps its ``lr_scale``).
 
@@ -152,7 +177,7 @@ def build_optimizer(
     ViT-B, without its parameter-sized temporaries; it also skips a non-finite step on the device,
     see :func:`clip_and_step`), the multi-tensor (foreach) one elsewhere. ``skip_list``: the names without weight
     decay beyond 1-D parameters and biases (default: the model's ``no_weight_decay()`` less the relative tables);
-    ``layer_prefix``: see :func:`param_groups`.
+    ``layer_prefix``, ``no_decay_names``: see :func:`param_groups`.
     """
     _check_optimizer_name(opt)
     model = unwrap_model(model)
@@ -164,6 +189,7 @@ def build_optimizer(
         num_layers=num_layers,
         extra_no_decay_keywords=extra_no_decay_keywords,
         layer_prefix=layer_prefix,
+        no_decay_names=no_decay_names,
     )
     kwargs: dict[str, Any] = {}
     if opt_eps is not None:

@@ -57,6 +57,33 @@ def poly_scheduler(base_value: float, total_iters: int, power: float = 1.0, min_
     return regular
 
 
+def warmup_cosine_multiplier(total_iters: int, warmup_length: float = 0.01, warmup_factor: float = 0.001,
+                             start: float = 1.0, end: float = 0.0) -> np.ndarray:
+    """Per-iteration lr multipliers of detectron2's ``WarmupParamScheduler(CosineParamScheduler(start, end),
+    warmup_factor, warmup_length)`` read through ``LRMultiplier`` (the detection recipes' schedule).
+
+    Iteration ``t`` (0-based, the update about to be made) is at ``where = t / total_iters``. While ``where`` lies
+    within ``warmup_length`` (fvcore's composite scheduler, with its 1e-6 tolerance), the value goes linearly from
+    ``warmup_factor x cos(0)`` to ``cos(warmup_length)`` over the rescaled warm-up; after it, the cosine at the
+    absolute ``where``: ``end + (start - end) (1 + cos(pi where)) / 2``.
+    """
+    if total_iters < 0 or not 0.0 <= warmup_length <= 1.0:
+        raise ValueError(f"total_iters must be non-negative and warmup_length in [0, 1], got {total_iters} and "
+                         f"{warmup_length}")
+    where = np.arange(total_iters, dtype=np.float64) / max(total_iters, 1)
+
+    def cosine(w):
+        return end + 0.5 * (start - end) * (1.0 + np.cos(np.pi * w))
+
+    values = cosine(where)
+    if warmup_length > 0:
+        warm = where + 1e-6 <= warmup_length  # fvcore: the next segment once where + eps exceeds the length
+        low, high = warmup_factor * cosine(0.0), cosine(warmup_length)
+        alpha = where[warm] / warmup_length
+        values[warm] = high * alpha + low * (1.0 - alpha)
+    return values
+
+
 def temperature_schedule(temp_warmup: float, temp: float, epochs: int, warmup_epochs: int = 30) -> np.ndarray:
     """Tokenizer-softmax temperature per ABSOLUTE epoch: ``linspace(temp_warmup, temp, warmup_epochs)``
     over the first ``warmup_epochs`` epochs, then ``temp``.

@@ -185,3 +185,28 @@ def test_layer_prefix_reads_layers_under_it_and_puts_everything_else_on_top():
     decayed = {n for g, names in zip(groups, names_by_group(model, groups), strict=True) if g["weight_decay"] > 0
                for n in names}
     assert "backbone.cls_token" in decayed  # the original's quirk: its exemption list never matches prefixed names
+
+
+def test_detectron2_decay_rule_exempts_norm_modules_and_named_parameters_only():
+    """detectron2's get_default_optimizer_params(weight_decay_norm=0, overrides={pos_embed, relative tables: 0}):
+    norm modules' weights and biases get none; other biases, cls_token, q/v biases and gammas keep it."""
+    from timm.models.beit import Beit
+
+    from mcbeit.engine.optim import detectron2_no_decay
+
+    model = nn.Sequential()
+    model.add_module("vit", Beit(img_size=32, patch_size=16, embed_dim=24, depth=2, num_heads=2, num_classes=0,
+                                 use_abs_pos_emb=True, use_rel_pos_bias=True, init_values=0.1))
+    model.add_module("neck", nn.Sequential(nn.Conv2d(24, 8, 1), nn.GroupNorm(4, 8), nn.BatchNorm2d(8)))
+    exempt = detectron2_no_decay(model)
+    assert {"vit.pos_embed", "vit.blocks.0.attn.relative_position_bias_table", "vit.blocks.0.norm1.weight",
+            "vit.blocks.0.norm1.bias", "neck.1.weight", "neck.1.bias", "neck.2.weight", "neck.2.bias"} <= exempt
+    for kept in ("vit.cls_token", "vit.blocks.0.attn.q_bias", "vit.blocks.0.gamma_1", "neck.0.bias",
+                 "vit.blocks.1.mlp.fc1.bias", "vit.blocks.1.attn.proj.weight"):
+        assert kept not in exempt
+    groups = param_groups(model, 0.1, no_decay_names=exempt)
+    decay = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert id(named["neck.0.bias"]) in decay and id(named["vit.cls_token"]) in decay
+    assert id(named["neck.1.weight"]) not in decay and id(named["vit.pos_embed"]) not in decay
+    assert sum(len(g["params"]) for g in groups) == len(named)

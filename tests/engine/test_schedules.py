@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mcbeit.engine.schedules import apply_schedules, cosine_scheduler, temperature_schedule
+from mcbeit.engine.schedules import apply_schedules, cosine_scheduler, temperature_schedule, warmup_cosine_multiplier
 
 
 def original_cosine(base, final, epochs, niter, warmup_epochs=0, start_warmup=0.0, warmup_steps=-1):
@@ -115,3 +115,33 @@ def test_poly_schedule_is_mmcv_poly_with_its_linear_warmup():
     assert values[-1] == pytest.approx(8e-5 / 160000)
     other = poly_scheduler(1.0, 100, 0.9, 1e-4, 0)
     assert other[50] == pytest.approx(_mmcv_poly_with_linear_warmup(1.0, 50, 100, 0.9, 1e-4, 0, 1e-6))
+
+
+def _fvcore_warmup_cosine(where: float, warmup_length: float, warmup_factor: float) -> float:
+    """detectron2's WarmupParamScheduler(CosineParamScheduler(1, 0), factor, length) as fvcore's composite computes
+    it, step by step: the warm-up segment rescaled, the cosine at the absolute position."""
+    def cosine(w):
+        return 0.0 + 0.5 * (1.0 - 0.0) * (1 + math.cos(math.pi * w))
+
+    lengths, running = [warmup_length, 1 - warmup_length], warmup_length
+    i = 0
+    while where + 1e-6 > running and i < 1:
+        i += 1
+        running += lengths[i]
+    if i == 0:
+        start, end = warmup_factor * cosine(0.0), cosine(warmup_length)
+        w = where / warmup_length
+        return end * w + start * (1 - w)
+    return cosine(where)
+
+
+@pytest.mark.parametrize("total,length", [(46093, 0.01), (400, 0.01), (37, 0.25), (10, 0.0)])
+def test_warmup_cosine_multiplier_is_detectron2s_warmup_param_scheduler(total, length):
+    values = warmup_cosine_multiplier(total, length, 0.001)
+    expected = [_fvcore_warmup_cosine(t / total, length, 0.001) if length else
+                0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
+    np.testing.assert_allclose(values, expected, rtol=0, atol=1e-12)
+    assert values.shape == (total,)
+    if length:
+        assert values[0] == pytest.approx(0.001)  # the warm-up starts at the factor
+        assert values.max() <= 1.0 and values[-1] < 2e-3  # ends near 0 (one step before the cosine reaches it)
