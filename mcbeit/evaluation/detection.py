@@ -33,6 +33,11 @@ What we do:
              one, and its box through torchvision's integer rounding and ``+ 1`` at the input's
              resolution; the outline can move by up to about one input pixel (0.6 original pixels for a
              640 x 480 COCO image at S = 1024), against a box-level mask of 28 cells over the object.
+             :func:`evaluate_detection` avoids that: it asks a detector with a ``transform.paste_masks``
+             switch (:class:`mcbeit.models.detection.FixedSizeTransform`) for the box-level masks
+             (``mask_kind='roi'``) and pastes them into the ORIGINAL image at the rescaled boxes, as
+             detectron2 does (with torchvision's ``paste_masks_in_image``: the rounding above, at the
+             original's resolution), which is also much faster than resizing S x S maps.
     AP       faster-coco-eval's ``COCOeval_faster`` (the same C++ evaluation detectron2 calls
              ``COCOeval_opt``), or pycocotools' ``COCOeval`` as the oracle; the same ``segm`` / NaN /
              per-category rules. Over the images actually evaluated (all of the gt json's when the
@@ -155,13 +160,27 @@ def _original_masks(probs: Tensor, valid: tuple[int, int], size: tuple[int, int]
     return torch.cat(out).numpy() if out else np.zeros((0, *size), dtype=bool)
 
 
+def _pasted_masks(probs: Tensor, boxes: Tensor, size: tuple[int, int], threshold: float, chunk: int = 32) -> np.ndarray:
+    """bool (K,h,w) on the CPU: box-level mask probabilities (K,1,M,M) pasted into an image of ``size`` at ``boxes``
+    (K,4) xyxy in its pixels (torchvision's ``paste_masks_in_image``) and thresholded ``>=``."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    out = []
+    for start in range(0, probs.shape[0], chunk):
+        pasted = paste_masks_in_image(probs[start:start + chunk].float().cpu(), boxes[start:start + chunk].float().cpu(),
+                                      size, padding=1)  # (k,1,h,w)
+        out.append(pasted[:, 0] >= threshold)
+    return torch.cat(out).numpy() if out else np.zeros((0, *size), dtype=bool)
+
+
 def to_coco_results(outputs: Sequence[Mapping], targets: Sequence[Mapping], label_to_cat_id,
                     mask_threshold: float = 0.5) -> list[dict]:
     """COCO result dicts, in the original images' pixels, of a batch of detector outputs.
 
     ``outputs``: torchvision's eval-mode detections per image, ``boxes`` (K,4) xyxy and ``masks``
     (K,1,S,S) probabilities at the network input's pixels, ``labels`` (K,) in 1..C, ``scores`` (K,);
-    ``masks`` may be absent (box-only results). ``targets``: the matching target dicts (``image_id``,
+    ``masks`` may be absent (box-only results); with ``mask_kind='roi'`` in the output, ``masks`` are the box-level
+    (K,1,M,M) probabilities, pasted at the original size (detectron2's way). ``targets``: the matching target dicts (``image_id``,
     ``orig_size`` (h, w), ``scale``). ``label_to_cat_id``: {label: COCO category id}, a list of
     category ids (label i+1 = ids[i]), or the dataset's ``categories`` (id, name) pairs.
 
@@ -190,8 +209,11 @@ def to_coco_results(outputs: Sequence[Mapping], targets: Sequence[Mapping], labe
                 probs = probs[:, None]
             if probs.dim() != 4 or probs.shape[1] != 1:
                 raise InputError(f"detector masks must be (K,1,S,S) probabilities, got {tuple(out['masks'].shape)}")
-            rles = _encode(_original_masks(probs, valid_size(target, tuple(probs.shape[-2:])), (h, w),
-                                           mask_threshold))
+            if out.get("mask_kind") == "roi":
+                rles = _encode(_pasted_masks(probs, boxes, (h, w), mask_threshold))
+            else:
+                rles = _encode(_original_masks(probs, valid_size(target, tuple(probs.shape[-2:])), (h, w),
+                                               mask_threshold))
         xywh = boxes.clone()
         xywh[:, 2:] -= xywh[:, :2]
         for k, (box, label, score) in enumerate(zip(xywh.cpu().tolist(), labels, scores, strict=True)):
@@ -405,16 +427,38 @@ def _object_group():
     return _GLOO_GROUPS[key]
 
 
-def _cpu_output(out: Mapping, score_threshold: float, mask_threshold: float) -> dict:
+def _cpu_output(out: Mapping, score_threshold: float, mask_threshold: float, size: tuple[int, int]) -> dict:
     """A small CPU copy of one image's detections for the picture: those scoring >= ``score_threshold``,
-    masks thresholded to bool."""
+    masks at the input's ``size`` thresholded to bool."""
     keep = out["scores"] >= score_threshold
     small = {k: out[k][keep].detach().cpu() for k in ("boxes", "labels", "scores")}
     small["boxes"] = small["boxes"].float()
     small["scores"] = small["scores"].float()
     if out.get("masks") is not None:
-        small["masks"] = (out["masks"][keep] >= mask_threshold).cpu()
+        if out.get("mask_kind") == "roi":
+            small["masks"] = torch.from_numpy(_pasted_masks(out["masks"][keep], small["boxes"], size,
+                                                            mask_threshold))[:, None]
+        else:
+            small["masks"] = (out["masks"][keep] >= mask_threshold).cpu()
     return small
+
+
+@contextlib.contextmanager
+def _box_level_masks(model: nn.Module):
+    """Yields whether ``model`` returns box-level masks inside: a detector whose transform has the ``paste_masks``
+    switch is asked for them (and set back after)."""
+    from mcbeit.engine.optim import unwrap_model
+
+    transform = getattr(unwrap_model(model), "transform", None)
+    if not hasattr(transform, "paste_masks"):
+        yield False
+        return
+    before = transform.paste_masks
+    transform.paste_masks = False
+    try:
+        yield True
+    finally:
+        transform.paste_masks = before
 
 
 def evaluate_detection(model: nn.Module, loader: Iterable, device: torch.device, gt, label_to_cat_id,
@@ -444,7 +488,7 @@ def evaluate_detection(model: nn.Module, loader: Iterable, device: torch.device,
     shown = {"images": [], "outputs": [], "targets": []}
     keep_shown = int(visualise) if rank == 0 else 0
     start = time.perf_counter()
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), torch.no_grad(), _box_level_masks(model) as roi_masks:
         for images, targets in loader:
             if limit is not None and len(per_image) >= limit:
                 break
@@ -453,12 +497,15 @@ def evaluate_detection(model: nn.Module, loader: Iterable, device: torch.device,
             images = [image.to(device, non_blocking=True) for image in images]
             with autocast_context(device, dtype):
                 outputs = model(images)
+            if roi_masks:
+                outputs = [{**out, "mask_kind": "roi"} for out in outputs]
             for image, out, target in zip(images, outputs, targets, strict=True):
                 per_image.append((_int(target["image_id"]),
                                   to_coco_results([out], [target], label_to_cat_id, mask_threshold)))
                 if len(shown["images"]) < keep_shown:
                     shown["images"].append((image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-                    shown["outputs"].append(_cpu_output(out, vis_score_threshold, mask_threshold))
+                    shown["outputs"].append(_cpu_output(out, vis_score_threshold, mask_threshold,
+                                                        tuple(image.shape[-2:])))
                     shown["targets"].append({k: target[k] for k in ("image_id", "orig_size", "scale") if k in target})
     seconds = time.perf_counter() - start
 

@@ -290,6 +290,26 @@ def test_a_mask_pasted_by_torchvision_lands_on_its_box_in_the_original_image():
         np.testing.assert_allclose([x, y, x + w, y + h], box.tolist(), atol=1.6)
 
 
+def test_box_level_masks_are_pasted_at_the_original_size_and_agree_with_the_input_sized_route():
+    """mask_kind='roi' (what evaluate_detection asks the detector for): the 28 x 28 masks pasted straight into
+    the original image at the boxes mapped back, as detectron2; the same masks pasted into the input first and
+    mapped back give the same outline up to the resampling (IoU > 0.9), and the same boxes."""
+    target = _target(2, 60, 80)
+    boxes = torch.tensor([[20.0, 30.0, 70.0, 60.0], [64.0, 8.0, 120.0, 90.0]])
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
+    raw = torch.stack([(xx ** 2 + yy ** 2 < 0.8).float(), (xx.abs() + yy.abs() < 1.0).float()])[:, None]  # (2,1,28,28)
+    out = {"boxes": boxes, "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.6])}
+    roi = to_coco_results([{**out, "masks": raw, "mask_kind": "roi"}], [target], LABEL_TO_CAT)
+    via_input = to_coco_results([{**out, "masks": paste_masks_in_image(raw, boxes, (S, S))}], [target], LABEL_TO_CAT)
+    for a, b in zip(roi, via_input, strict=True):
+        assert a["bbox"] == b["bbox"] and a["segmentation"]["size"] == [60, 80]
+        iou = pmask.iou([a["segmentation"]], [b["segmentation"]], [0])[0, 0]
+        assert iou > 0.9
+    expected = paste_masks_in_image(raw, boxes / 1.6, (60, 80))[:, 0] >= 0.5  # the original-size paste itself
+    for r, m in zip(roi, expected, strict=True):
+        np.testing.assert_array_equal(pmask.decode(r["segmentation"]).astype(bool), m.numpy())
+
+
 # ---------------------------------------------------------------------- the loop, 1 and 2 processes
 class _Scenes(Dataset):
     """The gt's images as the test pipeline gives them (S x S, resized image top-left), plus a fifth image
