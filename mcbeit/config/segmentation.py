@@ -77,6 +77,8 @@ def option_value(text: str) -> Any:
     """A value as mmcv's ``DictAction`` reads it: int, then float, then true / false, then a list or tuple
     (``a,b``, ``[a,b]``, ``(a,b)``), else the string (``None`` stays the string 'None', as there)."""
     text = text.strip().strip("'\"")
+    if not text:
+        return text
     for kind in (int, float):
         try:
             return kind(text)

@@ -105,7 +105,8 @@ from torchvision.ops.poolers import LevelMapper
 
 from mcbeit.errors import ConfigError, InputError
 from mcbeit.models.beit_weights import SHARED_TABLE, ConversionReport, convert_state_dict
-from mcbeit.models.checkpoint import CheckpointError, extract_state_dict, read_checkpoint, resolve_source
+from mcbeit.models.checkpoint import (CheckpointError, StateDictMismatchError, compare_state_dict, extract_state_dict,
+                                      read_checkpoint, resolve_source)
 from mcbeit.models.position_resize import interpolate_pos_embed, interpolate_rel_pos_table
 from mcbeit.models.segmentation import backbone_size
 
@@ -762,4 +763,43 @@ def load_backbone_weights(detector: BeitMaskRCNN, source: str | os.PathLike, mod
                                     what=f'backbone weights {os.fspath(source)}')
     body.load_state_dict(sd)
     report.fresh = [BODY + k for k in report.fresh] + [k for k in detector.state_dict() if not k.startswith(BODY)]
+    return report  # the caller logs report.summary(): once
+
+
+def vit_of(detector: nn.Module) -> Tuple[str, WindowedBeit]:
+    """(parameter-name prefix, module) of the detector's ViT, for layer-wise lr decay: ``('backbone.body.', ...)``."""
+    from mcbeit.engine.optim import unwrap_model
+
+    detector = unwrap_model(detector)
+    return BODY, detector.get_submodule(BODY.rstrip('.'))
+
+
+def load_detection_checkpoint(detector: BeitMaskRCNN, source: str | os.PathLike) -> ConversionReport:
+    """A whole detector's weights (detectron2's ``train.init_checkpoint``): a checkpoint of mcbeit-det (``model``)
+    or a plain state dict of :class:`BeitMaskRCNN`, a ``module.`` prefix allowed. Everything must fit exactly:
+    otherwise ``StateDictMismatchError`` names every key and shape and the detector is left unchanged. (Backbone
+    weights alone go through :func:`load_backbone_weights`.)"""
+    path = resolve_source(source, 'detection checkpoint')
+    ckpt = read_checkpoint(path)
+    used = next((k for k in ('model', 'state_dict', 'module') if isinstance(ckpt.get(k), Mapping)), None)
+    sd = extract_state_dict(ckpt, ('model', 'state_dict', 'module'), map_names=False)
+    report = ConversionReport(source=path, model_key=used)
+    mismatch = compare_state_dict(detector, sd)
+    if mismatch:
+        lines = [f'  missing (in the model, not in the file): {k}' for k in mismatch.missing[:40]]
+        lines += [f'  unexpected (in the file, not in the model): {k}' for k in mismatch.unexpected[:40]]
+        lines += [f'  shape mismatch: {k}: file {ck} vs model {md}' for k, ck, md in mismatch.mismatched]
+        hints = []
+        if any(k.startswith('roi_heads.box_predictor.') for k, _, _ in mismatch.mismatched):
+            hints.append('the classifiers differ in their number of classes: --num_classes / the annotations')
+        if not any(k.startswith('roi_heads.') for k in sd):
+            hints.append('the file holds no detector heads: to start from backbone weights use --pretrained')
+        hints.append('check --model, --pyramid, --shared_rel_pos_bias and --window_size / --image_size against '
+                     'the run that wrote the file')
+        raise StateDictMismatchError(
+            f'detection checkpoint {os.fspath(source)} does not fit the detector: {len(mismatch.missing)} missing, '
+            f'{len(mismatch.unexpected)} unexpected, {len(mismatch.mismatched)} shape mismatches\n'
+            + '\n'.join(lines) + '\n' + '\n'.join(f'hint: {h}' for h in hints), mismatch)
+    detector.load_state_dict(sd)
+    report.loaded = len(sd)
     return report  # the caller logs report.summary(): once
