@@ -26,3 +26,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: The longest test files (minutes each, several processes), run first: under pytest-xdist (the README's
+#: ``-n 2 --dist loadfile``) each starts on a worker at once instead of ending the run alone on one of them.
+SLOW_FILES_FIRST = ("tests/test_readme.py", "tests/tasks/test_demo.py", "tests/tasks/test_distributed_faults.py",
+                    "tests/test_readme_sequences.py", "tests/bench/test_bench_quick.py", "tests/tasks/test_detection.py",
+                    "tests/tasks/test_resume.py", "tests/tasks/test_group_signals.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: file order kept
