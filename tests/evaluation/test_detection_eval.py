@@ -284,10 +284,10 @@ def test_a_mask_pasted_by_torchvision_lands_on_its_box_in_the_original_image():
     pasted = paste_masks_in_image(torch.ones(2, 1, 28, 28), boxes, (S, S))  # (2,1,S,S)
     results = to_coco_results([{"boxes": boxes, "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.6]),
                                 "masks": pasted}], [target], LABEL_TO_CAT)
-    for r, box in zip(results, boxes / 1.6, strict=True):
+    for r, box in zip(results, (boxes / 1.6).tolist(), strict=True):
         assert r["bbox"] == pytest.approx([box[0], box[1], box[2] - box[0], box[3] - box[1]])
         x, y, w, h = pmask.toBbox(r["segmentation"])
-        np.testing.assert_allclose([x, y, x + w, y + h], box.tolist(), atol=1.6)
+        np.testing.assert_allclose([x, y, x + w, y + h], box, atol=1.6)
 
 
 def test_box_level_masks_are_pasted_at_the_original_size_and_agree_with_the_input_sized_route():
