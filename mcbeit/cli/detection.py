@@ -25,7 +25,12 @@ from mcbeit.config.detection import DetectionConfig, preset_table
 COMMANDS = ("train", "test", "presets")
 EMBEDDED_NOTE = ("Without --data_path (and without a CONFIG) the run is the embedded demonstration: the defaults "
                  "marked 'without --data_path' apply to the flags you do not give. A CONFIG's values apply to the "
-                 "flags you do not give; trailing KEY=VALUE overrides (detectron2's) override both.")
+                 "flags you do not give; trailing KEY=VALUE overrides (detectron2's) override both. "
+                 "Differences from the original (MIMDet's benchmarking Mask R-CNN on detectron2) on purpose: "
+                 "torchvision's Mask R-CNN with detectron2's aligned RoIAlign, unrounded anchors and L1 box losses; "
+                 "the heads' BatchNorm is torch's (the original: detectron2's NaiveSyncBatchNorm); predictors keep "
+                 "torchvision's unused background output; bf16 autocast on a GPU by default (--amp fp16: the "
+                 "original's); the run auto-resumes from --output_dir with or without --resume.")
 
 
 class _DetParser(argparse.ArgumentParser):
