@@ -156,7 +156,9 @@ def launcher_command(args: argparse.Namespace, rest: Sequence[str], script: str)
     """The torchrun command that starts ``--num-gpus`` x ``--num-machines`` processes of ``script`` with ``rest``,
     or None for one process (or when already inside a launched process)."""
     world = args.num_gpus * args.num_machines
-    if world <= 1 or "LOCAL_RANK" in os.environ:
+    # inside a process a launcher started (torchrun sets TORCHELASTIC_RUN_ID; LOCAL_RANK alone is no proof: DeepSpeed
+    # setups write it into the environment of one-process runs too)
+    if world <= 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         return None
     cmd = [sys.executable, "-m", "mcbeit.launch", f"--nproc_per_node={args.num_gpus}",
            f"--nnodes={args.num_machines}", f"--node_rank={args.machine_rank}"]

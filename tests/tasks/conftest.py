@@ -65,8 +65,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: what a launcher (or an in-process DeepSpeed run of an earlier test in this worker) leaves in os.environ: a command
+#: a test starts must see a clean machine, as a user's shell does
+LAUNCHER_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "MCBEIT_LAUNCH_DIR",
+                      "MCBEIT_LAUNCHER_PID")
+
+
 def cli_env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MCBEIT_CACHE=str(tmp_path / "cache"))
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env

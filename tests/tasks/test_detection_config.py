@@ -77,7 +77,8 @@ def test_every_preset_has_its_file_and_bad_configs_say_what_to_do(tmp_path):
 
 
 def test_lazyconfig_arguments_start_torchrun_as_detectron2s_launch_would(monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what a one-process DeepSpeed run leaves behind: not a launched worker
     args, rest = lazyconfig_parser().parse_known_args(
         ["--config-file", SEED_CONFIG, "--num-gpus", "8", "--num-machines", "4", "--machine-rank", "2",
          "--dist-url", "tcp://10.0.0.1:21633", "--resume", "train.max_iter=10"])
@@ -89,6 +90,9 @@ def test_lazyconfig_arguments_start_torchrun_as_detectron2s_launch_would(monkeyp
     assert cmd[-4:] == ["/x/lazyconfig_train_net.py", "--config-file", SEED_CONFIG, "train.max_iter=10"]
     one, _ = lazyconfig_parser().parse_known_args(["--num-gpus", "1"])
     assert launcher_command(one, [], "x") is None                   # one process: no launcher
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")                # a worker torchrun started: runs, not relaunches
+    assert launcher_command(args, [], "x") is None
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     many, _ = lazyconfig_parser().parse_known_args(["--num-gpus", "2", "--num-machines", "2"])
     with pytest.raises(SystemExit, match="auto works on one machine only"):
         launcher_command(many, [], "x")
