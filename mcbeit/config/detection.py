@@ -18,16 +18,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import runpy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from mcbeit.config.fields import Group, embedded_values, flag
 from mcbeit.config.finetune import RANDOM_INIT, newest_pretrained_checkpoint
 from mcbeit.config.run import RunConfig, at_least
-from mcbeit.config.segmentation import option_value
-from mcbeit.errors import ConfigError, InputError
+from mcbeit.config.presets import parse_key_values, read_preset_file
+from mcbeit.errors import ConfigError
 
 DEFAULT_PRESET = "benchmarking_mask_rcnn_base_FPN_25ep_LSJ_mc-beit"
 
@@ -68,45 +66,18 @@ OPTION_KEYS: dict[str, str] = {
 def parse_overrides(overrides: tuple[str, ...]) -> dict[str, Any]:
     """detectron2's trailing ``KEY=VALUE`` overrides -> {flag: value}; an unknown key is an error listing the known
     ones. ``train.amp.enabled`` becomes ``--amp`` (on: the device's default, off: ``off``)."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: expected KEY=VALUE after the flags (e.g. train.init_checkpoint=/path/ckpt.pth)")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        if key not in OPTION_KEYS:
-            raise ConfigError(f"{key}: not a config key mcbeit-det maps; known keys: {', '.join(OPTION_KEYS)} "
-                              "(or pass the flag itself, see mcbeit-det train --help)")
-        value = option_value(value)
-        name = OPTION_KEYS[key]
-        if name == "amp_enabled":
-            out["amp"] = None if value else "off"
-            continue
-        out[name] = tuple(value) if isinstance(value, list) else value
+    out = parse_key_values(overrides, OPTION_KEYS, example="train.init_checkpoint=/path/ckpt.pth",
+                           unknown="not a config key mcbeit-det maps (or pass the flag itself, see mcbeit-det train "
+                                   "--help)")
+    if "amp_enabled" in out:
+        out["amp"] = None if out.pop("amp_enabled") else "off"
     return out
 
 
 def read_config_file(spec: str) -> tuple[str, dict[str, Any]]:
-    """A ``--config-file`` argument -> (preset name, the values it sets).
-
-    ``spec`` is a preset name or a path to one of the seed configs (``configs/benchmarking/NAME.py``: the file shipped
-    here holds ``preset = 'NAME'`` and may set ``overrides = {LazyConfig key: value}``)."""
-    path = Path(spec)
-    candidates = [path, path.with_name(path.name + ".py")] if path.suffix != ".py" else [path]
-    found = next((p for p in candidates if p.is_file()), None)
-    if found is None:
-        name = path.stem if path.suffix == ".py" else path.name
-        if name in PRESETS:
-            return name, dict(PRESETS[name])
-        raise InputError(f"config {spec}: neither a file nor one of the presets: {', '.join(PRESETS)}")
-    values = runpy.run_path(str(found))
-    name = values.get("preset", found.stem)
-    if name not in PRESETS:
-        raise InputError(f"config {found}: preset {name!r} is not one of {', '.join(PRESETS)}")
-    overrides = values.get("overrides", {})
-    if not isinstance(overrides, dict):
-        raise InputError(f"config {found}: overrides must be a dict of LazyConfig keys to values")
-    return name, {**PRESETS[name], **parse_overrides(tuple(f"{k}={v}" for k, v in overrides.items()))}
+    """A ``--config-file`` argument -> (preset name, the values it sets): a preset name or a path to one of the seed
+    configs (``configs/benchmarking/NAME.py``, ``overrides = {LazyConfig key: value}`` inside)."""
+    return read_preset_file(spec, PRESETS, "overrides", parse_overrides)
 
 
 def default_data_path() -> str | None:

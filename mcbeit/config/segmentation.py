@@ -15,15 +15,14 @@ model at 64 px, minutes on a CPU), fine-tuned from the newest checkpoint of ``mc
 from __future__ import annotations
 
 import dataclasses
-import runpy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from mcbeit.config.fields import Group, bool_flag, embedded_values, flag
 from mcbeit.config.finetune import RANDOM_INIT, newest_pretrained_checkpoint
+from mcbeit.config.presets import parse_key_values, read_preset_file
 from mcbeit.config.run import RunConfig, at_least
-from mcbeit.errors import ConfigError, InputError
+from mcbeit.errors import ConfigError
 
 DEFAULT_PRESET = "upernet_mcbeit_base_12_512_slide_160k_ade20k_pt"
 
@@ -73,81 +72,16 @@ OPTION_KEYS: dict[str, str] = {
 }
 
 
-def option_value(text: str) -> Any:
-    """A value as mmcv's ``DictAction`` reads it: int, then float, then true / false, then a list or tuple
-    (``a,b``, ``[a,b]``, ``(a,b)``), else the string (``None`` stays the string 'None', as there)."""
-    text = text.strip().strip("'\"")
-    if not text:
-        return text
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if text[:1] in "[(" and text[-1:] in "])":
-        values = [option_value(v) for v in _split_top(text[1:-1])]
-        return tuple(values) if text[0] == "(" else values
-    if "," in text:
-        return [option_value(v) for v in _split_top(text)]
-    return text
-
-
-def _split_top(text: str) -> list[str]:
-    parts, depth, current = [], 0, ""
-    for ch in text:
-        depth += ch in "[(" and 1 or 0
-        depth -= ch in "])" and 1 or 0
-        if ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    if current.strip():
-        parts.append(current)
-    return parts
-
-
 def parse_options(options: tuple[str, ...]) -> dict[str, Any]:
     """``--options k=v ...`` -> {flag: value}; an unknown key is an error listing the known ones."""
-    out: dict[str, Any] = {}
-    for item in options:
-        if "=" not in item:
-            raise ConfigError(f"--options {item}: expected KEY=VALUE (e.g. model.pretrained=/path/checkpoint.pth)")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        if key not in OPTION_KEYS:
-            raise ConfigError(f"--options {key}: not a key mcbeit-seg maps; known keys: {', '.join(OPTION_KEYS)} "
-                              "(or pass the flag itself, see mcbeit-seg train --help)")
-        value = option_value(value)
-        out[OPTION_KEYS[key]] = tuple(value) if isinstance(value, list) else value
-    return out
+    return parse_key_values(options, OPTION_KEYS, prefix="--options ", example="model.pretrained=/path/checkpoint.pth",
+                            unknown="not a key mcbeit-seg maps (or pass the flag itself, see mcbeit-seg train --help)")
 
 
 def read_config_file(spec: str) -> tuple[str, dict[str, Any]]:
-    """A ``config`` argument -> (preset name, the values it sets).
-
-    ``spec`` is a preset name, or a path to one of the seed configs (``configs/mcbeit/upernet/NAME[.py]``: the file
-    shipped here holds ``preset = 'NAME'`` and may set ``options = {mmseg key: value}``); the seed's habit of
-    leaving out ``.py`` is accepted."""
-    path = Path(spec)
-    candidates = [path, path.with_name(path.name + ".py")] if path.suffix != ".py" else [path]
-    found = next((p for p in candidates if p.is_file()), None)
-    if found is None:
-        name = path.stem if path.suffix == ".py" else path.name
-        if name in PRESETS:
-            return name, dict(PRESETS[name])
-        raise InputError(f"config {spec}: neither a file nor one of the presets: {', '.join(PRESETS)}")
-    values = runpy.run_path(str(found))
-    name = values.get("preset", found.stem)
-    if name not in PRESETS:
-        raise InputError(f"config {found}: preset {name!r} is not one of {', '.join(PRESETS)}")
-    options = values.get("options", {})
-    if not isinstance(options, dict):
-        raise InputError(f"config {found}: options must be a dict of mmseg keys to values")
-    return name, {**PRESETS[name], **parse_options(tuple(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
-                                                        for k, v in options.items()))}
+    """A ``config`` argument -> (preset name, the values it sets): a preset name, or a path to one of the seed
+    configs (``configs/mcbeit/upernet/NAME[.py]``, ``options = {mmseg key: value}`` inside)."""
+    return read_preset_file(spec, PRESETS, "options", parse_options)
 
 
 @dataclass(frozen=True)

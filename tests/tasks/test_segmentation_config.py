@@ -4,7 +4,8 @@ import pytest
 
 from mcbeit.cli.segmentation import get_args_parser
 from mcbeit.config.fields import resolve
-from mcbeit.config.segmentation import PRESETS, SegmentationConfig, option_value, parse_options, read_config_file
+from mcbeit.config.presets import option_value
+from mcbeit.config.segmentation import PRESETS, SegmentationConfig, parse_options, read_config_file
 from mcbeit.errors import ConfigError, InputError
 
 SEED_CONFIG = "configs/mcbeit/upernet/upernet_mcbeit_base_12_512_slide_160k_ade20k_pt"
