@@ -89,3 +89,42 @@ def run_in_process(job: Callable[[Any], Any], args: argparse.Namespace, config_c
         return job(to_config(args, config_cls))
     except INPUT_ERRORS as exc:
         raise SystemExit(str(exc)) from None
+
+
+def train_test_presets(argv: Sequence[str] | None, prog: str, doc: str | None, presets: Callable[[], str],
+                       get_args_parser: Callable[[str], argparse.ArgumentParser], job: Callable[[Any], Any]) -> int:
+    """``PROG train|test|presets ...`` (mcbeit-seg, mcbeit-det): ``presets`` prints the seeds' configs, the others
+    parse ``get_args_parser(command)`` and run ``job``; no command (or ``-h``) says what to do."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("train", "test", "presets")
+    command = argv.pop(0) if argv and argv[0] in commands else None
+    if command is None:
+        if argv and argv[0] in ("-h", "--help"):
+            print(doc)
+            return 0
+        raise SystemExit(f"{prog}: say what to do: {' | '.join(commands)} (e.g. {prog} train)")
+    if command == "presets":
+        print(presets())
+        return 0
+    return parse_and_run(get_args_parser(command), argv, job)
+
+
+def settings_in_checkpoint(checkpoint: str, prog: str, checkpoint_format: str, wanted: set[str], hint: str) -> dict:
+    """The ``wanted`` settings (flag names) a checkpoint of ``prog`` was trained with (its ``args``) and its config,
+    for ``PROG test CHECKPOINT``: what it was built and evaluated as (how this run goes stays this run's). Any other
+    file stops with a message naming ``hint`` (how to name its config instead)."""
+    from mcbeit.models.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise SystemExit(f"{prog} test: {exc}") from None
+    args = ckpt.get("args") if isinstance(ckpt, dict) and ckpt.get("format") == checkpoint_format else None
+    if not isinstance(args, dict):
+        raise SystemExit(f"{prog} test: {checkpoint} is not a checkpoint of {prog}, so it does not say how it was "
+                         f"built: name its config too, {hint}")
+    out = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if k in wanted}
+    out["config"] = args.get("config", "")
+    return out

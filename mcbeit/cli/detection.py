@@ -19,10 +19,9 @@ import os
 import sys
 from typing import Sequence
 
-from mcbeit.cli.common import config_parser, parse_and_run, run_in_process
+from mcbeit.cli.common import config_parser, run_in_process, settings_in_checkpoint, train_test_presets
 from mcbeit.config.detection import DetectionConfig, preset_table
 
-COMMANDS = ("train", "test", "presets")
 EMBEDDED_NOTE = ("Without --data_path (and without a CONFIG) the run is the embedded demonstration: the defaults "
                  "marked 'without --data_path' apply to the flags you do not give. A CONFIG's values apply to the "
                  "flags you do not give; trailing KEY=VALUE overrides (detectron2's) override both. "
@@ -69,27 +68,17 @@ class _DetParser(argparse.ArgumentParser):
 
 
 def settings_of(checkpoint: str) -> dict:
-    """The data and model settings a checkpoint of mcbeit-det was trained with (its ``args``), for
-    ``mcbeit-det test CHECKPOINT``; any other file needs its CONFIG named."""
+    """The data and model settings a checkpoint of mcbeit-det was trained with, for ``mcbeit-det test CHECKPOINT``;
+    any other file needs its CONFIG named."""
     import dataclasses
 
     from mcbeit.config.detection import DetData, DetModel
-    from mcbeit.models.checkpoint import CheckpointError, read_checkpoint
     from mcbeit.tasks.detection import CHECKPOINT_FORMAT
 
-    try:
-        ckpt = read_checkpoint(checkpoint)
-    except CheckpointError as exc:
-        raise SystemExit(f"mcbeit-det test: {exc}") from None
-    args = ckpt.get("args") if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT else None
-    if not isinstance(args, dict):
-        raise SystemExit(f"mcbeit-det test: {checkpoint} is not a checkpoint of mcbeit-det, so it does not say how it "
-                         "was built: name its config too, mcbeit-det test CHECKPOINT CONFIG")
     wanted = {f.name for group in (DetData, DetModel) for f in dataclasses.fields(group)} - {
         "sync_bn", "grad_checkpointing", "data_path", "train_json", "train_images", "val_json", "val_images"}
-    out = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if k in wanted}
-    out["config"] = args.get("config", "")
-    return out
+    return settings_in_checkpoint(checkpoint, "mcbeit-det", CHECKPOINT_FORMAT, wanted,
+                                  "mcbeit-det test CHECKPOINT CONFIG")
 
 
 def get_args_parser(command: str = "train") -> argparse.ArgumentParser:
@@ -121,17 +110,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else None
-    if command is None:
-        if argv and argv[0] in ("-h", "--help"):
-            print(__doc__)
-            return 0
-        raise SystemExit(f"mcbeit-det: say what to do: {' | '.join(COMMANDS)} (e.g. mcbeit-det train)")
-    if command == "presets":
-        print(preset_table())
-        return 0
-    return parse_and_run(get_args_parser(command), argv, train)
+    return train_test_presets(argv, "mcbeit-det", __doc__, preset_table, get_args_parser, train)
 
 
 # ---------------------------------------------------------------------- the seed's lazyconfig_train_net.py

@@ -15,10 +15,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from mcbeit.cli.common import config_parser, parse_and_run, run_in_process
+from mcbeit.cli.common import config_parser, run_in_process, settings_in_checkpoint, train_test_presets
 from mcbeit.config.segmentation import SegmentationConfig, preset_table
 
-COMMANDS = ("train", "test", "presets")
 EMBEDDED_NOTE = ("Without --data_path (and without a CONFIG) the run is the embedded demonstration: the defaults "
                  "marked 'without --data_path' apply to the flags you do not give. A CONFIG's values apply to the "
                  "flags you do not give; --options KEY=VALUE overrides both.")
@@ -64,27 +63,16 @@ class _SegParser(argparse.ArgumentParser):
 
 
 def settings_of(checkpoint: str) -> dict:
-    """The data, model and evaluation settings a checkpoint of mcbeit-seg was trained with (its ``args``), for
-    ``mcbeit-seg test CHECKPOINT``; any other file needs its CONFIG named."""
+    """The data, model and evaluation settings a checkpoint of mcbeit-seg was trained with, for ``mcbeit-seg test
+    CHECKPOINT``; any other file needs its CONFIG named."""
     import dataclasses
 
     from mcbeit.config.segmentation import SegData, SegModel
-    from mcbeit.models.checkpoint import CheckpointError, read_checkpoint
 
-    try:
-        ckpt = read_checkpoint(checkpoint)
-    except CheckpointError as exc:
-        raise SystemExit(f"mcbeit-seg test: {exc}") from None
-    args = ckpt.get("args") if isinstance(ckpt, dict) and ckpt.get("format") == "mcbeit-seg-v1" else None
-    if not isinstance(args, dict):
-        raise SystemExit(f"mcbeit-seg test: {checkpoint} is not a checkpoint of mcbeit-seg, so it does not say how it "
-                         "was built: name its config too, mcbeit-seg test CONFIG CHECKPOINT (e.g. "
-                         "upernet_beit_base_12_640_slide_160k_ade20k_pt2ft for unilm's released BEiT-B 640 file)")
-    wanted = ({f.name for group in (SegData, SegModel) for f in dataclasses.fields(group)} - {"sync_bn"}
-              | {"test_mode", "stride"})  # what it was built and evaluated as; how this run goes stays this run's
-    out = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if k in wanted}
-    out["config"] = args.get("config", "")
-    return out
+    wanted = {f.name for group in (SegData, SegModel) for f in dataclasses.fields(group)} - {"sync_bn"}
+    return settings_in_checkpoint(checkpoint, "mcbeit-seg", "mcbeit-seg-v1", wanted | {"test_mode", "stride"},
+                                  "mcbeit-seg test CONFIG CHECKPOINT (e.g. upernet_beit_base_12_640_slide_160k_ade20k_"
+                                  "pt2ft for unilm's released BEiT-B 640 file)")
 
 
 def get_args_parser(command: str = "train") -> argparse.ArgumentParser:
@@ -115,17 +103,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else None
-    if command is None:
-        if argv and argv[0] in ("-h", "--help"):
-            print(__doc__)
-            return 0
-        raise SystemExit(f"mcbeit-seg: say what to do: {' | '.join(COMMANDS)} (e.g. mcbeit-seg train)")
-    if command == "presets":
-        print(preset_table())
-        return 0
-    return parse_and_run(get_args_parser(command), argv, train)
+    return train_test_presets(argv, "mcbeit-seg", __doc__, preset_table, get_args_parser, train)
 
 
 def main_train(argv: Sequence[str] | None = None) -> int:

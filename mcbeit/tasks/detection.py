@@ -14,7 +14,6 @@ iterations. ``checkpoint-R.pth`` is the state after round R.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any, Mapping
 
@@ -22,12 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from mcbeit.config.detection import DetectionConfig
 from mcbeit.engine.optim import build_optimizer, detectron2_no_decay
-from mcbeit.engine.resume import load_resumed_weights
 from mcbeit.engine.schedules import warmup_cosine_multiplier
-from mcbeit.engine.task import Mark, MeterSpec, StepOutput, Task, TrainData
+from mcbeit.engine.task import Mark, MeterSpec, StepOutput
 from mcbeit.errors import ConfigError, InputError
+from mcbeit.tasks.rounds import RoundsTask
 
 log = logging.getLogger("mcbeit.det")
 
@@ -43,43 +41,38 @@ def _to_device(target: Mapping[str, Any], device: torch.device) -> dict[str, Any
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in target.items()}
 
 
-class DetectionTask(Task):
+class DetectionTask(RoundsTask):
     """Train (or evaluate) a Mask R-CNN detector as ``config`` says."""
 
     checkpoint_format = CHECKPOINT_FORMAT
     purpose = "detection fine-tuning"
-    evaluates = True
+    command = "mcbeit-det"
+    best_metric = "bbox_AP"
+    recipe_batch = RECIPE_BATCH
+    recipe_batch_note = ": scale --lr with the batch if you change it"
+    input_paths = (("--data_path", "data_path"), ("--init_checkpoint", "init_checkpoint"),
+                   ("--train_json", "train_json"), ("--val_json", "val_json"), ("--train_images", "train_images"),
+                   ("--val_images", "val_images"))
+    weights_flag = "--init_checkpoint"
     meter = MeterSpec((*_LOSSES, "grad_norm", "loss_scale"), _LOSSES,
                       {"loss": _LOSSES, "opt": ("lr", "min_lr", "weight_decay", "grad_norm", "loss_scale")},
                       {"loss": ("loss", "{:.4f}"), "mask": ("loss_mask", "{:.3f}"), "lr": ("lr", "{:.2e}")})
 
-    def __init__(self, config: DetectionConfig):
-        super().__init__(config)
-        self.update_freq = config.update_freq
-        self.sets: dict[str, Any] = {}
-        self.val_loader = None
-        self.num_classes: int | None = config.num_classes
-        self.best_ap = 0.0
-
-    # -- checks and building ------------------------------------------------------------------------------
     @property
-    def embedded_data(self) -> bool:
-        return self.config.data_path is None
+    def round_length(self) -> int:
+        return self.config.eval_period
 
-    def check_inputs(self) -> None:
-        cfg = self.config
-        for flag_name, path in (("--data_path", cfg.data_path), ("--init_checkpoint", cfg.init_checkpoint),
-                                ("--train_json", cfg.train_json), ("--val_json", cfg.val_json),
-                                ("--train_images", cfg.train_images), ("--val_images", cfg.val_images)):
-            if path and not os.path.exists(path):
-                raise InputError(f"{flag_name} {path}: no such file or folder")
-        if cfg.pretrained and not cfg.pretrained.startswith(("https://", "http://")):
-            from mcbeit.models.checkpoint import CheckpointError, resolve_source
+    @property
+    def total_iterations(self) -> int:
+        return self.config.max_iter  # the last round ends with the schedule
 
-            try:
-                resolve_source(cfg.pretrained, "--pretrained")
-            except CheckpointError as exc:
-                raise InputError(f"{exc}; or --pretrained none to train from random initialisation") from None
+    @property
+    def train_collate(self):  # lists of images and targets: boxes and masks vary per image
+        from mcbeit.data.detection import det_collate
+
+        return det_collate
+
+    eval_collate = train_collate
 
     def _datasets(self) -> None:
         """The train / val datasets (the model needs their number of classes)."""
@@ -142,36 +135,6 @@ class DetectionTask(Task):
                  cfg.window_size)
         return model
 
-    def build_data(self, run) -> TrainData:
-        from mcbeit.data.detection import det_collate
-        from mcbeit.data.samplers import build_stream_loader
-
-        cfg, info = self.config, run.info
-        self.val_loader = self._val_loader(run)
-        dataset = self.sets["train"]
-        loader, sampler = build_stream_loader(dataset, cfg.batch_size, cfg.eval_period, cfg.num_workers,
-                                              cfg.pin_mem and run.device.type == "cuda", cfg.seed, info.world_size,
-                                              info.rank, batches_per_step=cfg.update_freq)
-        loader.collate_fn = det_collate
-        total = cfg.batch_size * cfg.update_freq * info.world_size
-        if total != RECIPE_BATCH and not self.embedded_data:
-            log.warning("total batch %d (%d processes x --batch_size %d x --update_freq %d); the recipe trains with "
-                        "%d at lr %g: scale --lr with the batch if you change it", total, info.world_size,
-                        cfg.batch_size, cfg.update_freq, RECIPE_BATCH, cfg.lr)
-        return TrainData(loader, sampler, cfg.eval_period,
-                         described=f"{len(dataset)} images, {cfg.max_iter} iterations")
-
-    def _val_loader(self, run):
-        from mcbeit.data.detection import det_collate
-        from mcbeit.data.samplers import build_eval_loader
-
-        if "val" not in self.sets:
-            return None
-        info = run.info
-        loader = build_eval_loader(self.sets["val"], 1, self.config.num_workers, False, info.world_size, info.rank)
-        loader.collate_fn = det_collate
-        return loader
-
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         from mcbeit.models.detection import vit_of
 
@@ -202,25 +165,6 @@ class DetectionTask(Task):
         skipped = sum(int(t.get("n_skipped", 0)) for t in batch[1])             # unreadable images replaced
         return StepOutput(loss, metrics, len(images), skipped)
 
-    def end_epoch(self, epoch: int, train_stats: dict[str, Any]) -> dict[str, Any]:
-        """Evaluate after each round, keep the best checkpoint (box AP), the round's record."""
-        run, cfg = self.run, self.config
-        iteration = min((epoch + 1) * run.steps_per_epoch, cfg.max_iter)
-        stats = {**super().end_epoch(epoch, train_stats), "iteration": iteration}
-        if self.val_loader is None:
-            return stats
-        test = self._evaluate(f"iter_{iteration}", iteration)
-        flat = _flatten(test)
-        stats.update({f"test_{k}": v for k, v in flat.items()})
-        run.writer.scalars(iteration, {k: v for k, v in flat.items() if math.isfinite(v)}, "val")  # no NaN (APs
-        # of an area range without ground truth): TensorBoard plots them as gaps anyway
-        ap = flat.get("bbox_AP", 0.0)
-        improved = ap > self.best_ap
-        self.best_ap = stats["best_bbox_AP"] = max(self.best_ap, ap)
-        if improved and cfg.output_dir:
-            run.save("best", {"epoch": "best", **self.state()})
-        return stats
-
     def _evaluate(self, tag: str, step: int = 0) -> dict[str, Any]:
         from mcbeit.evaluation.detection import evaluate_detection, save_detection_visualisation
 
@@ -240,19 +184,20 @@ class DetectionTask(Task):
                                  torch.from_numpy(np.ascontiguousarray(grid)).permute(2, 0, 1).float() / 255)
         return result
 
+    def figures(self, result: Mapping[str, Any]) -> dict[str, float]:
+        return _flatten(result)
+
     def epoch_message(self, stats: Mapping[str, Any]) -> str:
-        train = (f"iteration {stats.get('iteration')}: loss {stats['train_loss']:.4f}, lr {stats['train_lr']:.2e}"
-                 if "train_loss" in stats else f"iteration {stats.get('iteration')} (resumed)")
+        train = super().epoch_message(stats)
         if "test_bbox_AP" not in stats:
             return train
         return (f"{train}; val box AP {stats['test_bbox_AP']:.2f}, mask AP {stats.get('test_segm_AP', 0.0):.2f} "
-                f"(best box AP {self.best_ap:.2f})")
+                f"(best box AP {self.best:.2f})")
 
     def evaluate_only(self, run, loaded: str | None) -> dict[str, Any]:
         cfg = self.config
         if loaded is None and not cfg.init_checkpoint:
-            raise InputError("nothing to evaluate: pass train.init_checkpoint=FILE (--init_checkpoint), --resume FILE "
-                             "or an --output_dir that holds checkpoints")
+            raise self.nothing_to_evaluate()
         log.info("evaluating %s", loaded or cfg.init_checkpoint)
         self.val_loader = self._val_loader(run)
         result = self._evaluate("test")
@@ -264,23 +209,8 @@ class DetectionTask(Task):
         return {f"test_{k}": v for k, v in _flatten(result).items()}
 
     # -- checkpoints --------------------------------------------------------------------------------------
-    def load_weights(self, ckpt: Mapping[str, Any], path: str) -> bool:
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(f"--resume {path} is not a checkpoint of mcbeit-det (format {ckpt.get('format')!r}); "
-                             "to start from its weights use --init_checkpoint (a detection file) or --pretrained "
-                             "(backbone weights)")
-        load_resumed_weights(self.model, ckpt["model"], path, self.flags(), ckpt.get("args"))
-        return True
-
     def state(self) -> dict[str, Any]:
-        return {"best_bbox_AP": self.best_ap, "num_classes": self.num_classes,
-                "categories": [[int(c), str(n)] for c, n in self.categories]}
-
-    def load_state(self, ckpt: Mapping[str, Any], path: str) -> None:
-        self.best_ap = float(ckpt.get("best_bbox_AP", 0.0))
-
-    def flags(self) -> dict[str, Any]:
-        return {**super().flags(), "num_classes": self.num_classes}
+        return {**super().state(), "categories": [[int(c), str(n)] for c, n in self.categories]}
 
 
 def _flatten(result: Mapping[str, Any]) -> dict[str, float]:

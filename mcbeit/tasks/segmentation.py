@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from mcbeit.config.segmentation import SegmentationConfig
 from mcbeit.engine.optim import build_optimizer
-from mcbeit.engine.resume import load_resumed_weights
 from mcbeit.engine.schedules import poly_scheduler
-from mcbeit.engine.task import Mark, MeterSpec, StepOutput, Task, TrainData
+from mcbeit.engine.task import Mark, MeterSpec, StepOutput
 from mcbeit.errors import InputError
+from mcbeit.tasks.rounds import RoundsTask
 
 log = logging.getLogger("mcbeit.seg")
 
@@ -33,41 +32,30 @@ CHECKPOINT_FORMAT = "mcbeit-seg-v1"
 _LOSSES = ("loss", "loss_seg", "loss_aux", "acc_seg")
 
 
-class SegmentationTask(Task):
+class SegmentationTask(RoundsTask):
     """Train (or evaluate) a UperNet segmentor as ``config`` says."""
 
     checkpoint_format = CHECKPOINT_FORMAT
     purpose = "segmentation fine-tuning"
-    evaluates = True
+    command = "mcbeit-seg"
+    best_metric = "mIoU"
+    recipe_batch = 16
+    recipe_batch_note = " (unilm issue 443: batch 2 gave 48.9 mIoU against 53.6)"
+    input_paths = (("--data_path", "data_path"), ("--load_from", "load_from"))
+    weights_flag = "--load_from"
     meter = MeterSpec((*_LOSSES, "grad_norm", "loss_scale"), _LOSSES,
                       {"loss": _LOSSES, "opt": ("lr", "min_lr", "weight_decay", "grad_norm", "loss_scale")},
                       {"loss": ("loss", "{:.4f}"), "acc": ("acc_seg", "{:.1f}"), "lr": ("lr", "{:.2e}")})
 
-    def __init__(self, config: SegmentationConfig):
-        super().__init__(config)
-        self.update_freq = config.update_freq
-        self.sets: dict[str, Any] = {}
-        self.val_loader = None
-        self.num_classes: int | None = config.num_classes
-        self.best_miou = 0.0
-
-    # -- checks and building ------------------------------------------------------------------------------
     @property
-    def embedded_data(self) -> bool:
-        return self.config.data_path is None
+    def round_length(self) -> int:
+        return self.config.eval_interval
 
-    def check_inputs(self) -> None:
-        cfg = self.config
-        for flag_name, path in (("--data_path", cfg.data_path), ("--load_from", cfg.load_from)):
-            if path and not os.path.exists(path):
-                raise InputError(f"{flag_name} {path}: no such file or folder")
-        if cfg.pretrained and not cfg.pretrained.startswith(("https://", "http://")):
-            from mcbeit.models.checkpoint import CheckpointError, resolve_source
+    @property
+    def eval_collate(self):  # views of several sizes per image (training batches stack with torch's default)
+        from mcbeit.data.seg_transforms import seg_collate
 
-            try:
-                resolve_source(cfg.pretrained, "--pretrained")
-            except CheckpointError as exc:
-                raise InputError(f"{exc}; or --pretrained none to train from random initialisation") from None
+        return seg_collate
 
     def _datasets(self) -> None:
         """The train / val datasets (the model needs their number of classes)."""
@@ -128,37 +116,12 @@ class SegmentationTask(Task):
                  list(model.backbone.out_indices))
         return model
 
-    def build_data(self, run) -> TrainData:
-        from mcbeit.data.samplers import build_stream_loader
-
-        cfg, info = self.config, run.info
-        if cfg.num_workers > 0:  # OpenCV's own threads in every loader worker would oversubscribe the CPUs
+    def build_data(self, run):
+        if self.config.num_workers > 0:  # OpenCV's own threads in every loader worker would oversubscribe the CPUs
             import cv2
 
             cv2.setNumThreads(0)
-        self.val_loader = self._val_loader(run)
-        dataset = self.sets["train"]
-        loader, sampler = build_stream_loader(dataset, cfg.batch_size, cfg.eval_interval, cfg.num_workers,
-                                              cfg.pin_mem and run.device.type == "cuda", cfg.seed, info.world_size,
-                                              info.rank, batches_per_step=cfg.update_freq)
-        total = cfg.batch_size * cfg.update_freq * info.world_size
-        if total != 16 and not self.embedded_data:
-            log.warning("total batch %d (%d processes x --batch_size %d x --update_freq %d); the originals train with "
-                        "16 (unilm issue 443: batch 2 gave 48.9 mIoU against 53.6)", total, info.world_size,
-                        cfg.batch_size, cfg.update_freq)
-        return TrainData(loader, sampler, cfg.eval_interval,
-                         described=f"{len(dataset)} images, {cfg.max_iters} iterations")
-
-    def _val_loader(self, run):
-        from mcbeit.data.samplers import build_eval_loader
-        from mcbeit.data.seg_transforms import seg_collate
-
-        if "val" not in self.sets:
-            return None
-        info = run.info
-        loader = build_eval_loader(self.sets["val"], 1, self.config.num_workers, False, info.world_size, info.rank)
-        loader.collate_fn = seg_collate
-        return loader
+        return super().build_data(run)
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.config
@@ -200,22 +163,6 @@ class SegmentationTask(Task):
         return StepOutput(loss, {k: metrics[k] for k in _LOSSES}, images.shape[0],
                           batch[2].sum() if len(batch) > 2 else 0)
 
-    def end_epoch(self, epoch: int, train_stats: dict[str, Any]) -> dict[str, Any]:
-        """Evaluate after each round, keep the best checkpoint (mIoU), the round's record."""
-        run, cfg = self.run, self.config
-        iteration = (epoch + 1) * run.steps_per_epoch
-        stats = {**super().end_epoch(epoch, train_stats), "iteration": iteration}
-        if self.val_loader is None:
-            return stats
-        test = self._evaluate(f"iter_{iteration}", iteration)
-        stats.update({f"test_{k}": v for k, v in test.items() if not isinstance(v, list)})
-        run.writer.scalars(iteration, {k: test[k] for k in ("mIoU", "mAcc", "aAcc")}, "val")
-        improved = test["mIoU"] > self.best_miou
-        self.best_miou = stats["best_mIoU"] = max(self.best_miou, test["mIoU"])
-        if improved and cfg.output_dir:
-            run.save("best", {"epoch": "best", **self.state()})
-        return stats
-
     def _evaluate(self, tag: str, step: int = 0) -> dict[str, Any]:
         from mcbeit.evaluation.segmentation import evaluate_segmentation, save_visualisation
 
@@ -241,18 +188,16 @@ class SegmentationTask(Task):
         return result
 
     def epoch_message(self, stats: Mapping[str, Any]) -> str:
-        train = (f"iteration {stats.get('iteration')}: loss {stats['train_loss']:.4f}, lr {stats['train_lr']:.2e}"
-                 if "train_loss" in stats else f"iteration {stats.get('iteration')} (resumed)")
+        train = super().epoch_message(stats)
         if "test_mIoU" not in stats:
             return train
         return (f"{train}; val mIoU {stats['test_mIoU']:.2f}, mAcc {stats['test_mAcc']:.2f}, aAcc "
-                f"{stats['test_aAcc']:.2f} (best mIoU {self.best_miou:.2f})")
+                f"{stats['test_aAcc']:.2f} (best mIoU {self.best:.2f})")
 
     def evaluate_only(self, run, loaded: str | None) -> dict[str, Any]:
         cfg = self.config
         if loaded is None and not cfg.load_from:
-            raise InputError("nothing to evaluate: pass a checkpoint (mcbeit-seg test CONFIG CHECKPOINT, --load_from "
-                             "FILE, --resume FILE) or an --output_dir that holds checkpoints")
+            raise self.nothing_to_evaluate()
         log.info("evaluating %s%s", loaded or cfg.load_from, " (multi-scale + flip)" if cfg.aug_test else "")
         self.val_loader = self._val_loader(run)
         result = self._evaluate("test")
@@ -264,20 +209,6 @@ class SegmentationTask(Task):
         return {f"test_{k}": v for k, v in result.items()}
 
     # -- checkpoints --------------------------------------------------------------------------------------
-    def load_weights(self, ckpt: Mapping[str, Any], path: str) -> bool:
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(f"--resume {path} is not a checkpoint of mcbeit-seg (format {ckpt.get('format')!r}); "
-                             "to start from its weights use --load_from (a segmentation file) or --pretrained "
-                             "(backbone weights)")
-        load_resumed_weights(self.model, ckpt["model"], path, self.flags(), ckpt.get("args"))
-        return True
-
     def state(self) -> dict[str, Any]:
-        return {"best_mIoU": self.best_miou, "num_classes": self.num_classes,
+        return {**super().state(),
                 "classes": list(getattr(self.sets.get("val") or self.sets.get("train"), "classes", None) or [])}
-
-    def load_state(self, ckpt: Mapping[str, Any], path: str) -> None:
-        self.best_miou = float(ckpt.get("best_mIoU", 0.0))
-
-    def flags(self) -> dict[str, Any]:
-        return {**super().flags(), "num_classes": self.num_classes}

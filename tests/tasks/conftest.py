@@ -131,3 +131,22 @@ def embedded_subset(tmp_path_factory) -> Path:
         for f in sorted((source / name).glob("*.jpg"))[:6]:
             shutil.copy(f, root / name / f.name)
     return root
+
+
+def read_log(out: Path) -> list[dict]:
+    """The rows of ``<out>/log.txt`` (one JSON record per epoch / round)."""
+    import json
+
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def pretrained_checkpoint(image_folder, tmp_path_factory) -> Path:
+    """A checkpoint of mcbeit-pretrain (tiny, one epoch on the test images): what the dense tasks start from."""
+    from mcbeit.cli import pretrain
+
+    out = tmp_path_factory.mktemp("pretrained")
+    pretrain.run(pretrain.get_args_parser().parse_args(
+        ["--data_path", str(image_folder), "--output_dir", str(out), "--device", "cpu", *FAST, "--batch_size", "16",
+         "--epochs", "1", "--warmup_epochs", "0"]))
+    return out / "checkpoint-0.pth"

@@ -12,9 +12,9 @@ import subprocess
 import pytest
 import torch
 
-from mcbeit.cli import pretrain, segmentation
+from mcbeit.cli import segmentation
 from tests.engine.test_meter import read_scalars
-from tests.tasks.conftest import FAST, REPO, cli_env
+from tests.tasks.conftest import REPO, cli_env, read_log
 from tests.tasks.test_resume import _assert_same_state, _keep_when_written
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,25 +31,16 @@ def _train(out, *extra):
         ["--output_dir", str(out), *SEG_FAST, *extra]))
 
 
-def _log(out):
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
-def pretrained(image_folder, tmp_path_factory):
-    """A checkpoint of mcbeit-pretrain (tiny, one epoch on the test images)."""
-    out = tmp_path_factory.mktemp("pretrained")
-    pretrain.run(pretrain.get_args_parser().parse_args(
-        ["--data_path", str(image_folder), "--output_dir", str(out), "--device", "cpu", *FAST, "--batch_size", "16",
-         "--epochs", "1", "--warmup_epochs", "0"]))
-    return out / "checkpoint-0.pth"
+def pretrained(pretrained_checkpoint):
+    return pretrained_checkpoint
 
 
 def test_train_evaluates_each_round_and_test_reproduces_the_last_figure(tmp_path, pretrained):
     out = tmp_path / "run"
     last = _train(out, "--max_iters", "4", "--eval_interval", "2", "--checkpoint_interval", "2",
                   "--pretrained", str(pretrained))
-    rows = _log(out)
+    rows = read_log(out)
     assert [r["iteration"] for r in rows] == [2, 4] and last["iteration"] == 4
     for row in rows:
         assert 0 <= row["test_mIoU"] <= 100 and 0 < row["test_aAcc"] <= 100 and row["test_images"] == 24
@@ -105,7 +96,7 @@ def test_the_seeds_dist_train_line_in_two_processes_from_our_pretraining_then_di
                                          "--eval_interval", "2", "--checkpoint_interval", "2"], tmp_path)
     assert re.search(r"backbone from .*checkpoint-0.pth", proc.stderr), proc.stderr[-3000:]
     assert "mask_token" in proc.stderr and "lm_head" in proc.stderr          # the dropped keys, listed by name
-    rows = _log(work)
+    rows = read_log(work)
     assert rows[-1]["iteration"] == 2 and rows[-1]["test_images"] == 24      # each val image counted once
     assert json.loads(proc.stderr.split("args: ", 1)[1].splitlines()[0])["world_size"] == 2
     ckpt = torch.load(work / "checkpoint-0.pth", weights_only=True)
