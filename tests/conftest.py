@@ -28,8 +28,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-#: The longest test files (minutes each, several processes), run first: under pytest-xdist (the README's
-#: ``-n 2 --dist loadfile``) each starts on a worker at once instead of ending the run alone on one of them.
+#: The longest test files (minutes each, several processes), run first: under pytest-xdist (the README's ``-n 2``,
+#: with pyproject's ``--dist loadfile --no-loadscope-reorder``) each starts on a worker at once instead of ending
+#: the run alone on one of them.
 SLOW_FILES_FIRST = ("tests/test_readme.py", "tests/tasks/test_demo.py", "tests/tasks/test_distributed_faults.py",
                     "tests/test_readme_sequences.py", "tests/bench/test_bench_quick.py", "tests/tasks/test_detection.py",
                     "tests/tasks/test_resume.py", "tests/tasks/test_group_signals.py")
