@@ -5,6 +5,7 @@ fine-tuning step cost, ours against the reference formulation, measured side by 
     python -m mcbeit.bench --quick               # seconds: tiny models and images (CI runs this)
     python -m mcbeit.bench --json figures.json   # also write every figure
     python -m mcbeit.bench --sections segmentation   # UperNet ViT-B@512 against transformers' (about 12 minutes)
+    python -m mcbeit.bench --sections detection      # Mask R-CNN ViT-B@1024, checkpointing on and off (about 7 minutes)
 
 Speed-ups are the reference's time over ours and memory ratios ours over the reference's, both
 measured in the same process on the same inputs. On a GPU (``--device cuda``) the step table adds
@@ -113,8 +114,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the product's --recompute in the step configurations (the reference keeps everything)")
     p.add_argument("--sections", default="step,data,finetune,tokenizers,scaling,monitor,beitv2,conmim",
                    help="comma-separated subset of: step, data, finetune, tokenizers, scaling, monitor, beitv2, conmim, "
-                        "segmentation, compile (not in the default: segmentation times ViT-B UperNet at 512 beside transformers', "
-                        "about 12 minutes on a 2-core CPU; inductor compiles for minutes on a CPU)")
+                        "segmentation, detection, compile (not in the default: segmentation times ViT-B UperNet at 512 beside "
+                        "transformers', about 12 minutes on a 2-core CPU; detection times a ViT-B Mask R-CNN step at 1024 with "
+                        "and without activation checkpointing and the evaluation of one image, one timed step on a CPU, about "
+                        "7 minutes on a 2-core CPU; inductor compiles for minutes on a CPU)")
     p.add_argument("--work_dir", default=None, help="where the generated JPEGs go (default: a temporary folder)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top operators of one base fp32 step, ours and the reference")
@@ -247,6 +250,29 @@ def _section_segmentation(args, result: dict) -> None:
     result["segmentation_slide"] = slides
 
 
+def _section_detection(args, result: dict) -> None:
+    from mcbeit.bench.detection import (QUICK_FLAGS, print_detection_eval, print_detection_step, run_detection_eval,
+                                        run_detection_step)
+
+    batch_size = 2 if args.device == "cuda" else 1         # the recipe's 2 images per GPU; 1 on a CPU
+    if args.quick:
+        step_cfg = dict(size="tiny", input_size=128, steps=1, warmup=0, flags=QUICK_FLAGS)
+        eval_cfg = dict(size="tiny", input_size=128, image_size=(96, 128), repeats=1, warmup=0, flags=QUICK_FLAGS)
+    else:
+        repeats = args.steps if args.device == "cuda" else 1   # ViT-B at 1024: about 45 s per CPU step (2 cores)
+        step_cfg, eval_cfg = dict(size="base", steps=repeats), dict(size="base", repeats=repeats)
+    print("\nMask R-CNN detection step (forward with the RPN and RoI-head losses + backward + AdamW), without and with "
+          "activation checkpointing of the backbone's blocks, median seconds per step")
+    rows = [run_detection_step(device=args.device, batch_size=batch_size, **step_cfg)]
+    print_detection_step(rows[-1])
+    _save(args.json, {**result, "detection": rows})
+    evals = [run_detection_eval(device=args.device, **eval_cfg)]
+    for row in evals:
+        print_detection_eval(row)
+    result["detection"] = rows
+    result["detection_eval"] = evals
+
+
 def _section_compile(args, result: dict) -> None:
     from mcbeit.bench.step import run_compile
 
@@ -260,7 +286,8 @@ def _section_compile(args, result: dict) -> None:
 
 SECTIONS = {"step": _section_step, "data": _section_data, "finetune": _section_finetune,
             "tokenizers": _section_tokenizers, "scaling": _section_scaling, "monitor": _section_monitor, "beitv2": _section_beitv2,
-            "conmim": _section_conmim, "segmentation": _section_segmentation, "compile": _section_compile}
+            "conmim": _section_conmim, "segmentation": _section_segmentation, "detection": _section_detection,
+            "compile": _section_compile}
 
 
 def main(argv=None) -> dict:

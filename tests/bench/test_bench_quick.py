@@ -69,3 +69,27 @@ def test_segmentation_benchmark_times_the_upernet_step_beside_transformers_and_t
     (slide,) = saved["segmentation_slide"]
     assert slide["windows"] == 2 and slide["image"] == [64, 85] and slide["stride"] == 42
     assert slide["ours"]["s_per_image"] > 0 and slide["reference"]["window_batch"] == 1
+
+
+def test_detection_benchmark_times_the_mask_rcnn_step_with_and_without_checkpointing_and_one_image_evaluation(
+        tmp_path, capsys, one_thread):
+    path = tmp_path / "figures.json"
+    result = run.main(["--quick", "--json", str(path), "--sections", "detection"])
+    out = capsys.readouterr().out
+    assert "Mask R-CNN detection step" in out and "Detection evaluation" in out
+    saved = json.loads(path.read_text())
+    (row,) = saved["detection"]
+    assert row == json.loads(json.dumps(result["detection"][0], default=str))
+    assert row["num_classes"] == 80 and row["batch_size"] == 1 and row["input_size"] == 128   # the stub's categories
+    assert row["grad_checkpointing"] == {"plain": False, "checkpointing": True}
+    for who in ("plain", "checkpointing"):
+        figures = row[who]
+        for phase in ("forward", "backward", "optimizer"):   # the engine's marks
+            assert figures[f"{phase}_s"] > 0, (who, phase)
+        assert figures["images_per_s"] > 0 and figures["peak_bytes"] > 0 and figures["gflop"] > 0
+    assert row["checkpointing"]["gflop"] > row["plain"]["gflop"]   # the blocks' forward again in the backward
+    assert row["time_ratio"] > 0 and row["memory_ratio"] > 0
+    (ev,) = saved["detection_eval"]
+    assert ev["image"] == [96, 128] and ev["scale"] == 1.0 and ev["input_size"] == 128
+    assert ev["detections"] == ev["with_masks"] == 100 and ev["mask_size"] == [96, 128]   # pasted at the original size
+    assert ev["forward_s"] > 0 and ev["results_s"] > 0 and ev["peak_bytes"] > 0 and ev["gflop_per_image"] > 0
