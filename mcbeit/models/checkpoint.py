@@ -399,3 +399,15 @@ def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = T
     bad = {k for k, _, _ in report.mismatched}
     model.load_state_dict({k: v for k, v in sd.items() if k not in bad}, strict=strict)
     return report
+
+
+def holds_whole_model(ckpt: Mapping, model_key: str, backbone_prefix: str, head_prefix: str) -> bool:
+    """True when the file's state dict (under ``model_key``'s keys or ``state_dict``) is a whole dense model's:
+    keys under ``backbone_prefix`` beside keys under ``head_prefix`` (a segmentor's ``backbone.`` + ``decode_head.``,
+    a detector's ``backbone.body.`` + ``roi_heads.``), so its backbone is read with that prefix stripped."""
+    keys = [k for k in model_key.split('|') if k] + ['state_dict']
+    try:
+        sd = extract_state_dict(ckpt, keys, map_names=False)
+    except CheckpointError:  # no state dict: the conversion says so
+        return False
+    return any(k.startswith(backbone_prefix) for k in sd) and any(k.startswith(head_prefix) for k in sd)

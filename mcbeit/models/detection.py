@@ -105,8 +105,8 @@ from torchvision.ops.poolers import LevelMapper
 
 from mcbeit.errors import ConfigError, InputError
 from mcbeit.models.beit_weights import SHARED_TABLE, ConversionReport, convert_state_dict
-from mcbeit.models.checkpoint import (CheckpointError, StateDictMismatchError, compare_state_dict, extract_state_dict,
-                                      read_checkpoint, resolve_source)
+from mcbeit.models.checkpoint import (StateDictMismatchError, compare_state_dict, extract_state_dict,
+                                      holds_whole_model, read_checkpoint, resolve_source)
 from mcbeit.models.position_resize import interpolate_pos_embed, interpolate_rel_pos_table
 from mcbeit.models.segmentation import backbone_size
 
@@ -734,16 +734,6 @@ def build_detector(model: str = 'beit_base_patch16_224', num_classes: int = 80, 
 BODY = 'backbone.body.'
 
 
-def _is_detector_state(ckpt: Mapping, model_key: str) -> bool:
-    """True when the file's state dict is a whole detector's (``backbone.body.*`` beside ``roi_heads.*``)."""
-    keys = [k for k in model_key.split('|') if k] + ['state_dict']
-    try:
-        sd = extract_state_dict(ckpt, keys, map_names=False)
-    except CheckpointError:  # no state dict: the conversion says so
-        return False
-    return any(k.startswith(BODY) for k in sd) and any(k.startswith('roi_heads.') for k in sd)
-
-
 def load_backbone_weights(detector: BeitMaskRCNN, source: str | os.PathLike, model_key: str = 'model|module',
                           model_prefix: str = '') -> ConversionReport:
     """A BEiT-family file (this package's pre-training or fine-tuning checkpoint, a released BEiT / mc-BEiT /
@@ -756,7 +746,7 @@ def load_backbone_weights(detector: BeitMaskRCNN, source: str | os.PathLike, mod
     Raises ``StateDictMismatchError`` (keys and shapes named; the detector unchanged) when the file does not fit."""
     path = resolve_source(source, 'backbone weights')
     ckpt = read_checkpoint(path)
-    if not model_prefix and _is_detector_state(ckpt, model_key):
+    if not model_prefix and holds_whole_model(ckpt, model_key, BODY, 'roi_heads.'):
         model_prefix = BODY
     body = detector.backbone.body
     sd, report = convert_state_dict(ckpt, body, model_key=model_key, model_prefix=model_prefix, source=path,

@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 from mcbeit.errors import ConfigError, InputError
 from mcbeit.models.beit_weights import ConversionReport, convert_state_dict
-from mcbeit.models.checkpoint import (CheckpointError, LoadReport, StateDictMismatchError, compare_state_dict,
-                                      extract_state_dict, read_checkpoint, resolve_source)
+from mcbeit.models.checkpoint import (LoadReport, StateDictMismatchError, compare_state_dict, extract_state_dict,
+                                      holds_whole_model, read_checkpoint, resolve_source)
 from mcbeit.models.position_resize import interpolate_rel_pos_table
 
 try:  # timm >= 1.0.2x exports its use_reentrant=False wrapper
@@ -366,14 +366,6 @@ def build_segmentor(model: str = 'beit_base_patch16_224', num_classes: int = 150
 
 
 # ---------------------------------------------------------------------- weights
-def _is_segmentor_state(ckpt: Mapping, model_key: str) -> bool:
-    """True when the file's state dict is a whole segmentor's (``backbone.*`` beside ``decode_head.*``)."""
-    keys = [k for k in model_key.split('|') if k] + ['state_dict']
-    try:
-        sd = extract_state_dict(ckpt, keys, map_names=False)
-    except CheckpointError:  # no state dict: the conversion says so
-        return False
-    return any(k.startswith('backbone.') for k in sd) and any(k.startswith('decode_head.') for k in sd)
 
 
 def load_backbone_weights(segmentor: UperNetSegmentor, source: str | os.PathLike, model_key: str = 'model|module',
@@ -386,7 +378,7 @@ def load_backbone_weights(segmentor: UperNetSegmentor, source: str | os.PathLike
     backbone (``model_prefix='backbone.'``, the heads listed as outside it). Returns the report."""
     path = resolve_source(source, 'backbone weights')
     ckpt = read_checkpoint(path)
-    if not model_prefix and _is_segmentor_state(ckpt, model_key):
+    if not model_prefix and holds_whole_model(ckpt, model_key, 'backbone.', 'decode_head.'):
         model_prefix = 'backbone.'
     sd, report = convert_state_dict(ckpt, segmentor.backbone, model_key=model_key, model_prefix=model_prefix,
                                     source=path, what=f'backbone weights {os.fspath(source)}')
