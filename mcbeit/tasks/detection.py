@@ -201,11 +201,9 @@ class DetectionTask(RoundsTask):
         log.info("evaluating %s", loaded or cfg.init_checkpoint)
         self.val_loader = self._val_loader(run)
         result = self._evaluate("test")
-        for iou_type in ("bbox", "segm"):
-            part = result.get(iou_type)
-            if part:
-                log.info("%s: %s", iou_type, ", ".join(f"{k} {v:.2f}" for k, v in part.items()
-                                                       if isinstance(v, float)))
+        from mcbeit.evaluation.detection import format_metrics
+
+        log.info("%s", format_metrics(result))
         return {f"test_{k}": v for k, v in _flatten(result).items()}
 
     # -- checkpoints --------------------------------------------------------------------------------------
@@ -214,11 +212,11 @@ class DetectionTask(RoundsTask):
 
 
 def _flatten(result: Mapping[str, Any]) -> dict[str, float]:
-    """{'bbox': {'AP': ..}, 'segm': {...}} -> {'bbox_AP': .., 'segm_AP': ..} (numbers only)."""
-    out = {}
-    for iou_type, part in result.items():
-        if isinstance(part, Mapping):
-            out.update({f"{iou_type}_{k}": float(v) for k, v in part.items() if isinstance(v, (int, float))})
-        elif isinstance(part, (int, float)):
-            out[iou_type] = float(part)
+    """:func:`evaluate_detection`'s result as flat numbers: detectron2's headline names per iou type (``bbox_AP``,
+    ``segm_AP50``, ...; :func:`mcbeit.evaluation.detection.flat_metrics` without the per-category APs) and the
+    counts (``images``, ``detections``, ``seconds``)."""
+    from mcbeit.evaluation.detection import flat_metrics
+
+    out = {k.replace("/", "_"): float(v) for k, v in flat_metrics(result).items() if "/AP-" not in k}
+    out.update({k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return out
