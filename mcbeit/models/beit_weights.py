@@ -31,7 +31,7 @@ backbone, :mod:`mcbeit.models.segmentation`, does): ``new_modules`` (key prefixe
 checkpoint has, e.g. ``('fpn1.', 'fpn2.')``: reported as fresh) and ``checkpoint_keys_without_place``
 (key prefix -> why a checkpoint's keys under it are dropped, e.g. ``{'norm.': 'no final norm'}``: step 2,
 each key listed with that reason). A model whose position parameters are not timm's (the detection
-backbone, :mod:`mcbeit.models.detection`: tables per attention window, no CLS rows) converts them itself
+backbone, :mod:`mcbeit.models.det_backbone`: tables per attention window, no CLS rows) converts them itself
 in ``adapt_checkpoint(sd, report)``, called after step 2 on the flat state dict (it pops the checkpoint's
 tables, puts its own, records what it did in ``report``). Models without these attributes convert as before.
 

@@ -11,8 +11,9 @@ from torchvision.ops import roi_align
 
 from mcbeit.errors import ConfigError, InputError
 from mcbeit.models.checkpoint import StateDictMismatchError
-from mcbeit.models.detection import (IMAGENET_MEAN, IMAGENET_STD, BeitMaskRCNN, RelativePositionBias,
-                                     _mask_targets, build_detector, default_global_blocks, load_backbone_weights)
+from mcbeit.models.det_backbone import RelativePositionBias, default_global_blocks
+from mcbeit.models.detection import (IMAGENET_MEAN, IMAGENET_STD, BeitMaskRCNN, _mask_targets, build_detector,
+                                     load_backbone_weights)
 from mcbeit.models.position_resize import interpolate_rel_pos_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
