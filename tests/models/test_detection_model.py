@@ -374,3 +374,40 @@ def test_the_vit_of_a_whole_detector_file(tmp_path):
     assert report.dropped and all(why == "outside --model_prefix 'backbone.body.'" for why in report.dropped.values())
     head = 'roi_heads.box_predictor.cls_score.weight'
     assert not torch.equal(model.state_dict()[head], source.state_dict()[head])  # only the ViT is loaded
+
+
+def test_released_pretraining_files_of_every_method_load_into_the_vit(tmp_path):
+    """BEiT v2 (unilm's _cls_pt layout, and mmpretrain's names of it) and ConMIM (its teacher copy with the
+    projectors) pre-training files: pre-training heads dropped and listed, the shared table resized to the window
+    and the grid, every key accounted for."""
+    from tests.models.test_released_v2 import to_mmpretrain, unilm_v2_pretraining_sd
+
+    v2 = unilm_v2_pretraining_sd(depth=4)  # tiny, 14x14 grid, 2 head layers
+    torch.save({'model': v2}, tmp_path / 'v2.pth')
+    model = tiny()
+    report = load_backbone_weights(model, tmp_path / 'v2.pth')
+    assert accounted(report, v2, model.backbone.body)
+    assert {k.split('.')[0] for k in report.dropped if 'relative_position_index' not in k} == {
+        'cls_token', 'mask_token', 'lm_head', 'cls_pt_layers', 'norm'}
+    body = model.backbone.body.state_dict()
+    assert torch.equal(body['blocks.3.attn.qkv.weight'], v2['blocks.3.attn.qkv.weight'])
+    torch.testing.assert_close(body['global_rel_pos_bias.relative_position_bias_table'], bicubic(v2[SHARED], 8))
+
+    torch.save({'meta': {'epoch': 300}, 'state_dict': to_mmpretrain(v2)}, tmp_path / 'mmpretrain.pth')
+    again = tiny(seed=1)
+    load_backbone_weights(again, tmp_path / 'mmpretrain.pth')
+    for k, v in body.items():
+        if k != 'pos_embed':
+            assert torch.equal(again.backbone.body.state_dict()[k], v), k
+
+    conmim = randomized(timm.create_model('conmim_tiny_patch16_224', depth=4, proj_hidden_dim=32, proj_dim=16), 5)
+    sd = conmim.state_dict()
+    torch.save({'model': sd, 'epoch': 799}, tmp_path / 'checkpoint_copy-799.pth')
+    model = tiny()
+    report = load_backbone_weights(model, tmp_path / 'checkpoint_copy-799.pth')
+    assert accounted(report, sd, model.backbone.body)
+    assert {k.split('.')[0] for k in report.dropped if 'relative_position_index' not in k} == {
+        'cls_token', 'mask_token', 'lm_head', 'projectors', 'norm'}
+    torch.testing.assert_close(model.backbone.body.windowed_rel_pos_bias.relative_position_bias_table,
+                               bicubic(sd[SHARED], 4))
+    assert torch.equal(model.backbone.body.state_dict()['blocks.1.mlp.fc2.weight'], sd['blocks.1.mlp.fc2.weight'])
