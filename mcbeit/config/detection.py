@@ -218,6 +218,21 @@ class DetectionConfig(DetData, DetModel, DetSource, DetOptim, DetEvaluation, Run
     epochs: int = 25
     save_ckpt_freq: int = 1
 
+    def build_detector(self, num_classes: int, sync_bn: bool = False):
+        """The Mask R-CNN these flags describe (random weights): what ``mcbeit-det`` trains and the Python API
+        rebuilds from a checkpoint's ``args``."""
+        from mcbeit.models.detection import build_detector
+
+        return build_detector(self.model, num_classes=num_classes, img_size=self.image_size,
+                              window_size=self.window_size,
+                              global_blocks=tuple(self.global_blocks) if self.global_blocks else None,
+                              drop_path=self.drop_path, layer_scale_init_value=self.layer_scale_init_value,
+                              shared_rel_pos_bias=self.shared_rel_pos_bias, pyramid=self.pyramid, sync_bn=sync_bn,
+                              grad_checkpointing=self.grad_checkpointing, fpn_channels=self.fpn_channels,
+                              box_fc_dim=self.box_fc_dim, anchor_sizes=tuple(self.anchor_sizes),
+                              rpn_batch_size_per_image=self.rpn_batch_size_per_image,
+                              box_batch_size_per_image=self.box_batch_size_per_image)
+
     def derive(self, given: set[str]) -> "DetectionConfig":
         """Preset values for the flags not given, then the overrides, then the derived ones."""
         values: dict[str, Any] = {}

@@ -186,6 +186,14 @@ def as_flags(config: Any) -> dict[str, Any]:
     return out
 
 
+def from_flags(cls: type[C], args: Mapping[str, Any]) -> C:
+    """The configuration a checkpoint's ``args`` (:func:`as_flags`) describe, for rebuilding its model: the flags
+    ``cls`` has (lists back to tuples), its defaults for the ones an older checkpoint lacks; other keys ignored.
+    Not derived nor checked again: the values are the run's, already resolved."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if k in names})
+
+
 def bool_flag(text: str) -> bool:
     """unilm's ``utils.bool_flag``: ``--flag True`` / ``--flag False`` (also on/off, 1/0, yes/no); give it as a
     boolean field's ``type`` and a bare ``--flag`` still means True."""

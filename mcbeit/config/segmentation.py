@@ -221,6 +221,26 @@ class SegmentationConfig(SegData, SegModel, SegSource, SegOptim, SegEvaluation, 
     def stride_or_default(self) -> int:
         return self.stride if self.stride is not None else self.crop_size * 2 // 3
 
+    def build_segmentor(self, num_classes: int, sync_bn: bool = False):
+        """The UperNet these flags describe (random weights): what ``mcbeit-seg`` trains and the Python API
+        rebuilds from a checkpoint's ``args``."""
+        from mcbeit.models.segmentation import build_segmentor
+
+        return build_segmentor(self.model, num_classes=num_classes, img_size=self.crop_size, drop_path=self.drop_path,
+                               layer_scale_init_value=self.layer_scale_init_value,
+                               out_indices=tuple(self.out_indices) if self.out_indices else None,
+                               channels=self.channels, aux_channels=self.aux_channels, aux=self.aux_weight > 0,
+                               sync_bn=sync_bn, init=self.random_init)
+
+    def test_transform(self):
+        """mmseg's test pipeline of these flags: keep-ratio resize to ``img_scale`` (times ``eval_ratios`` with
+        flips under ``aug_test``), normalised views for the sliding window."""
+        from mcbeit.data.seg_transforms import SegTestTransform
+
+        ratios = tuple(self.eval_ratios) if self.aug_test else (1.0,)
+        return SegTestTransform(img_scale=tuple(self.img_scale), ratios=ratios, flip=self.aug_test,
+                                crop_size=(self.crop_size, self.crop_size))
+
     def derive(self, given: set[str]) -> "SegmentationConfig":
         """Preset values for the flags not given, then --options, then the derived ones."""
         values: dict[str, Any] = {}

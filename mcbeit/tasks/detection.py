@@ -105,7 +105,7 @@ class DetectionTask(RoundsTask):
         return list(data.categories) if data is not None else []
 
     def build_model(self, run) -> nn.Module:
-        from mcbeit.models.detection import build_detector, load_backbone_weights, load_detection_checkpoint
+        from mcbeit.models.detection import load_backbone_weights, load_detection_checkpoint
 
         cfg = self.config
         self._datasets()
@@ -114,15 +114,7 @@ class DetectionTask(RoundsTask):
         sync = cfg.sync_bn == "on" or (cfg.sync_bn == "auto" and run.info.world_size > 1 and run.device.type == "cuda")
         if cfg.sync_bn == "on" and run.device.type != "cuda":
             raise InputError("--sync_bn on needs CUDA (torch's SyncBatchNorm has no CPU kernel): use --sync_bn auto")
-        model = build_detector(cfg.model, num_classes=self.num_classes, img_size=cfg.image_size,
-                               window_size=cfg.window_size,
-                               global_blocks=tuple(cfg.global_blocks) if cfg.global_blocks else None,
-                               drop_path=cfg.drop_path, layer_scale_init_value=cfg.layer_scale_init_value,
-                               shared_rel_pos_bias=cfg.shared_rel_pos_bias, pyramid=cfg.pyramid, sync_bn=sync,
-                               grad_checkpointing=cfg.grad_checkpointing, fpn_channels=cfg.fpn_channels,
-                               box_fc_dim=cfg.box_fc_dim, anchor_sizes=tuple(cfg.anchor_sizes),
-                               rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
-                               box_batch_size_per_image=cfg.box_batch_size_per_image)
+        model = cfg.build_detector(self.num_classes, sync_bn=sync)
         if cfg.init_checkpoint:
             log.info("%s", load_detection_checkpoint(model, cfg.init_checkpoint).summary("weights from"))
         elif cfg.pretrained:

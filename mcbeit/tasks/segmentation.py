@@ -60,7 +60,7 @@ class SegmentationTask(RoundsTask):
     def _datasets(self) -> None:
         """The train / val datasets (the model needs their number of classes)."""
         from mcbeit.data.embedded_seg import embedded_segmentation_root
-        from mcbeit.data.seg_transforms import SegTestTransform, SegTrainTransform
+        from mcbeit.data.seg_transforms import SegTrainTransform
         from mcbeit.data.segmentation import build_segmentation_dataset
 
         cfg = self.config
@@ -74,9 +74,8 @@ class SegmentationTask(RoundsTask):
                                          cat_max_ratio=cfg.cat_max_ratio, photometric=cfg.photometric)
             self.sets["train"] = build_segmentation_dataset(root, "train", train_tf, **common)
         if cfg.eval or not cfg.no_validate:
-            ratios = tuple(cfg.eval_ratios) if cfg.aug_test else (1.0,)
-            test_tf = SegTestTransform(img_scale=scale, ratios=ratios, flip=cfg.aug_test, crop_size=crop)
-            self.sets["val"] = build_segmentation_dataset(root, "val", test_tf, return_index=True, **common)
+            self.sets["val"] = build_segmentation_dataset(root, "val", cfg.test_transform(), return_index=True,
+                                                          **common)
         found = max(d.num_classes for d in self.sets.values())
         if self.num_classes is None:
             self.num_classes = found
@@ -86,7 +85,7 @@ class SegmentationTask(RoundsTask):
             raise ConfigError(f"--num_classes {self.num_classes}, but the data has {found} classes")
 
     def build_model(self, run) -> nn.Module:
-        from mcbeit.models.segmentation import build_segmentor, load_backbone_weights, load_segmentation_checkpoint
+        from mcbeit.models.segmentation import load_backbone_weights, load_segmentation_checkpoint
 
         cfg = self.config
         self._datasets()
@@ -99,11 +98,7 @@ class SegmentationTask(RoundsTask):
         if not sync and run.info.world_size > 1:
             log.warning("BatchNorm statistics per process (%d images each): the originals synchronise them over all "
                         "GPUs (SyncBatchNorm, CUDA only)", cfg.batch_size)
-        model = build_segmentor(cfg.model, num_classes=self.num_classes, img_size=cfg.crop_size, drop_path=cfg.drop_path,
-                                layer_scale_init_value=cfg.layer_scale_init_value,
-                                out_indices=tuple(cfg.out_indices) if cfg.out_indices else None, channels=cfg.channels,
-                                aux_channels=cfg.aux_channels, aux=cfg.aux_weight > 0, sync_bn=sync,
-                                init=cfg.random_init)
+        model = cfg.build_segmentor(self.num_classes, sync_bn=sync)
         if cfg.load_from:
             log.info("%s", load_segmentation_checkpoint(model, cfg.load_from).summary("weights from"))
         elif cfg.pretrained:
