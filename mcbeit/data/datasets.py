@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from mcbeit.data.images import (MAX_PIXELS, OpenedImage, TooManyBadImagesError, load_rgb_image,
                                  open_image)
-from mcbeit.errors import ConfigError
+from mcbeit.errors import ConfigError, InputError
 
 from .embedded import embedded_dataset_root
 from .file_index import DroppedEntries, PathTable, image_folder_files, read_list_file
@@ -52,6 +52,8 @@ __all__ = [
     "embedded_dataset_root",
     "load_rgb_image",
     "DATA_SETS",
+    "CLASS_NAMES_FILE",
+    "read_class_names",
     "MAX_CONSECUTIVE_BAD",
     "MAX_PIXELS",
     "BadListFileError",
@@ -63,6 +65,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DATA_SETS = ("IMNET", "image_folder", "CIFAR")  # None: detect the layout
+CLASS_NAMES_FILE = "classes.txt"  # the list layout's class names, beside <split>_map.txt: line 1 names label 0
 MAX_CONSECUTIVE_BAD = 50  # give up (clearly) after this many unreadable files in a row
 _SPLIT_NAMES = {"train", "val", "validation", "test"}
 
@@ -329,7 +332,8 @@ def build_classification_dataset(
 
     - no ``data_path``: the embedded dataset's ``train/`` or ``val/``;
     - ``IMNET`` (the original's default): ``<data_path>/<split>/`` as class folders, or the list
-      layout ``<data_path>/<split>_map.txt`` with images under ``<data_path>/<split>/``;
+      layout ``<data_path>/<split>_map.txt`` with images under ``<data_path>/<split>/`` (class names
+      from ``<data_path>/classes.txt`` when it exists: :func:`read_class_names`; else ``classes`` is None);
     - ``image_folder``: class folders at ``data_path`` for training and ``eval_data_path`` for
       evaluation (as the original);
     - ``CIFAR``: CIFAR-100's python files under ``data_path``;
@@ -370,7 +374,8 @@ def _classification_files(data_path: Path | None, data_set: str | None, split: s
     list_file = data_path / f"{split}_map.txt"
     if data_set == "IMNET" and list_file.is_file():
         root, paths, labels, dropped = read_list_file(data_path, list_file.name, split)
-        return "IMNET list", root, paths, labels, None, dropped
+        classes = read_class_names(data_path / CLASS_NAMES_FILE, labels, list_file)
+        return "IMNET list", root, paths, labels, classes, dropped
     if data_set == "IMNET":
         root = data_path / split
         if not root.is_dir():
@@ -386,3 +391,38 @@ def _classification_files(data_path: Path | None, data_set: str | None, split: s
     else:
         root = check_data_folder(eval_data_path, "--eval_data_path", EVAL_LAYOUT)
     return ("image_folder", root, *image_folder_files(root), None)
+
+
+def read_class_names(path: Path, labels: Sequence[int], list_file: Path) -> list[str] | None:
+    """The class names of the list layout: ``path`` (``classes.txt`` beside ``list_file``), one name a line,
+    the first line naming label 0; None when there is no such file (the labels then have no names).
+
+    Every label of ``list_file`` must have its line (more lines than labels are classes without images
+    in this split); blank lines inside the file and a name given twice are refused: either would shift or
+    merge labels silently.
+    """
+    if not path.is_file():
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path} is not UTF-8 text ({error}): write one class name per line, in UTF-8") from None
+    names = [line.strip() for line in lines]
+    while names and not names[-1]:
+        names.pop()
+    fix = f"write one class name per line, the first line naming label 0 (or remove {path} to train without names)"
+    blank = [i + 1 for i, name in enumerate(names) if not name]
+    if blank:
+        raise InputError(f"{path}: line(s) {', '.join(map(str, blank[:5]))} are blank, which would shift every later "
+                         f"label's name; {fix}")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names, start=1):
+        if name in seen:
+            raise InputError(f"{path}: {name!r} names two classes (lines {seen[name]} and {i}); each label needs "
+                             f"its own name")
+        seen[name] = i
+    needed = int(max(labels)) + 1 if len(labels) else 0
+    if len(names) < needed:
+        raise InputError(f"{path} names {len(names)} classes, but {list_file} has labels up to {needed - 1} "
+                         f"({needed} classes): add the missing names; {fix}")
+    return names

@@ -10,9 +10,11 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from mcbeit.data.datasets import (
     MAX_CONSECUTIVE_BAD,
     ImageDataset,
+    build_classification_dataset,
     build_pretraining_dataset,
     load_rgb_image,
 )
+from mcbeit.errors import InputError
 from mcbeit.data.masking import RandomMaskGenerator
 from mcbeit.data.samplers import EpochTaggedSampler
 from mcbeit.data.transforms import TwoViewTransform
@@ -114,6 +116,28 @@ def test_list_layout_malformed_line_dropped_and_named(tmp_path, bad_line, caplog
     write_list_layout(tmp_path, [bad_line], {})  # no usable line left: an error naming it
     with pytest.raises(ValueError, match="line 1"):
         build_pretraining_dataset(tmp_path, "IMNET", mean_colour_transform, 0)
+
+
+def test_list_layout_class_names_come_from_classes_txt(tmp_path):
+    """Fine-tuning's list layout: <root>/classes.txt names the labels (line 1 = label 0); without it, no names."""
+    write_list_layout(tmp_path, ["n01/a.JPEG 0", "n02/c.JPEG 2"], {"n01/a.JPEG": (9, 9, 9), "n02/c.JPEG": (1, 1, 1)})
+    train = build_classification_dataset(tmp_path, None, "train", mean_colour_transform)
+    assert train.layout == "IMNET list" and train.classes is None and train.num_classes == 3
+    (tmp_path / "classes.txt").write_text("\ufefftabby cat\n  goldfish \nspace shuttle\nunused\n\n")  # BOM, blanks at the end
+    train = build_classification_dataset(tmp_path, None, "train", mean_colour_transform)
+    assert train.classes == ["tabby cat", "goldfish", "space shuttle", "unused"] and train.num_classes == 4
+
+
+@pytest.mark.parametrize("text, match", [
+    ("tabby cat\ngoldfish\n", r"names 2 classes, but .*train_map.txt has labels up to 2 \(3 classes\): add the missing"),
+    ("tabby cat\n\ngoldfish\nshuttle\n", r"line\(s\) 2 are blank"),
+    ("tabby cat\ngoldfish\ntabby cat\n", r"'tabby cat' names two classes \(lines 1 and 3\)"),
+])
+def test_list_layout_classes_txt_that_does_not_fit_is_refused(tmp_path, text, match):
+    write_list_layout(tmp_path, ["n01/a.JPEG 0", "n02/c.JPEG 2"], {"n01/a.JPEG": (9, 9, 9), "n02/c.JPEG": (1, 1, 1)})
+    (tmp_path / "classes.txt").write_text(text)
+    with pytest.raises(InputError, match=match):
+        build_classification_dataset(tmp_path, None, "train", mean_colour_transform)
 
 
 def test_explicit_imnet_without_list_file(folder_tree):
