@@ -5,8 +5,9 @@
 writes ``exported/model.safetensors`` + ``exported/config.json`` (timm's hub layout: load with
 ``timm.create_model('local-dir:exported', pretrained=True)``) and, with ``--hf``, ``exported/hf/``
 for ``transformers.BeitForImageClassification`` (fine-tuned) or ``BeitModel`` (pre-trained backbone).
-The written files are loaded back and compared with the checkpoint's model before the command
-reports success. Conversion logic: :mod:`mcbeit.models.export`.
+The class names a fine-tuning checkpoint holds become ``label_names`` in ``config.json`` and
+``id2label`` in ``hf/config.json``. The written files are loaded back and compared with the
+checkpoint's model before the command reports success. Conversion logic: :mod:`mcbeit.models.export`.
 """
 from __future__ import annotations
 
@@ -64,13 +65,19 @@ def run(args: argparse.Namespace) -> dict:
              f"{m.num_classes} classes ({m.global_pool} pooling)" if m.num_classes else "backbone (CLS feature)",
              exp.data_config["input_size"][-1], sum(p.numel() for p in m.parameters()) / 1e6)
     if args.hf:
-        hf_config_kwargs(m)  # refuse a model transformers cannot express before writing anything
+        hf_config_kwargs(m, exp.label_names)  # refuse a model transformers cannot express before writing anything
     save_timm(exp, out)
-    hf_dir = save_hf(m, out / "hf") if args.hf else None
+    hf_dir = save_hf(m, out / "hf", exp.label_names) if args.hf else None
     diffs = verify_export(exp, out, hf_dir) if args.verify else {}
     calls = timm_create_calls(exp, out)
 
     print(f"exported the {exp.source} {exp.name} to {out.resolve()}")
+    if exp.label_names:
+        shown = ", ".join(exp.label_names[:5]) + (f" and {len(exp.label_names) - 5} more" if len(exp.label_names) > 5 else "")
+        print(f"class names ({len(exp.label_names)}): {shown}: label_names in config.json"
+              + (", id2label in hf/config.json" if hf_dir is not None else ""))
+    elif m.num_classes:
+        print("no class names exported (the checkpoint names none): predictions are label indices")
     ours = model_entrypoint(exp.name).__module__.startswith("mcbeit.")
     imports = f"import timm, mcbeit.models  # mcbeit registers {exp.name}" if ours else "import timm"
     print(f"load it with timm (either call):\n  {imports}\n  " + "\n  ".join(calls))

@@ -15,6 +15,10 @@ logged and the weights win: the export is what the file holds.
 reads (``model.safetensors`` + ``config.json`` in the Hugging Face hub layout of timm).
 :func:`save_hf` writes ``transformers.BeitModel`` / ``BeitForImageClassification`` files, in the
 parameter layout ``save_pretrained`` uses on disk, after checking that HF's BEiT can express the model.
+
+The class names ``mcbeit-finetune`` keeps in its checkpoints (``classes``, index = label) travel
+along: ``label_names`` in timm's ``config.json`` (``model.pretrained_cfg['label_names']`` once
+loaded) and ``id2label`` / ``label2id`` in the transformers config.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -63,6 +67,7 @@ class Exportable:
     model_args: Dict[str, Any]  # create_model kwargs that rebuild it (config.json 'model_args')
     data_config: Dict[str, Any]  # input_size, interpolation, crop_pct, crop_mode, mean, std
     source: str  # what was read, for the log: 'fine-tuned', 'fine-tuned (EMA)', 'pre-trained'
+    label_names: List[str] = field(default_factory=list)  # class names, index = label; [] when the checkpoint has none
 
 
 # ---------------------------------------------------------------------- reading a checkpoint
@@ -171,7 +176,24 @@ def load_for_export(path: str | os.PathLike, *, use_ema: bool = False,
                           f'\n{e}') from None
     model.load_state_dict(converted)
     source = ('pre-trained' if pretrained else 'fine-tuned') + (' (EMA)' if use_ema else '')
-    return Exportable(model.eval(), name, model_args, _data_config(args, size), source)
+    return Exportable(model.eval(), name, model_args, _data_config(args, size), source,
+                      _label_names(ckpt.get('classes'), model.num_classes, path))
+
+
+def _label_names(classes: Any, num_classes: int, path: str | os.PathLike) -> List[str]:
+    """The checkpoint's ``classes`` when they name each of the head's outputs; else [] (with a warning when
+    some were there but do not fit)."""
+    if not classes or not num_classes:
+        return []
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+        _logger.warning('%s: its classes entry is not a list of names (%s); exported without class names',
+                        os.fspath(path), type(classes).__name__)
+        return []
+    if len(classes) != num_classes:
+        _logger.warning('%s names %d classes for a head of %d outputs (fine-tuned with a larger --nb_classes than the '
+                        'data has?); exported without class names', os.fspath(path), len(classes), num_classes)
+        return []
+    return list(classes)
 
 
 # ---------------------------------------------------------------------- timm
@@ -181,8 +203,9 @@ def timm_config(exp: Exportable) -> Dict[str, Any]:
     pretrained_cfg = dict(exp.data_config, num_classes=m.num_classes, fixed_input_size=True, pool_size=None,
                           first_conv='patch_embed.proj', classifier='head', tag='mcbeit', custom_load=False,
                           notes=(f'exported by mcbeit-export from a {exp.source} checkpoint',))
+    labels = dict(label_names=list(exp.label_names)) if exp.label_names else {}
     return dict(architecture=exp.name, num_classes=m.num_classes, num_features=m.num_features,
-                global_pool=m.global_pool, model_args=exp.model_args, pretrained_cfg=pretrained_cfg)
+                global_pool=m.global_pool, model_args=exp.model_args, **labels, pretrained_cfg=pretrained_cfg)
 
 
 def save_timm(exp: Exportable, out_dir: str | os.PathLike) -> Path:
@@ -218,7 +241,8 @@ def verify_export(exp: Exportable, out_dir: str | os.PathLike, hf_dir: str | os.
 
     Routes: timm ``local-dir:``, timm by file (the calls of :func:`timm_create_calls`) and, with
     ``hf_dir``, transformers (final tokens and logits / pooled feature). Returns the largest absolute
-    difference per route; raises ``ExportError`` when one exceeds ``atol``.
+    difference per route; raises ``ExportError`` when one exceeds ``atol``, or when the class names do not
+    come back (timm's ``pretrained_cfg['label_names']``, transformers' ``id2label``).
     """
     out = Path(out_dir).resolve()
     x = torch.randn((2, *exp.data_config['input_size']), generator=torch.Generator().manual_seed(0))  # (2,3,H,W)
@@ -229,6 +253,7 @@ def verify_export(exp: Exportable, out_dir: str | os.PathLike, hf_dir: str | os.
                   'timm file': timm.create_model(exp.name, pretrained=True,
                                                  pretrained_cfg_overlay=_file_overlay(exp, out), **exp.model_args)}
         diffs = {k: (m.eval()(x) - result).abs().max().item() for k, m in routes.items()}
+        names = {'timm local-dir': list(routes['timm local-dir'].pretrained_cfg.get('label_names') or [])}
         if hf_dir is not None:
             import transformers
             cls = transformers.BeitForImageClassification if model.num_classes else transformers.BeitModel
@@ -237,6 +262,11 @@ def verify_export(exp: Exportable, out_dir: str | os.PathLike, hf_dir: str | os.
             hf_tokens = base(x).last_hidden_state  # (2,1+N,D)
             hf_result = hf(x).logits if model.num_classes else base(x).pooler_output
             diffs['transformers'] = max((hf_tokens - tokens).abs().max().item(), (hf_result - result).abs().max().item())
+            if exp.label_names:
+                names['transformers'] = [hf.config.id2label[i] for i in range(len(hf.config.id2label))]
+    lost = {k: v for k, v in names.items() if exp.label_names and v != list(exp.label_names)}
+    if lost:
+        raise ExportError(f'the exported files do not carry the class names back: {sorted(lost)}')
     bad = {k: v for k, v in diffs.items() if not v <= atol}
     if bad:
         raise ExportError(f'the exported files do not reproduce the model: max |difference| {bad} > {atol}')
@@ -269,11 +299,16 @@ def _hf_blockers(model: Beit) -> List[str]:
     return why
 
 
-def hf_config_kwargs(model: Beit) -> Dict[str, Any]:
-    """``transformers.BeitConfig`` arguments describing ``model``; ``ExportError`` when HF cannot express it."""
+def hf_config_kwargs(model: Beit, label_names: Optional[List[str]] = None) -> Dict[str, Any]:
+    """``transformers.BeitConfig`` arguments describing ``model`` (with ``label_names``, one per output, its
+    ``id2label`` / ``label2id``); ``ExportError`` when HF cannot express it."""
     why = _hf_blockers(model)
     if why:
         raise ExportError('this model does not convert to transformers BEiT:\n  ' + '\n  '.join(why))
+    if label_names and len(label_names) != model.num_classes:
+        raise ExportError(f'{len(label_names)} class names for a model of {model.num_classes} outputs')
+    labels = (dict(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+              if label_names else {'num_labels': model.num_classes} if model.num_classes else {})
     blk = model.blocks[0]
     return dict(
         hidden_size=model.embed_dim, num_hidden_layers=len(model.blocks), num_attention_heads=blk.attn.num_heads,
@@ -285,7 +320,7 @@ def hf_config_kwargs(model: Beit) -> Dict[str, Any]:
         use_shared_relative_position_bias=model.rel_pos_bias is not None,
         layer_scale_init_value=float(blk.init_values) if blk.gamma_1 is not None else 0.0,
         use_mean_pooling=model.global_pool == 'avg', hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        **({'num_labels': model.num_classes} if model.num_classes else {}),
+        **labels,
     )
 
 
@@ -333,8 +368,9 @@ def timm_to_hf_state_dict(model: Beit) -> Dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def save_hf(model: Beit, out_dir: str | os.PathLike) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` for ``BeitForImageClassification`` (with a head) or ``BeitModel``.
+def save_hf(model: Beit, out_dir: str | os.PathLike, label_names: Optional[List[str]] = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` for ``BeitForImageClassification`` (with a head) or ``BeitModel``;
+    ``label_names`` (one per output) become the config's ``id2label`` / ``label2id``.
 
     The converted weights are loaded back with ``from_pretrained`` (every parameter must be found,
     none left over) and written again with ``save_pretrained``, so the files are transformers' own.
@@ -343,7 +379,7 @@ def save_hf(model: Beit, out_dir: str | os.PathLike) -> Path:
         import transformers
     except ImportError:
         raise ExportError('--hf needs transformers: pip install "mcbeit[hf]"') from None
-    config = transformers.BeitConfig(**hf_config_kwargs(model))
+    config = transformers.BeitConfig(**hf_config_kwargs(model, label_names))
     cls = transformers.BeitForImageClassification if model.num_classes else transformers.BeitModel
     config.architectures = [cls.__name__]
     out = Path(out_dir)

@@ -1,4 +1,5 @@
-"""Export to timm safetensors + config.json and to transformers BEiT: loaded back, the outputs match (1e-4)."""
+"""Export to timm safetensors + config.json and to transformers BEiT: loaded back, the outputs match (1e-4),
+and the class names of a fine-tuned checkpoint come back as timm's label_names and transformers' id2label."""
 import argparse
 import copy
 import json
@@ -11,11 +12,12 @@ from safetensors import safe_open
 
 from mcbeit.models.classifier import build_classifier
 from mcbeit.models.export import (ExportError, hf_config_kwargs, load_for_export, save_hf, save_timm,
-                                  timm_to_hf_state_dict)
+                                  timm_to_hf_state_dict, verify_export)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 1e-4
 CLS_NAME, MIM_NAME = "beit_tiny_patch16_224", "beit_tiny_patch16_224_8k_vocab"
+LABELS = ["tabby cat", "goldfish", "Zebra", "space shuttle", "ångström", "a/b", "7", "x y z", "café", "last"]
 
 
 # ---------------------------------------------------------------------- checkpoints like the trainers write
@@ -29,15 +31,17 @@ def randomize(model, seed):
 
 
 def make_finetuned(path, input_size=224, use_mean_pooling=True, rel_pos_bias=True, abs_pos_emb=False,
-                   layer_scale_init_value=0.1):
-    """An mcbeit-finetune-v1 checkpoint (10 classes) with a different model_ema; returns (path, model, ema)."""
+                   layer_scale_init_value=0.1, classes=None):
+    """An mcbeit-finetune-v1 checkpoint (10 classes) with a different model_ema; returns (path, model, ema).
+    ``classes``: the class names mcbeit-finetune keeps (None: a checkpoint from before it kept them)."""
     args = dict(model=CLS_NAME, nb_classes=10, input_size=input_size, use_mean_pooling=use_mean_pooling,
                 rel_pos_bias=rel_pos_bias, abs_pos_emb=abs_pos_emb, layer_scale_init_value=layer_scale_init_value)
     model = randomize(build_classifier(CLS_NAME, drop_path=0.0, **{k: v for k, v in args.items() if k != "model"}), 0)
     ema = randomize(copy.deepcopy(model), 1)
     torch.save({"format": "mcbeit-finetune-v1", "model": model.state_dict(),
                 "model_ema": {"module." + k: v for k, v in ema.state_dict().items()},  # as timm's EMA wrapper names them
-                "args": dict(args, drop_path=0.1, imagenet_default_mean_and_std=True)}, path)
+                "args": dict(args, drop_path=0.1, imagenet_default_mean_and_std=True),
+                **({"classes": classes} if classes is not None else {})}, path)
     return path, model, ema
 
 
@@ -69,7 +73,7 @@ def max_diff(a, b):
 
 # ---------------------------------------------------------------------- fine-tuned
 FINETUNED = {  # id -> make_finetuned kwargs
-    "224-mean-pool-block-tables": dict(),
+    "224-mean-pool-block-tables-named": dict(classes=LABELS),
     "160-cls-abs-pos-no-layer-scale": dict(input_size=160, use_mean_pooling=False, rel_pos_bias=False,
                                            abs_pos_emb=True, layer_scale_init_value=0.0),
 }
@@ -87,7 +91,7 @@ def finetuned_export(request, tmp_path_factory):
 def finetuned_hf(finetuned_export):
     transformers = pytest.importorskip("transformers")
     out, model, _, exp = finetuned_export
-    save_hf(exp.model, out / "hf")
+    save_hf(exp.model, out / "hf", exp.label_names)
     return transformers.BeitForImageClassification.from_pretrained(out / "hf").eval(), model, exp
 
 
@@ -102,6 +106,7 @@ def test_finetuned_loads_back_through_timm_both_ways(finetuned_export):
         assert max_diff(by_file(out, 10).eval()(x), ref) < ATOL
     assert by_dir.pretrained_cfg["input_size"] == (3, size, size)
     assert tuple(by_dir.pretrained_cfg["mean"]) == (0.485, 0.456, 0.406)  # the checkpoint's --imagenet_default_mean_and_std
+    assert list(by_dir.pretrained_cfg.get("label_names") or []) == exp.label_names   # the class names, if it had them
 
 
 def test_finetuned_loads_back_through_transformers(finetuned_hf):
@@ -114,6 +119,10 @@ def test_finetuned_loads_back_through_transformers(finetuned_hf):
     assert hf.config.image_size == size and hf.config.layer_norm_eps == 1e-6
     assert hf.config.use_mean_pooling == (model.global_pool == "avg")
     assert hf.config.num_labels == 10 and hf.config.architectures == ["BeitForImageClassification"]
+    if exp.label_names:
+        assert [hf.config.id2label[i] for i in range(10)] == LABELS and hf.config.label2id["Zebra"] == 2
+    else:
+        assert hf.config.id2label[3] == "LABEL_3"  # transformers' placeholder names
 
 
 def test_timm_files_layout(finetuned_export):
@@ -123,9 +132,37 @@ def test_timm_files_layout(finetuned_export):
     assert cfg["model_args"]["img_size"] == exp.data_config["input_size"][-1]
     assert cfg["model_args"]["global_pool"] == model.global_pool
     assert cfg["model_args"]["init_values"] == (0.1 if model.blocks[0].gamma_1 is not None else 0.0)
+    assert cfg.get("label_names", []) == exp.label_names   # where timm's own push_to_hf_hub writes them
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
         assert set(f.keys()) == set(model.state_dict())  # no relative_position_index / k_bias buffers
+
+
+def test_class_names_come_back_from_every_route(tmp_path):
+    """timm local-dir and transformers both return the checkpoint's names; verify_export checks they do."""
+    pytest.importorskip("transformers")
+    path, _, _ = make_finetuned(tmp_path / "ft.pth", input_size=64, classes=LABELS)
+    exp = load_for_export(path)
+    assert exp.label_names == LABELS
+    out = save_timm(exp, tmp_path / "out")
+    diffs = verify_export(exp, out, save_hf(exp.model, out / "hf", exp.label_names))
+    assert set(diffs) == {"timm local-dir", "timm file", "transformers"}
+    exp.label_names = LABELS[::-1]  # names that the files do not hold: refused
+    with pytest.raises(ExportError, match=r"do not carry the class names back: \['timm local-dir', 'transformers'\]"):
+        verify_export(exp, out, out / "hf")
+
+
+@pytest.mark.parametrize("classes, warned", [(LABELS[:4], "names 4 classes for a head of 10 outputs"),
+                                             ("goldfish", "not a list of names"), ([], None)])
+def test_class_names_that_do_not_fit_the_head_are_left_out(tmp_path, caplog, classes, warned):
+    path, _, _ = make_finetuned(tmp_path / "ft.pth", input_size=64, classes=classes)
+    with caplog.at_level(logging.WARNING, logger="mcbeit"):
+        exp = load_for_export(path)
+    save_timm(exp, tmp_path / "out")
+    assert exp.label_names == [] and "label_names" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (warned in caplog.text) if warned else not caplog.text
+    with pytest.raises(ExportError, match="4 class names for a model of 10 outputs"):
+        hf_config_kwargs(exp.model, LABELS[:4])
 
 
 def test_use_ema_exports_the_ema_weights(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from mcbeit.cli.export import main
-from tests.models.test_export import CLS_NAME, images, make_finetuned, make_pretrained
+from tests.models.test_export import CLS_NAME, LABELS, images, make_finetuned, make_pretrained
 from tests.tasks.conftest import PYTHON, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,7 +17,7 @@ def printed_calls(out: str) -> list[str]:
 
 def test_export_finetuned_with_hf_prints_calls_that_load_it(tmp_path, capsys):
     pytest.importorskip("transformers")
-    path, model, _ = make_finetuned(tmp_path / "ft.pth", input_size=160)
+    path, model, _ = make_finetuned(tmp_path / "ft.pth", input_size=160, classes=LABELS)
     assert main([str(path), "--output", str(tmp_path / "out"), "--hf"]) == 0
     out = capsys.readouterr().out
     calls = printed_calls(out)
@@ -31,12 +31,15 @@ def test_export_finetuned_with_hf_prints_calls_that_load_it(tmp_path, capsys):
     assert "import timm, mcbeit.models" in out  # the tiny size is registered by mcbeit
     assert "verified on random images" in out and "transformers" in out.split("verified")[1]
     assert (tmp_path / "out" / "hf" / "model.safetensors").is_file()
+    assert ("class names (10): tabby cat, goldfish, Zebra, space shuttle, ångström and 5 more: label_names in "
+            "config.json, id2label in hf/config.json") in out
 
 
-def test_use_ema_and_overwrite(tmp_path):
+def test_use_ema_and_overwrite(tmp_path, capsys):
     path, model, ema = make_finetuned(tmp_path / "ft.pth")
     out = tmp_path / "out"
     assert main([str(path), "--output", str(out), "--no_verify"]) == 0
+    assert "no class names exported (the checkpoint names none)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="already holds an export: pass --overwrite"):
         main([str(path), "--output", str(out), "--use_ema"])
     assert main([str(path), "--output", str(out), "--use_ema", "--overwrite", "--no_verify"]) == 0
