@@ -4,6 +4,9 @@ Builds the classifier (a BEiT of timm, initialised from ``--finetune``; or, with
 ``--linear_probe``, a frozen backbone under BatchNorm + a linear head), the data with mixup /
 cutmix, the layer-decayed optimizer; per micro-batch the cross-entropy; per update the model EMA;
 per epoch the evaluation and the best checkpoint.
+
+Every checkpoint holds ``classes``, the names of the labels (index = label): the class folders'
+names, CIFAR-100's, the list layout's ``classes.txt``, or ``[]`` where the data names none.
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ class FinetuneTask(Task):
         self.nb_classes, self.max_accuracy = config.nb_classes, 0.0
         self.model_ema = self.mixup = self.val_loader = None
         self.sets: dict[str, Any] = {}
+        self.classes: list[str] = []  # the labels' names (index = label), written into every checkpoint
         self.update_freq, self.deepspeed, self.zero_stage = config.update_freq, config.enable_deepspeed, config.zero_stage
 
     @property
@@ -132,11 +136,23 @@ class FinetuneTask(Task):
             self.sets["val"] = build_classification_dataset(cfg.data_path, cfg.data_set, "val", eval_tf, cfg.seed,
                                                             cfg.eval_data_path)
         found = max(getattr(d, "num_classes", 0) for d in self.sets.values())
+        self.classes = self._class_names()
         if self.nb_classes is None:
             self.nb_classes = found
         elif found > self.nb_classes:
-            raise ConfigError(f"--nb_classes {self.nb_classes}, but the data has {found} classes (labels up to "
-                              f"{found - 1})")
+            which = f"named {_shown(self.classes)}" if self.classes else f"labels up to {found - 1}"
+            raise ConfigError(f"--nb_classes {self.nb_classes}, but the data has {found} classes ({which}); pass "
+                              f"--nb_classes {found} or more, or leave it out")
+
+    def _class_names(self) -> list[str]:
+        """The labels' names for the checkpoints: the train set's, else the val set's; [] when neither names them."""
+        names = {split: _names_of(dataset) for split, dataset in self.sets.items()}
+        train, val = names.get("train"), names.get("val")
+        if train and val and train != val:
+            log.warning("the train and val data name their classes differently (train: %s; val: %s): the "
+                        "checkpoints keep the train set's names; check that the val labels mean the same classes",
+                        _shown(train), _shown(val))
+        return train or val or []
 
     def build_data(self, run) -> TrainData:
         cfg, info = self.config, run.info
@@ -238,13 +254,28 @@ class FinetuneTask(Task):
 
     def state(self) -> dict[str, Any]:
         return {"model_ema": self.model_ema.module.state_dict() if self.model_ema is not None else None,
-                "max_accuracy": self.max_accuracy}
+                "max_accuracy": self.max_accuracy, "classes": list(self.classes)}
 
     def load_state(self, ckpt: Mapping[str, Any], path: str) -> None:
         if self.model_ema is not None and ckpt.get("model_ema") is not None:
             load_resumed_weights(self.model_ema.module, ckpt["model_ema"], path, self.flags(), ckpt.get("args"))
         self.max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+        before = list(ckpt.get("classes") or [])  # checkpoints written before class names were kept have none
+        if before and self.classes and before != self.classes:
+            log.warning("%s was trained with the classes %s, the data now names %s: the checkpoints from now on keep "
+                        "the data's names", path, _shown(before), _shown(self.classes))
 
     def flags(self) -> dict[str, Any]:
         lr = self.base_lr if self.run is not None else self.config.lr
         return {**super().flags(), "nb_classes": self.nb_classes, "lr": lr}
+
+
+def _names_of(dataset: Any) -> list[str]:
+    """A dataset's class names as plain strings; [] for none (the list layout without classes.txt) and for the
+    one unnamed class of loose images."""
+    names = [str(name) for name in getattr(dataset, "classes", None) or []]
+    return names if any(names) else []
+
+
+def _shown(names: list[str], first: int = 5) -> str:
+    return ", ".join(names[:first]) + (f" and {len(names) - first} more" if len(names) > first else "")

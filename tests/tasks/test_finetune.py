@@ -1,5 +1,5 @@
 """`mcbeit-finetune` / `run_class_finetuning.py`: the original flags, the seeds' command lines, resume,
-best checkpoint, --eval, exact distributed evaluation, EMA, accumulation, mixup, DeepSpeed."""
+best checkpoint, --eval, exact distributed evaluation, EMA, accumulation, mixup, DeepSpeed, class names."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,8 @@ import torch
 
 import mcbeit.models.classifier  # noqa: F401  (registers the tiny and small sizes)
 from mcbeit.engine.distributed import cleanup
-from mcbeit.cli import finetune
+from mcbeit.cli import export, finetune
+from mcbeit.models.checkpoint import load_checkpoint_file, resolve_source
 from tests.tasks.conftest import PYTHON, make_image_folder, run_cli, free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,6 +124,7 @@ def test_finetune_resume_best_and_eval(data, tmp_path):
     assert 0 < moved.max() < 0.05                                        # started from the pre-trained weights
     best = torch.load(out / "checkpoint-best.pth", weights_only=True)
     assert best["epoch"] == "best" and best["max_accuracy"] == max(r["test_acc1"] for r in first)
+    assert ckpt["classes"] == best["classes"] == ["class_0", "class_1", "class_2", "class_3"]   # the folders' names
     timm.create_model("beit_tiny_patch16_224", num_classes=4, img_size=64).load_state_dict(ckpt["model"], strict=True)
 
     # auto-resume: epoch 2 only (the same experiment's flags; its longer schedule accepted explicitly)
@@ -233,6 +235,7 @@ def test_linear_probe_trains_only_the_head(data, tmp_path):
         if f"backbone.{name}" in sd:
             assert torch.equal(sd[f"backbone.{name}"], value), name
     assert sd["bn.num_batches_tracked"] == 12 and sd["head.weight"].shape == (4, 192)
+    assert ckpt["classes"] == ["class_0", "class_1", "class_2", "class_3"]
     stats = finetune.run(finetune.get_linprobe_parser().parse_args(
         ["--data_path", str(data), "--output_dir", str(out), *FAST, "--eval", "--probe_layer", "9"]))
     cleanup()
@@ -245,6 +248,9 @@ def test_eval_reads_deepspeed_folders_and_refuses_to_evaluate_nothing(data, tmp_
     assert finetune.main([*common, "--epochs", "1", "--enable_deepspeed"]) == 0
     (row,) = _log(out)
     assert (out / "checkpoint-0").is_dir() and (out / "checkpoint-best").is_dir()
+    for folder in ("checkpoint-0", "checkpoint-best"):                   # the class names are in the client state
+        states = load_checkpoint_file(resolve_source(str(out / folder)))
+        assert states["classes"] == ["class_0", "class_1", "class_2", "class_3"], folder
     for extra in (["--enable_deepspeed"], ["--resume", str(out / "checkpoint-best")]):
         stats = finetune.run(finetune.get_args_parser().parse_args([*common, "--eval", *extra]))
         cleanup()
@@ -268,3 +274,77 @@ def test_embedded_run_picks_the_newest_pretrained_checkpoint_unless_told_none(tm
     assert parse("--finetune", "none").finetune == "" and parse("--finetune", "Random").finetune == ""
     assert parse("--finetune", "w.pth").finetune == "w.pth"
     assert parse("--data_path", str(tmp_path)).finetune == ""      # real data: never a checkpoint we were not given
+
+
+# ---------------------------------------------------------------------- class names in the checkpoints
+NAMES = ["tabby cat", "goldfish", "Zebra", "space shuttle"]   # label order = sorted folder names: Zebra first
+
+
+def _named_folders(root, names, n_per_class, seed):
+    """make_image_folder's 4 classes, their folders renamed to ``names``."""
+    make_image_folder(root, n_per_class=n_per_class, size=64, seed=seed)
+    for i, name in enumerate(names):
+        (root / f"class_{i}").rename(root / name)
+    return root
+
+
+def test_checkpoints_keep_the_class_folder_names(tmp_path, capsys):
+    data = tmp_path / "data"
+    _named_folders(data / "train", NAMES, 4, seed=3)
+    _named_folders(data / "val", NAMES, 2, seed=4)
+    out = tmp_path / "out"
+    assert finetune.main(["--data_path", str(data), "--output_dir", str(out), *FAST, "--epochs", "1"]) == 0
+    for name in ("checkpoint-0.pth", "checkpoint-best.pth"):
+        assert torch.load(out / name, weights_only=True)["classes"] == sorted(NAMES), name
+    assert export.main([str(out / "checkpoint-best.pth"), "--output", str(tmp_path / "export")]) == 0  # and on to timm
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)
+    assert list(reloaded.pretrained_cfg["label_names"]) == sorted(NAMES)
+
+    # val folders named differently: the train set's names are kept, with a warning
+    other = _named_folders(tmp_path / "other_val", ["a", "b", "c", "d"], 2, seed=5)
+    capsys.readouterr()
+    assert finetune.main(["--data_set", "image_folder", "--data_path", str(data / "train"), "--eval_data_path",
+                          str(other), "--output_dir", str(tmp_path / "mixed"), *FAST, "--epochs", "1"]) == 0
+    assert "the train and val data name their classes differently" in capsys.readouterr().err
+    assert torch.load(tmp_path / "mixed" / "checkpoint-best.pth", weights_only=True)["classes"] == sorted(NAMES)
+
+
+def _list_layout(root):
+    """train/ + val/ images listed in train_map.txt / val_map.txt (labels only)."""
+    for split, n in (("train", 4), ("val", 2)):
+        make_image_folder(root / split, n_per_class=n, size=64, seed=6)
+        lines = [f"{p.relative_to(root / split).as_posix()} {p.parent.name[-1]}" for p in sorted((root / split).rglob("*.jpg"))]
+        (root / f"{split}_map.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_list_layout_names_come_from_classes_txt_and_old_checkpoints_still_resume(tmp_path):
+    data = _list_layout(tmp_path / "data")
+    common = ["--data_path", str(data), *FAST]
+    assert finetune.main([*common, "--output_dir", str(tmp_path / "bare"), "--epochs", "1"]) == 0
+    assert torch.load(tmp_path / "bare" / "checkpoint-0.pth", weights_only=True)["classes"] == []  # no classes.txt
+
+    (data / "classes.txt").write_text("\n".join(NAMES) + "\n")
+    out = tmp_path / "named"
+    assert finetune.main([*common, "--output_dir", str(out), "--epochs", "1"]) == 0
+    ckpt = torch.load(out / "checkpoint-0.pth", weights_only=True)
+    assert ckpt["classes"] == NAMES and ckpt["args"]["nb_classes"] == 4          # line i names label i
+    assert torch.load(out / "checkpoint-best.pth", weights_only=True)["classes"] == NAMES
+
+    # a checkpoint written before class names were kept (no 'classes') resumes, and the next one has them
+    del ckpt["classes"]
+    torch.save(ckpt, out / "checkpoint-0.pth")
+    assert finetune.main([*common, "--output_dir", str(out), "--epochs", "2", "--accept_changed_flags", "epochs"]) == 0
+    assert [r["epoch"] for r in _log(out)] == [0, 1]
+    assert torch.load(out / "checkpoint-1.pth", weights_only=True)["classes"] == NAMES
+
+
+def test_a_classes_txt_short_of_the_labels_stops_the_run(tmp_path):
+    data = _list_layout(tmp_path / "data")
+    (data / "classes.txt").write_text("tabby cat\ngoldfish\n")
+    with pytest.raises(SystemExit, match=r"classes.txt names 2 classes, but .*train_map.txt has labels up to 3 "
+                                         r"\(4 classes\): add the missing names"):
+        finetune.run(finetune.get_args_parser().parse_args(
+            ["--data_path", str(data), "--output_dir", str(tmp_path / "out"), *FAST, "--epochs", "1"]))
+    cleanup()
+    assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
