@@ -167,6 +167,18 @@ class FinetuneConfig(ClassificationData, ClassifierModel, FinetuneSource, Augmen
     lr: float | None = flag(5e-4, "peak learning rate", type=float)
     layer_decay: float = flag(0.9, "layer-wise learning-rate decay (1: none)")
 
+    def build_classifier(self, nb_classes: int):
+        """The classifier these flags describe (random weights; a linear probe's backbone without a head:
+        :class:`~mcbeit.models.linear_probe.LinearProbe` adds it): what ``mcbeit-finetune`` trains and the Python API
+        rebuilds from a checkpoint's ``args``."""
+        from mcbeit.models.classifier import build_classifier
+
+        return build_classifier(self.model, nb_classes=0 if self.linear_probe else nb_classes,
+                                input_size=self.input_size, use_mean_pooling=self.use_mean_pooling,
+                                init_scale=self.init_scale, rel_pos_bias=self.rel_pos_bias,
+                                abs_pos_emb=self.abs_pos_emb, layer_scale_init_value=self.layer_scale_init_value,
+                                drop=self.drop, attn_drop_rate=self.attn_drop_rate, drop_path=self.drop_path)
+
     @property
     def mixup_on(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None

@@ -30,7 +30,6 @@ from mcbeit.errors import ConfigError, InputError
 from mcbeit.evaluation.classification import evaluate
 from mcbeit.models.beit import patch_size_of
 from mcbeit.models.checkpoint import CheckpointError, resolve_source
-from mcbeit.models.classifier import build_classifier
 from mcbeit.models.beit_weights import load_for_finetuning
 from mcbeit.models.linear_probe import LinearProbe
 from mcbeit.models.recompute import set_recompute
@@ -93,11 +92,7 @@ class FinetuneTask(Task):
     def build_model(self, run) -> nn.Module:
         cfg = self.config
         self._datasets()
-        model = build_classifier(cfg.model, nb_classes=0 if cfg.linear_probe else self.nb_classes,
-                                 input_size=cfg.input_size, use_mean_pooling=cfg.use_mean_pooling,
-                                 init_scale=cfg.init_scale, rel_pos_bias=cfg.rel_pos_bias, abs_pos_emb=cfg.abs_pos_emb,
-                                 layer_scale_init_value=cfg.layer_scale_init_value, drop=cfg.drop,
-                                 attn_drop_rate=cfg.attn_drop_rate, drop_path=cfg.drop_path)
+        model = cfg.build_classifier(self.nb_classes)
         model = set_recompute(model, cfg.recompute)
         if cfg.finetune:
             report = load_for_finetuning(cfg.finetune, model, model_key=cfg.model_key, model_prefix=cfg.model_prefix)
