@@ -44,6 +44,9 @@ _PUBLIC = {
     "Trainer": "mcbeit.engine.trainer",
     "PretrainTask": "mcbeit.tasks.pretrain", "FinetuneTask": "mcbeit.tasks.finetune",
     "TokenizerTrainingTask": "mcbeit.tasks.tokenizer", "VQKDTrainingTask": "mcbeit.tasks.vqkd",
+    # the Python API: every model from a name or a file, and inference on images
+    "list_models": "mcbeit.api", "get_model": "mcbeit.api", "inference_model": "mcbeit.api",
+    "data_config": "mcbeit.api",
     # errors
     "InputError": "mcbeit.errors", "ConfigError": "mcbeit.errors",
 }

@@ -79,7 +79,7 @@ from mcbeit.errors import ConfigError, InputError
 from mcbeit.evaluation.segmentation import palette
 
 __all__ = ["AP_NAMES", "STAT_NAMES", "coco_evaluate", "evaluate_detection", "flat_metrics", "format_metrics", "load_gt",
-           "save_detection_visualisation", "to_coco_results", "valid_size"]
+           "paste_box_masks", "save_detection_visualisation", "to_coco_results", "valid_size"]
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,8 @@ def _original_masks(probs: Tensor, valid: tuple[int, int], size: tuple[int, int]
     return torch.cat(out).numpy() if out else np.zeros((0, *size), dtype=bool)
 
 
-def _pasted_masks(probs: Tensor, boxes: Tensor, size: tuple[int, int], threshold: float, chunk: int = 32) -> np.ndarray:
+def paste_box_masks(probs: Tensor, boxes: Tensor, size: tuple[int, int], threshold: float = 0.5,
+                    chunk: int = 32) -> np.ndarray:
     """bool (K,h,w) on the CPU: box-level mask probabilities (K,1,M,M) pasted into an image of ``size`` at ``boxes``
     (K,4) xyxy in its pixels (torchvision's ``paste_masks_in_image``) and thresholded ``>=``."""
     from torchvision.models.detection.roi_heads import paste_masks_in_image
@@ -210,7 +211,7 @@ def to_coco_results(outputs: Sequence[Mapping], targets: Sequence[Mapping], labe
             if probs.dim() != 4 or probs.shape[1] != 1:
                 raise InputError(f"detector masks must be (K,1,S,S) probabilities, got {tuple(out['masks'].shape)}")
             if out.get("mask_kind") == "roi":
-                rles = _encode(_pasted_masks(probs, boxes, (h, w), mask_threshold))
+                rles = _encode(paste_box_masks(probs, boxes, (h, w), mask_threshold))
             else:
                 rles = _encode(_original_masks(probs, valid_size(target, tuple(probs.shape[-2:])), (h, w),
                                                mask_threshold))
@@ -436,7 +437,7 @@ def _cpu_output(out: Mapping, score_threshold: float, mask_threshold: float, siz
     small["scores"] = small["scores"].float()
     if out.get("masks") is not None:
         if out.get("mask_kind") == "roi":
-            small["masks"] = torch.from_numpy(_pasted_masks(out["masks"][keep], small["boxes"], size,
+            small["masks"] = torch.from_numpy(paste_box_masks(out["masks"][keep], small["boxes"], size,
                                                             mask_threshold))[:, None]
         else:
             small["masks"] = (out["masks"][keep] >= mask_threshold).cpu()

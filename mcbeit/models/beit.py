@@ -255,6 +255,12 @@ class BeitForMaskedImageModeling(Beit):
                 f'{self.patch_embed.num_patches} patches')
         return mask
 
+    def extract_feat(self, x: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The features the method reads (mmpretrain's name): x (B,3,H,W), an optional mask (B,N) or (B,h,w) ->
+        tokens (B,1+N,D) after the final norm, CLS first (what ``lm_head`` / ConMIM's projector take)."""
+        mask = None if bool_masked_pos is None else self._check_mask(x, bool_masked_pos)
+        return self.forward_features(x, mask)  # (B,1+N,D)
+
     def forward(self, x: torch.Tensor, bool_masked_pos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x (B,3,H,W); bool_masked_pos (B,N) (or (B,h,w)) bool.
 
@@ -340,17 +346,33 @@ class BeitV2ForMaskedImageModeling(BeitForMaskedImageModeling):
         groups['blocks'] = [*groups['blocks'], (r'^cls_pt_', (99999,))]
         return groups
 
+    def _trunk(self, x: torch.Tensor, bool_masked_pos: Optional[torch.Tensor]
+               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The blocks: (last block's tokens (B,1+N,D) before the norm, block ``early_layers``' (B,1+N,D), the
+        shared relative position bias)."""
+        x, rel_pos_bias = self._embed(x, bool_masked_pos)
+        early = x
+        for i, blk in enumerate(self.blocks):
+            x = self._block(blk, x, rel_pos_bias)
+            if i + 1 == self.early_layers:
+                early = x  # (B,1+N,D) before any norm
+        return x, early, rel_pos_bias
+
+    def extract_feat(self, x: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """What patch aggregation reads: x (B,3,H,W), an optional mask -> (early, last): the tokens (B,1+N,D) after
+        block ``early_layers`` (before any norm) and after the last block and the final norm. (mmpretrain's BEiT
+        v2 backbone returns the same two blocks' outputs, the last without the norm, which sits in its neck.)"""
+        mask = None if bool_masked_pos is None else self._check_mask(x, bool_masked_pos)
+        last, early, _ = self._trunk(x, mask)
+        return early, self.norm(last)
+
     def forward_streams(self, x: torch.Tensor, bool_masked_pos: torch.Tensor
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
         """x (B,3,H,W), bool_masked_pos (B,N) bool -> (main, aggregated): the main stream's tokens
         (B,1+N,D) after ``norm``, and the aggregated stream's (B,1+N,D) after ``norm`` (or ``cls_pt_norm``)."""
-        x, rel_pos_bias = self._embed(x, bool_masked_pos)
-        early = None
-        for i, blk in enumerate(self.blocks):
-            x = self._block(blk, x, rel_pos_bias)
-            if i + 1 == self.early_layers:
-                early = x[:, self.num_prefix_tokens:]  # (B,N,D) patch tokens, before any norm
-        x_cls_pt = torch.cat([x[:, :1], early], dim=1)  # (B,1+N,D): last block's CLS + early patches
+        x, early, rel_pos_bias = self._trunk(x, bool_masked_pos)
+        x_cls_pt = torch.cat([x[:, :1], early[:, self.num_prefix_tokens:]], dim=1)  # (B,1+N,D): CLS + early patches
         for blk in self.cls_pt_layers:
             x_cls_pt = self._block(blk, x_cls_pt, rel_pos_bias)
         norm = self.norm if self.shared_lm_head else self.cls_pt_norm

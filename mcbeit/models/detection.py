@@ -305,6 +305,13 @@ class BeitMaskRCNN(MaskRCNN):
     def get_num_layers(self) -> int:
         return self.backbone.body.get_num_layers()
 
+    def extract_feat(self, images: Tensor | Sequence[Tensor]) -> Dict[str, Tensor]:
+        """(B,3,S,S) images in 0-1 (or a list of (3,S,S)) -> the pyramid the heads read (detectron2's
+        ``backbone(images)``): OrderedDict '0'..'3' (p2..p5: (B,C,S/4,S/4) .. (B,C,S/32,S/32)) and 'pool' (p6,
+        (B,C,S/64,S/64)); normalised here as in ``forward``."""
+        batch, _ = self.transform(list(images))
+        return self.backbone(batch.tensors)
+
 
 def _init_heads_like_detectron2(box_head: nn.Module, box_predictor: FastRCNNPredictor,
                                 mask_predictor: MaskRCNNPredictor) -> None:

@@ -46,5 +46,9 @@ class LinearProbe(nn.Module):
                 intermediates_only=True)                                # (B, N, D), (B, 1, D)
         return patches.mean(dim=1) if self.pool == "avg" else prefix[:, 0]
 
+    def extract_feat(self, x: torch.Tensor) -> torch.Tensor:
+        """mmpretrain's name for :meth:`features`: (B, 3, H, W) -> (B, D), what the probe's BN and head read."""
+        return self.features(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.bn(self.features(x)))                     # (B, num_classes)

@@ -326,6 +326,11 @@ class UperNetSegmentor(nn.Module):
         aux = self.auxiliary_head(levels) if self.training and self.auxiliary_head is not None else None
         return logits, aux
 
+    def extract_feat(self, img: Tensor) -> List[Tensor]:
+        """(B,3,H,W), H = W = the crop -> the neck's 4 maps the heads read: [(B,D,H/4,W/4), (B,D,H/8,W/8),
+        (B,D,H/16,W/16), (B,D,H/32,W/32)] (mmseg's ``extract_feat``)."""
+        return self.backbone(img)
+
     def encode_decode(self, img: Tensor) -> Tensor:
         """(B,3,H,W) -> decode-head logits resized (bilinear, align_corners=False) to (B,C,H,W)."""
         return _resize(self.decode_head(self.backbone(img)), img.shape[2:])

@@ -151,7 +151,8 @@ class PretrainTask(Task):
         self.method.load_state(ckpt, path)
 
     def flags(self) -> dict[str, Any]:
-        return {**super().flags(), "window_size": list(self.window or ())}
+        # the method is recorded so that mcbeit.get_model rebuilds the right model from the file
+        return {**super().flags(), "window_size": list(self.window or ()), "method": self.config.METHOD}
 
 
 def mask_cell(patch: int) -> int:
