@@ -49,8 +49,9 @@ import torch
 from torch import nn
 
 from mcbeit.errors import InputError
+from mcbeit.models.checkpoint import hub_cache_path
 
-__all__ = ["ModelInfo", "list_models", "get_model", "data_config", "KINDS", "SEED_MODELS"]
+__all__ = ["ModelInfo", "list_models", "get_model", "data_config", "hub_cache_path", "KINDS", "SEED_MODELS"]
 
 log = logging.getLogger(__name__)
 
@@ -212,13 +213,6 @@ def _release_of(name: str) -> tuple[Optional[str], Optional[str]]:
     if cfg is None:
         return None, None
     return (cfg.url or None), (cfg.hf_hub_id or None)
-
-
-def hub_cache_path(url: str) -> str:
-    """Where torch hub keeps ``url``'s file (``torch.hub.get_dir()/checkpoints/<basename>``)."""
-    import urllib.parse
-
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
 
 
 def _pretrained_file(name: str, pretrained: bool | str | os.PathLike) -> str:

@@ -33,7 +33,7 @@ from mcbeit.errors import InputError
 __all__ = [
     'CheckpointError', 'CheckpointNotFoundError', 'UnsafeCheckpointError', 'StateDictMismatchError',
     'LoadReport', 'load_checkpoint_file', 'extract_state_dict', 'filter_pretraining_state_dict',
-    'load_into', 'compare_state_dict', 'resolve_source', 'read_checkpoint', 'select_state_dict',
+    'load_into', 'compare_state_dict', 'resolve_source', 'read_checkpoint', 'select_state_dict', 'hub_cache_path',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -128,12 +128,17 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def hub_cache_path(url: str) -> str:
+    """Where torch hub keeps ``url``'s file: ``torch.hub.get_dir()/checkpoints/<basename>``."""
+    return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urllib.parse.urlparse(url).path))
+
+
 def _cached_download(url: str, what: str) -> str:
-    """The hub-cache copy of ``url`` (``torch.hub.get_dir()/checkpoints/<basename>``), downloaded if absent."""
+    """The hub-cache copy of ``url`` (:func:`hub_cache_path`), downloaded if absent."""
     name = os.path.basename(urllib.parse.urlparse(url).path)
     if not name:
         raise CheckpointError(f'{what} {url!r}: the URL does not end with a file name')
-    dst = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
+    dst = hub_cache_path(url)
     if os.path.isfile(dst):
         return dst
     match = torch.hub.HASH_REGEX.search(name)  # as check_hash=True: 'name-<sha256 prefix>.pth'
