@@ -320,11 +320,22 @@ def _detector(ckpt: Mapping, path: str) -> nn.Module:
     return finish(model, info, _det_preprocessing(cfg))
 
 
-def _coco_classes() -> list[str]:
-    """COCO's 80 category names in the order of their ids (torchvision's list, shipped with it)."""
+def _coco_categories() -> list[tuple[int, str]]:
+    """COCO's 80 (category id, name) pairs: torchvision's list, shipped with it, is indexed by the category id."""
     from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights
 
-    return [c for c in MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1.meta["categories"] if c not in ("__background__", "N/A")]
+    names = MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1.meta["categories"]
+    return [(i, c) for i, c in enumerate(names) if c not in ("__background__", "N/A")]
+
+
+def _load_dense(model: nn.Module, source: Optional[str], prefixes: tuple[str, str], load_whole, load_backbone) -> None:
+    """A whole dense model's file (its backbone and head ``prefixes``) loads whole; another is a backbone's."""
+    if source is None:
+        return
+    if holds_whole_model(read_checkpoint(source), "model|module", *prefixes):
+        load_whole(model, source)
+    else:
+        log.info("%s", load_backbone(model, source).summary("backbone from"))
 
 
 def preset_model(name: str, kind: str, file: Optional[str], kwargs: Mapping[str, Any]) -> nn.Module:
@@ -338,35 +349,27 @@ def preset_model(name: str, kind: str, file: Optional[str], kwargs: Mapping[str,
     if kind == "segmentation":
         from mcbeit.config.segmentation import PRESETS, SegmentationConfig
         from mcbeit.data.segmentation import ADE20K_CLASSES
-        from mcbeit.models.segmentation import load_backbone_weights, load_segmentation_checkpoint
+        from mcbeit.models import segmentation
 
         cfg = SegmentationConfig(**PRESETS[name])
         num_classes = int(kwargs.get("num_classes", 150))
         model = cfg.build_segmentor(num_classes)
-        if source is not None:
-            ckpt = read_checkpoint(source)
-            if holds_whole_model(ckpt, "model|module", "backbone.", "decode_head."):
-                load_segmentation_checkpoint(model, source)
-            else:
-                log.info("%s", load_backbone_weights(model, source).summary("backbone from"))
+        _load_dense(model, source, ("backbone.", "decode_head."), segmentation.load_segmentation_checkpoint,
+                    segmentation.load_backbone_weights)
         classes = list(ADE20K_CLASSES) if num_classes == 150 else []
         info = ModelInfo("segmentation", name, source, classes, None, _seg_settings(cfg))
         return finish(model, info, _seg_preprocessing(cfg))
     from mcbeit.config.detection import PRESETS, DetectionConfig
-    from mcbeit.models.detection import load_backbone_weights, load_detection_checkpoint
+    from mcbeit.models import detection
 
     cfg = DetectionConfig(**PRESETS[name])
     num_classes = int(kwargs.get("num_classes", 80))
     model = cfg.build_detector(num_classes)
-    if source is not None:
-        ckpt = read_checkpoint(source)
-        if holds_whole_model(ckpt, "model|module", "backbone.body.", "roi_heads."):
-            load_detection_checkpoint(model, source)
-        else:
-            log.info("%s", load_backbone_weights(model, source).summary("backbone from"))
-    classes = _coco_classes() if num_classes == 80 else []
-    info = ModelInfo("detection", name, source, classes, None,
-                     dict(image_size=cfg.image_size, category_ids=list(range(1, num_classes + 1))))
+    _load_dense(model, source, ("backbone.body.", "roi_heads."), detection.load_detection_checkpoint,
+                detection.load_backbone_weights)
+    coco = _coco_categories() if num_classes == 80 else [(i, str(i)) for i in range(1, num_classes + 1)]
+    info = ModelInfo("detection", name, source, [n for _, n in coco] if num_classes == 80 else [], None,
+                     dict(image_size=cfg.image_size, category_ids=[i for i, _ in coco]))
     return finish(model, info, _det_preprocessing(cfg))
 
 

@@ -167,13 +167,19 @@ def test_a_seed_name_with_pretrained_true_reads_torch_hubs_cache(tmp_path):
         torch.hub.set_dir(hub)
 
 
-def test_a_segmentation_preset_with_a_backbone_file(pretrained_checkpoint):
+def test_presets_build_their_recipe_with_the_datasets_names():
     model = mcbeit.get_model("upernet_beit_base_12_512_slide_160k_ade20k_pt", num_classes=5)
     assert model.mcbeit.kind == "segmentation" and model.mcbeit.classes == []
     assert mcbeit.data_config(model)["input_size"] == (3, 512, 512)
     assert len(mcbeit.get_model("upernet_beit_base_12_512_slide_160k_ade20k_pt").mcbeit.classes) == 150
     with pytest.raises(InputError, match="num_classes= only"):
         mcbeit.get_model("upernet_beit_base_12_512_slide_160k_ade20k_pt", img_size=256)
+
+    det = mcbeit.get_model("benchmarking_mask_rcnn_base_FPN_25ep_LSJ_mc-beit")
+    assert det.mcbeit.kind == "detection" and det.mcbeit.source is None
+    assert det.mcbeit.classes[0] == "person" and len(det.mcbeit.classes) == 80
+    assert det.mcbeit.settings["category_ids"][-1] == 90  # COCO's ids, not 1..80
+    assert mcbeit.data_config(det)["image_size"] == 1024
 
 
 def test_clear_errors(tmp_path, vq_tokenizer_file, pretrained_checkpoint):
