@@ -76,29 +76,28 @@ def tokenized_pretrain_run(image_folder, vq_tokenizer_file, tmp_path_factory) ->
     return out
 
 
+def _dense_run(out: Path, cli, argv: list[str]) -> Path:
+    """``cli``'s train command (mcbeit-seg / mcbeit-det) from random initialisation, 2 iterations in one round."""
+    with torch.random.fork_rng():
+        cli.run(cli.get_args_parser("train").parse_args(["--output_dir", str(out), *argv, "--pretrained", "none"]))
+    return out
+
+
 @pytest.fixture(scope="session")
 def seg_run(tmp_path_factory) -> Path:
-    """mcbeit-seg on the embedded scenes: a tiny UperNet at 32 px, 2 iterations."""
+    """mcbeit-seg on the embedded scenes: a tiny UperNet at 32 px."""
     from mcbeit.cli import segmentation
     from tests.tasks.test_segmentation import SEG_FAST
 
-    out = tmp_path_factory.mktemp("api_seg")
-    with torch.random.fork_rng():
-        segmentation.run(segmentation.get_args_parser("train").parse_args(
-            ["--output_dir", str(out), *SEG_FAST, "--max_iters", "2", "--eval_interval", "2",
-             "--checkpoint_interval", "2", "--pretrained", "none"]))
-    return out
+    return _dense_run(tmp_path_factory.mktemp("api_seg"), segmentation,
+                      [*SEG_FAST, "--max_iters", "2", "--eval_interval", "2", "--checkpoint_interval", "2"])
 
 
 @pytest.fixture(scope="session")
 def det_run(tmp_path_factory) -> Path:
-    """mcbeit-det on the embedded scenes: a tiny Mask R-CNN at 64 px, 2 iterations."""
+    """mcbeit-det on the embedded scenes: a tiny Mask R-CNN at 64 px."""
     from mcbeit.cli import detection
     from tests.tasks.test_detection import DET_FAST
 
-    out = tmp_path_factory.mktemp("api_det")
-    with torch.random.fork_rng():
-        detection.run(detection.get_args_parser("train").parse_args(
-            ["--output_dir", str(out), *DET_FAST, "--max_iter", "2", "--eval_period", "2", "--checkpoint_period", "2",
-             "--pretrained", "none"]))
-    return out
+    return _dense_run(tmp_path_factory.mktemp("api_det"), detection,
+                      [*DET_FAST, "--max_iter", "2", "--eval_period", "2", "--checkpoint_period", "2"])
