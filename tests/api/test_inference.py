@@ -334,7 +334,7 @@ def test_a_tokenizer_given_as_a_path_is_used_and_one_of_another_vocabulary_is_re
     from mcbeit.tokenizers.custom import CustomTokenizer, save_custom_tokenizer
 
     pixels = scene(64, 64, seed=5)
-    reference = mcbeit.inference_model(tokenized_pretrain_run, pixels)
+    reference = mcbeit.inference_model(tokenized_pretrain_run, pixels, device="cpu")
     # the same checkpoint, its tokenizer moved away since: no comparison unless the tokenizer is given
     ckpt = torch.load(mcbeit.get_model(tokenized_pretrain_run, device="cpu").mcbeit.source, map_location="cpu",
                       weights_only=False)
@@ -355,7 +355,8 @@ def test_a_tokenizer_given_as_a_path_is_used_and_one_of_another_vocabulary_is_re
     with pytest.raises(InputError, match=r"32 tokens, the model predicts 64"):
         mcbeit.inference_model(moved, pixels, tokenizer=str(small))
     with pytest.raises(InputError, match=r"8192"):  # the fixture's 64-word tokenizer for an 8192-word model
-        mcbeit.inference_model(pretrained_checkpoint, pixels, tokenizer=str(vq_tokenizer_file))
+        mcbeit.inference_model(pretrained_checkpoint, pixels, tokenizer=str(vq_tokenizer_file),
+                               device="cpu")
     with pytest.raises(InputError, match=r"does not exist"):
         mcbeit.inference_model(moved, pixels, tokenizer=str(tmp_path / "nowhere.pth"))
 

@@ -46,7 +46,7 @@ def test_a_classifier_prints_its_top_classes_draws_them_and_writes_the_api_resul
                                                                                   capsys):
     out, record = tmp_path / "pictures", tmp_path / "predictions.json"
     printed = run(capsys, *images, "--model", finetuned_run, "--out", out, "--json", record, "--topk", "2")
-    expected = mcbeit.inference_model(finetuned_run, images)
+    expected = mcbeit.inference_model(finetuned_run, images, device="cpu")
     lines = printed.splitlines()
     assert lines[0].startswith("classifier beit_tiny_patch16_224 (") and lines[0].endswith(") on cpu")
     for image, result in zip(images, expected, strict=True):
@@ -101,7 +101,7 @@ def test_a_detector_prints_its_detections(det_run, tmp_path, capsys):
     image = sorted((embedded_detection_root() / "val2017").glob("*.jpg"))[0]
     out, record = tmp_path / "boxes", tmp_path / "boxes.json"
     printed = run(capsys, image, "--model", det_run, "--score_threshold", "0.1", "--out", out, "--json", record)
-    expected = mcbeit.inference_model(det_run, image, score_threshold=0.1)
+    expected = mcbeit.inference_model(det_run, image, score_threshold=0.1, device="cpu")
     k = len(expected["scores"])
     assert k > 0
     assert printed.splitlines()[0].startswith("detection ")
@@ -125,7 +125,8 @@ def test_a_pretraining_checkpoint_with_tokenizer_prints_token_accuracy_and_draws
     out, record = tmp_path / "tokens", tmp_path / "tokens.json"
     printed = run(capsys, square, "--model", tokenized_pretrain_run, "--tokenizer", vq_tokenizer_file, "--seed", "2",
                   "--out", out, "--json", record)
-    expected = mcbeit.inference_model(tokenized_pretrain_run, square, tokenizer=str(vq_tokenizer_file), seed=2)
+    expected = mcbeit.inference_model(tokenized_pretrain_run, square, tokenizer=str(vq_tokenizer_file), seed=2,
+                                      device="cpu")
     assert printed.splitlines()[0].startswith("pretrain beit_tiny_patch16_224_8k_vocab (")
     assert f"  masked patches: {int(expected['mask'].sum())} of 16\n" in printed
     assert f"  token accuracy on the masked patches: {expected['token_accuracy']:.3f}\n" in printed
