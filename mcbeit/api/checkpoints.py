@@ -161,10 +161,14 @@ def _mim_info(name: str, method: str, args: Mapping[str, Any], source: Optional[
     mean, std = normalisation(imagenet_norm)
     tokenizer = {k: getattr(cfg, k) for k in ("discrete_vae_type", "discrete_vae_weight_path", "tokenizer_weight",
                                               "tokenizer_model", "codebook_size", "codebook_dim") if hasattr(cfg, k)}
+    patches, default = int(model.patch_embed.num_patches), 196  # the recipes' counts are for 14 x 14 patches
+    num, least = cfg.num_mask_patches, cfg.min_mask_patches_per_block
+    if "num_mask_patches" not in args and patches != default:  # a model built by name at another size
+        num = max(1, round(num * patches / default))
+        least = max(1, min(num, round(least * patches / default)))
     settings = dict(
         input_size=size, second_input_size=int(getattr(cfg, "second_input_size", None) or size),
-        mask_type=cfg.mask_type, num_mask_patches=cfg.num_mask_patches, mask_ratio=cfg.mask_ratio,
-        min_mask_patches_per_block=cfg.min_mask_patches_per_block,
+        mask_type=cfg.mask_type, num_mask_patches=num, mask_ratio=cfg.mask_ratio, min_mask_patches_per_block=least,
         max_mask_patches_per_block=cfg.max_mask_patches_per_block, exact_masks=method == "beitv2",
         second_interpolation=getattr(cfg, "second_interpolation", "lanczos"), tokenizer=tokenizer)
     pre = dict(input_size=(3, size, size), interpolation="bicubic", crop_pct=1.0, mean=tuple(mean), std=tuple(std))

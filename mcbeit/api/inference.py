@@ -125,6 +125,9 @@ def _classify(model: nn.Module, images: list[Image.Image], batch_size: int) -> l
     cfg = data_config(model)
     transform = build_classification_transform(False, int(cfg["input_size"][-1]), mean=cfg["mean"], std=cfg["std"],
                                                crop_pct=cfg.get("crop_pct")).transform
+    size = int(cfg["input_size"][-1])
+    if size <= 32:  # the evaluation transform does not resize at CIFAR sizes: other images are brought to S x S
+        images = [im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BICUBIC) for im in images]
     device, classes, out = _device_of(model), model.mcbeit.classes, []
     for part in _batches(len(images), batch_size):
         x = torch.stack([transform(image) for image in images[part]]).to(device)  # (B,3,S,S)
@@ -159,6 +162,7 @@ def _detect(model: nn.Module, images: list[Image.Image], batch_size: int,
     ids = model.mcbeit.settings.get("category_ids") or []
     names = model.mcbeit.classes
     device, out = _device_of(model), []
+    pasting = model.transform.paste_masks
     model.transform.paste_masks = False  # box-level masks, pasted at the original size below
     try:
         for part in _batches(len(images), batch_size):
@@ -170,6 +174,10 @@ def _detect(model: nn.Module, images: list[Image.Image], batch_size: int,
                 boxes = (det["boxes"][keep].float() / float(target["scale"])).cpu()
                 boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
                 boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+                # boxes left empty by the clipping (in the padding) are dropped, as the evaluation does
+                nonempty = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).to(keep.device)
+                keep = keep.nonzero()[:, 0][nonempty]
+                boxes = boxes[nonempty.cpu()]
                 labels = det["labels"][keep].cpu().numpy().astype(np.int64)
                 masks = paste_box_masks(det["masks"][keep], boxes, (height, width), 0.5)
                 out.append({"boxes": boxes.numpy(), "scores": det["scores"][keep].float().cpu().numpy(),
@@ -177,7 +185,7 @@ def _detect(model: nn.Module, images: list[Image.Image], batch_size: int,
                             "masks": masks,
                             "classes": [names[i - 1] if 0 < i <= len(names) else str(i) for i in labels]})
     finally:
-        model.transform.paste_masks = True
+        model.transform.paste_masks = pasting
     return out
 
 
@@ -223,9 +231,12 @@ def _pretraining(model: nn.Module, images: list[Image.Image], batch_size: int, t
     conmim = model.mcbeit.method == "conmim"
     tok = None if conmim else _tokenizer_of(model, tokenizer)
     grid = tuple(model.patch_embed.grid_size)
-    masks = build_mask_generator(s["mask_type"], grid, s["num_mask_patches"], s["mask_ratio"],
-                                 s["min_mask_patches_per_block"], s["max_mask_patches_per_block"],
-                                 exact=s["exact_masks"], cell=mask_cell(model.patch_embed.patch_size[0]))
+    try:
+        masks = build_mask_generator(s["mask_type"], grid, s["num_mask_patches"], s["mask_ratio"],
+                                     s["min_mask_patches_per_block"], s["max_mask_patches_per_block"],
+                                     exact=s["exact_masks"], cell=mask_cell(model.patch_embed.patch_size[0]))
+    except ValueError as exc:
+        raise InputError(f"the model's masking does not fit its {grid[0]}x{grid[1]} patch grid: {exc}") from None
     second = int(s["second_input_size"]) if tok is not None else int(cfg["input_size"][-1])
     # the training pipeline without its randomness: the central square, no flip, both views from it
     views = TwoViewTransform(int(cfg["input_size"][-1]), second, "bicubic", s["second_interpolation"], cfg["mean"],

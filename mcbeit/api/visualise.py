@@ -101,7 +101,7 @@ def render(model: nn.Module, image, result: Mapping) -> np.ndarray:
         index = [ids.index(int(c)) + 1 if int(c) in ids else int(c) for c in result["labels"]]  # model labels
         out = {"boxes": torch.as_tensor(result["boxes"]), "scores": torch.as_tensor(result["scores"]),
                "labels": torch.as_tensor(index, dtype=torch.int64), "masks": torch.as_tensor(result["masks"])}
-        return save_detection_visualisation(None, [torch.from_numpy(pixels).permute(2, 0, 1)], [out], classes,
+        return save_detection_visualisation(None, [torch.from_numpy(pixels.copy()).permute(2, 0, 1)], [out], classes,
                                             score_threshold=0.3, max_side=max(pixels.shape[:2]))
     return _pretraining(model, pixels, result)
 

@@ -83,7 +83,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, (np.integer, np.floating)):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and value != value:  # NaN (no masked patch): JSON's null
+        return None
     return value
 
 
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{info.kind} {info.name} ({info.source or 'random weights'}) on {next(model.parameters()).device}")
     results = mcbeit.inference_model(model, list(args.images), batch_size=args.batch_size, tokenizer=args.tokenizer,
                                      seed=args.seed, score_threshold=args.score_threshold)
-    records = []
+    records, stems = [], set()
     for path, result in zip(args.images, results, strict=True):
         if info.kind == "classifier":
             print(f"{path}: {result['pred_class']} ({result['pred_score']:.4f})")
@@ -114,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         if args.out is not None:
             stem = Path(path).stem
+            if stem in stems:  # two images of one name from different folders: both pictures kept
+                stem = f"{stem}_{len(records)}"
+            stems.add(stem)
             save_png(os.path.join(args.out, f"{stem}.png"), render(model, path, result))
             if info.kind == "segmentation":
                 label = result["pred_sem_seg"]

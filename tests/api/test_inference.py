@@ -473,3 +473,40 @@ def test_bad_images_and_batch_sizes_are_input_errors_that_say_what_to_pass(class
             mcbeit.inference_model(classifier, good, batch_size=size)
     with pytest.raises(InputError, match=r"get_model"):
         mcbeit.inference_model(torch.nn.Linear(2, 2), good)  # a module get_model did not build
+
+
+def test_no_empty_box_survives_the_clipping_to_the_image(detector):
+    """Detections in the padding clip to zero width at the original size: dropped, as the COCO evaluation does."""
+    from mcbeit.data.embedded_det import embedded_detection_root
+
+    images = sorted((embedded_detection_root() / "val2017").glob("*.jpg"))
+    assert len(images) >= 20
+    results = mcbeit.inference_model(detector, images, score_threshold=0.0)
+    for result in results:
+        boxes = result["boxes"]
+        assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
+        assert len(result["masks"]) == len(boxes) == len(result["labels"]) == len(result["scores"])
+    assert detector.transform.paste_masks  # restored after the box-level masks
+
+    import warnings
+
+    from mcbeit.api.visualise import render
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's warning on a read-only array
+        picture = render(detector, images[0], results[0])
+    assert picture.dtype == np.uint8 and picture.shape[2] == 3
+
+
+def test_models_built_by_name_at_small_sizes_answer():
+    """A 32-px classifier (the CIFAR recipe's evaluation does not resize) takes images of any size; a pre-training
+    model built at 64 px gets the recipe's masking scaled to its 4x4 grid (75 of 196 patches -> 6 of 16)."""
+    torch.manual_seed(0)
+    small = mcbeit.get_model("beit_tiny_patch16_224", img_size=32, num_classes=10, device="cpu")
+    results = mcbeit.inference_model(small, [scene(64, 64, 1), scene(40, 50, 2), scene(32, 32, 3)])
+    assert [r["pred_scores"].shape for r in results] == [(10,)] * 3
+    mim = mcbeit.get_model("beit_tiny_patch16_224_8k_vocab_cls_pt", img_size=64, depth=4, vocab_size=64,
+                           early_layers=3, head_layers=1, device="cpu")
+    result = mcbeit.inference_model(mim, scene(64, 64, 4))
+    assert result["mask"].shape == (4, 4) and result["mask"].sum() == 6  # BEiT v2's exact block masks
+    assert result["pred_tokens"].max() < 64
