@@ -30,11 +30,11 @@ def test_import_mcbeit_registers_every_name_with_timm(order):
 def test_the_package_and_the_command_lines_import_without_torch():
     """What --help needs: the parsers and configurations import neither torch nor timm."""
     out = _python("import sys, mcbeit, mcbeit.cli.pretrain, mcbeit.cli.finetune, mcbeit.cli.tokenizer, mcbeit.cli.export, "
-                  "mcbeit.cli.knn\n"
+                  "mcbeit.cli.knn, mcbeit.cli.predict\n"
                   "for p in (mcbeit.cli.pretrain.get_args_parser(), mcbeit.cli.pretrain.get_beit_args_parser(),\n"
                   "          mcbeit.cli.finetune.get_args_parser(), mcbeit.cli.finetune.get_linprobe_parser(),\n"
                   "          mcbeit.cli.tokenizer.get_args_parser(), mcbeit.cli.export.get_args_parser(),\n"
-                  "          mcbeit.cli.knn.get_args_parser()):\n"
+                  "          mcbeit.cli.knn.get_args_parser(), mcbeit.cli.predict.get_args_parser()):\n"
                   "    p.format_help()\n"
                   "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
     assert out.strip() == "[]"
