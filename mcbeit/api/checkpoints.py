@@ -111,7 +111,7 @@ def _method_of(sd: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> str:
 def _mim_kwargs(sd: Mapping[str, torch.Tensor], method: str, args: Mapping[str, Any]) -> tuple[str, dict]:
     """(timm name, create_model kwargs) of the MIM model whose weights ``sd`` are (width, depth, tables, layer
     scale, vocabulary, grid and the method's heads all read from the weights; the name from the flags if given)."""
-    from mcbeit.models.export import _grid_side
+    from mcbeit.models.export import grid_side
 
     width = int(sd["patch_embed.proj.weight"].shape[0])
     patch = int(sd["patch_embed.proj.weight"].shape[-1])
@@ -128,7 +128,7 @@ def _mim_kwargs(sd: Mapping[str, torch.Tensor], method: str, args: Mapping[str, 
             method, f"beit_{size}_patch16_224_8k_vocab")
         if method == "beitv2" and not any(k.startswith("cls_pt_layers.") for k in sd):
             name = name[:-len("_cls_pt")]
-    side = _grid_side(sd)
+    side = grid_side(sd)
     kwargs: dict[str, Any] = dict(
         depth=depth, num_heads=heads, embed_dim=width,
         use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in sd,
@@ -214,7 +214,7 @@ def _classifier_classes(ckpt: Mapping, num_classes: int) -> list:
 def _finetuned(ckpt: Mapping, path: str) -> nn.Module:
     from mcbeit.config.fields import from_flags
     from mcbeit.config.finetune import FinetuneConfig
-    from mcbeit.models.export import _data_config
+    from mcbeit.models.export import eval_data_config
     from mcbeit.models.linear_probe import LinearProbe
 
     args = _args(ckpt)
@@ -229,7 +229,7 @@ def _finetuned(ckpt: Mapping, path: str) -> nn.Module:
     load_into(model, extract_state_dict(ckpt, ("model", "module")), strict=True)
     info = ModelInfo("classifier", cfg.model, path, _classifier_classes(ckpt, nb), None,
                      {"linear_probe": bool(cfg.linear_probe)})
-    return finish(model, info, _data_config(args, cfg.input_size), extract)
+    return finish(model, info, eval_data_config(args, cfg.input_size), extract)
 
 
 def named_classifier(name: str, arch: str, kwargs: Mapping[str, Any], file: Optional[str],
@@ -240,7 +240,7 @@ def named_classifier(name: str, arch: str, kwargs: Mapping[str, Any], file: Opti
 
     from mcbeit.config.finetune import uses_imagenet_mean_and_std
     from mcbeit.models.beit_weights import load_pretrained
-    from mcbeit.models.export import _data_config
+    from mcbeit.models.export import eval_data_config
 
     model = timm.create_model(arch, pretrained=False, **kwargs)
     source = None
@@ -251,7 +251,7 @@ def named_classifier(name: str, arch: str, kwargs: Mapping[str, Any], file: Opti
             log.warning("%s: no weights in %s for %s (left at their initialisation)", name, file,
                         ", ".join(report.fresh[:6]))
     imagenet = uses_imagenet_mean_and_std(arch) if imagenet_norm is None else imagenet_norm
-    pre = _data_config({"imagenet_default_mean_and_std": imagenet}, int(model.patch_embed.img_size[0]))
+    pre = eval_data_config({"imagenet_default_mean_and_std": imagenet}, int(model.patch_embed.img_size[0]))
     classes = imagenet_classes() if model.num_classes == 1000 else []
     return finish(model, ModelInfo("classifier", name, source, classes), pre, classifier_features)
 

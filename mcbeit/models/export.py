@@ -45,8 +45,9 @@ from mcbeit.models.beit_weights import PRETRAINING_ONLY, convert_state_dict
 from mcbeit.models.checkpoint import LoadReport, StateDictMismatchError, extract_state_dict, load_checkpoint_file
 from mcbeit.models.classifier import classifier_counterpart, classifier_names
 
-__all__ = ['ExportError', 'Exportable', 'load_for_export', 'architecture_from_weights', 'timm_config',
-           'save_timm', 'timm_create_calls', 'verify_export', 'hf_config_kwargs', 'timm_to_hf_state_dict', 'save_hf']
+__all__ = ['ExportError', 'Exportable', 'load_for_export', 'architecture_from_weights', 'grid_side',
+           'eval_data_config', 'timm_config', 'save_timm', 'timm_create_calls', 'verify_export', 'hf_config_kwargs',
+           'timm_to_hf_state_dict', 'save_hf']
 
 _logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Exportable:
 
 
 # ---------------------------------------------------------------------- reading a checkpoint
-def _grid_side(sd: Mapping[str, torch.Tensor]) -> Optional[int]:
+def grid_side(sd: Mapping[str, torch.Tensor]) -> Optional[int]:
     """Patches per side fixed by the weights (relative table or position embedding), or None."""
     table = sd.get('rel_pos_bias.relative_position_bias_table', sd.get('blocks.0.attn.relative_position_bias_table'))
     if table is not None:  # (2h-1)(2w-1)+3 rows, square grids only
@@ -125,7 +126,7 @@ def _model_name(args: Mapping[str, Any]) -> str:
     return name
 
 
-def _data_config(args: Mapping[str, Any], size: int) -> Dict[str, Any]:
+def eval_data_config(args: Mapping[str, Any], size: int) -> Dict[str, Any]:
     """The original evaluation transform: resize to size/crop_pct, center crop, bicubic, normalise."""
     imagenet = bool(args.get('imagenet_default_mean_and_std'))
     crop_pct = args.get('crop_pct') or (224 / 256 if size < 384 else 1.0)
@@ -157,7 +158,7 @@ def load_for_export(path: str | os.PathLike, *, use_ema: bool = False,
     name = _model_name(args)
     arch = architecture_from_weights(sd)
     _warn_on_flag_conflicts(arch, args, pretrained)
-    side = _grid_side(sd)
+    side = grid_side(sd)
     patch = sd['patch_embed.proj.weight'].shape[-1] if 'patch_embed.proj.weight' in sd else 16
     size = side * patch if side else int(args.get('input_size') or 224)
     if args.get('input_size') and int(args['input_size']) != size:
@@ -176,7 +177,7 @@ def load_for_export(path: str | os.PathLike, *, use_ema: bool = False,
                           f'\n{e}') from None
     model.load_state_dict(converted)
     source = ('pre-trained' if pretrained else 'fine-tuned') + (' (EMA)' if use_ema else '')
-    return Exportable(model.eval(), name, model_args, _data_config(args, size), source,
+    return Exportable(model.eval(), name, model_args, eval_data_config(args, size), source,
                       _label_names(ckpt.get('classes'), model.num_classes, path))
 
 
