@@ -94,17 +94,16 @@ def inference_model(model: Any, images: ImageLike | Sequence[ImageLike], *, devi
         return []
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
-    pil = [load_image(item) for item in items]
-    kind = model.mcbeit.kind
+    kind = model.mcbeit.kind  # images are read batch by batch: a long list is never all in memory
     with torch.inference_mode():
         if kind == "classifier":
-            results = _classify(model, pil, batch_size)
+            results = _classify(model, items, batch_size)
         elif kind == "segmentation":
-            results = [_segment(model, image) for image in pil]
+            results = [_segment(model, load_image(item)) for item in items]
         elif kind == "detection":
-            results = _detect(model, pil, batch_size, score_threshold)
+            results = _detect(model, items, batch_size, score_threshold)
         else:
-            results = _pretraining(model, pil, batch_size, tokenizer, seed)
+            results = _pretraining(model, items, batch_size, tokenizer, seed)
     return results[0] if single else results
 
 
@@ -118,7 +117,7 @@ def _batches(n: int, size: int):
 
 
 # ---------------------------------------------------------------------- classifiers
-def _classify(model: nn.Module, images: list[Image.Image], batch_size: int) -> list[dict]:
+def _classify(model: nn.Module, images: list, batch_size: int) -> list[dict]:
     from mcbeit.api.models import data_config
     from mcbeit.data.classification_transforms import build_classification_transform
 
@@ -126,11 +125,16 @@ def _classify(model: nn.Module, images: list[Image.Image], batch_size: int) -> l
     transform = build_classification_transform(False, int(cfg["input_size"][-1]), mean=cfg["mean"], std=cfg["std"],
                                                crop_pct=cfg.get("crop_pct")).transform
     size = int(cfg["input_size"][-1])
-    if size <= 32:  # the evaluation transform does not resize at CIFAR sizes: other images are brought to S x S
-        images = [im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BICUBIC) for im in images]
+
+    def prepared(item) -> torch.Tensor:
+        image = load_image(item)
+        if size <= 32 and image.size != (size, size):  # the evaluation transform does not resize at CIFAR sizes
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        return transform(image)  # (3,S,S)
+
     device, classes, out = _device_of(model), model.mcbeit.classes, []
     for part in _batches(len(images), batch_size):
-        x = torch.stack([transform(image) for image in images[part]]).to(device)  # (B,3,S,S)
+        x = torch.stack([prepared(item) for item in images[part]]).to(device)  # (B,3,S,S)
         scores = model(x).float().softmax(dim=-1).cpu().numpy()  # (B,C)
         for row in scores:
             label = int(row.argmax())
@@ -153,7 +157,7 @@ def _segment(model: nn.Module, image: Image.Image) -> dict:
     return {"pred_sem_seg": label.cpu().numpy().astype(np.int64), "classes": list(model.mcbeit.classes)}
 
 
-def _detect(model: nn.Module, images: list[Image.Image], batch_size: int,
+def _detect(model: nn.Module, images: list, batch_size: int,
             score_threshold: Optional[float]) -> list[dict]:
     from mcbeit.data.det_transforms import ResizePadTestTransform
     from mcbeit.evaluation.detection import paste_box_masks
@@ -166,9 +170,10 @@ def _detect(model: nn.Module, images: list[Image.Image], batch_size: int,
     model.transform.paste_masks = False  # box-level masks, pasted at the original size below
     try:
         for part in _batches(len(images), batch_size):
-            inputs = [transform(image) for image in images[part]]  # (image (3,S,S), target with 'scale')
+            pil = [load_image(item) for item in images[part]]
+            inputs = [transform(image) for image in pil]  # (image (3,S,S), target with 'scale')
             outputs = model([x.to(device) for x, _ in inputs])
-            for image, (_, target), det in zip(images[part], inputs, outputs, strict=True):
+            for image, (_, target), det in zip(pil, inputs, outputs, strict=True):
                 keep = det["scores"] >= (0.0 if score_threshold is None else float(score_threshold))
                 width, height = image.size
                 boxes = (det["boxes"][keep].float() / float(target["scale"])).cpu()
@@ -221,7 +226,7 @@ def _tokenizer_of(model: nn.Module, tokenizer: Any) -> Optional[nn.Module]:
     return tok.to(_device_of(model)).eval()
 
 
-def _pretraining(model: nn.Module, images: list[Image.Image], batch_size: int, tokenizer: Any, seed: int) -> list[dict]:
+def _pretraining(model: nn.Module, images: list, batch_size: int, tokenizer: Any, seed: int) -> list[dict]:
     from mcbeit.api.models import data_config
     from mcbeit.data.masking import build_mask_generator
     from mcbeit.data.transforms import TwoViewTransform
@@ -245,7 +250,7 @@ def _pretraining(model: nn.Module, images: list[Image.Image], batch_size: int, t
     rng = np.random.default_rng(seed)
     device, out = _device_of(model), []
     for part in _batches(len(images), batch_size):
-        a, b, m = zip(*(views(image, rng) for image in images[part]), strict=True)
+        a, b, m = zip(*(views(load_image(item), rng) for item in images[part]), strict=True)
         x, mask = torch.stack(a).to(device), torch.stack(m).to(device)  # (B,3,H,W), (B,N)
         if conmim:
             out += _conmim(model, x, mask, grid)
