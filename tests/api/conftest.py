@@ -25,16 +25,20 @@ def cls_data(tmp_path_factory) -> Path:
     return root
 
 
+def _classifier_run(out: Path, main, data: Path, pretrained: Path, *extra: str) -> Path:
+    """``main`` (mcbeit-finetune / mcbeit-linprobe) from ``pretrained`` on ``data``, one epoch."""
+    with torch.random.fork_rng():
+        assert main(["--data_path", str(data), "--output_dir", str(out), *FINETUNE_FAST, "--finetune",
+                     str(pretrained), *extra]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def finetuned_run(cls_data, pretrained_checkpoint, tmp_path_factory) -> Path:  # noqa: F811
-    """mcbeit-finetune from the pre-training fixture's checkpoint, one epoch."""
+    """mcbeit-finetune from the pre-training fixture's checkpoint."""
     from mcbeit.cli import finetune
 
-    out = tmp_path_factory.mktemp("api_finetuned")
-    with torch.random.fork_rng():
-        assert finetune.main(["--data_path", str(cls_data), "--output_dir", str(out), *FINETUNE_FAST,
-                              "--finetune", str(pretrained_checkpoint)]) == 0
-    return out
+    return _classifier_run(tmp_path_factory.mktemp("api_finetuned"), finetune.main, cls_data, pretrained_checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -42,12 +46,8 @@ def linprobe_run(cls_data, pretrained_checkpoint, tmp_path_factory) -> Path:  # 
     """mcbeit-linprobe of block 2, CLS token."""
     from mcbeit.cli import finetune
 
-    out = tmp_path_factory.mktemp("api_linprobe")
-    with torch.random.fork_rng():
-        assert finetune.main_linprobe(["--data_path", str(cls_data), "--output_dir", str(out), *FINETUNE_FAST,
-                                       "--finetune", str(pretrained_checkpoint), "--probe_layer", "2",
-                                       "--probe_pool", "cls", "--lr", "0.1"]) == 0
-    return out
+    return _classifier_run(tmp_path_factory.mktemp("api_linprobe"), finetune.main_linprobe, cls_data,
+                           pretrained_checkpoint, "--probe_layer", "2", "--probe_pool", "cls", "--lr", "0.1")
 
 
 @pytest.fixture(scope="session")
