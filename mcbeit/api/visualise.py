@@ -3,7 +3,7 @@ evaluations already use: the segmentation palette, the detection drawing, the to
 
 * classifier: the image over a band listing the top-5 classes and scores;
 * segmentation: the image | its colourised class map;
-* detection: the image with its boxes, labels and translucent masks (scores >= 0.3);
+* detection: the image with its boxes, labels and translucent masks (scores >= 0.3 unless told otherwise);
 * pre-training: the model's view | the mask (masked patches greyed) | predicted tokens in false colour | the
   tokenizer's tokens | its reconstruction (the last two when a tokenizer was given); ConMIM: the view | the mask
   | each patch coloured by whether it found itself (green) or another patch (red).
@@ -81,8 +81,8 @@ def _pretraining(model: nn.Module, image: np.ndarray, result: Mapping) -> np.nda
     return _row(pictures, size)
 
 
-def render(model: nn.Module, image, result: Mapping) -> np.ndarray:
-    """uint8 (H,W,3) picture of one image's ``result`` (module doc)."""
+def render(model: nn.Module, image, result: Mapping, score_threshold: float = 0.3) -> np.ndarray:
+    """uint8 (H,W,3) picture of one image's ``result`` (module doc); detections drawn from ``score_threshold``."""
     from mcbeit.api.inference import load_image
 
     pixels = np.asarray(load_image(image))  # (H,W,3)
@@ -102,7 +102,7 @@ def render(model: nn.Module, image, result: Mapping) -> np.ndarray:
         out = {"boxes": torch.as_tensor(result["boxes"]), "scores": torch.as_tensor(result["scores"]),
                "labels": torch.as_tensor(index, dtype=torch.int64), "masks": torch.as_tensor(result["masks"])}
         return save_detection_visualisation(None, [torch.from_numpy(pixels.copy()).permute(2, 0, 1)], [out], classes,
-                                            score_threshold=0.3, max_side=max(pixels.shape[:2]))
+                                            score_threshold=score_threshold, max_side=max(pixels.shape[:2]))
     return _pretraining(model, pixels, result)
 
 

@@ -42,7 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
     p.add_argument("--topk", type=int, default=5, help="classes printed per image (classifiers)")
     p.add_argument("--score_threshold", type=float, default=None,
-                   help="detections printed and drawn from this score (default: the model's, 0.05; pictures 0.3)")
+                   help="detections printed and drawn from this score (default: printed from the model's 0.05, drawn "
+                        "from 0.3)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="pre-training models: the tokenizer's weights, to compare the predicted visual tokens with "
                         "its own and reconstruct (default: the checkpoint's, if its file is still there)")
@@ -119,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
             if stem in stems:  # two images of one name from different folders: both pictures kept
                 stem = f"{stem}_{len(records)}"
             stems.add(stem)
-            save_png(os.path.join(args.out, f"{stem}.png"), render(model, path, result))
+            drawn = 0.3 if args.score_threshold is None else args.score_threshold
+            save_png(os.path.join(args.out, f"{stem}.png"), render(model, path, result, drawn))
             if info.kind == "segmentation":
                 label = result["pred_sem_seg"]
                 dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
