@@ -6,20 +6,9 @@ from timm.models.beit import Beit
 
 from mcbeit.engine.optim import build_optimizer, layer_id, param_groups
 from mcbeit.engine.schedules import apply_schedules
+from mcbeit.models.beit import BeitForMaskedImageModeling
 
 DEPTH = 3
-
-try:
-    from mcbeit.models.beit import BeitForMaskedImageModeling
-except ImportError:  # the model helper's module is not there yet: an equivalent stand-in
-    class BeitForMaskedImageModeling(Beit):
-        def __init__(self, vocab_size=20, **kwargs):
-            super().__init__(num_classes=0, global_pool="", use_fc_norm=False, **kwargs)
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
-            self.lm_head = nn.Linear(self.embed_dim, vocab_size)
-
-        def no_weight_decay(self):
-            return {"pos_embed", "cls_token"}
 
 
 def tiny_mim_model():
