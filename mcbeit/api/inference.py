@@ -160,37 +160,27 @@ def _segment(model: nn.Module, image: Image.Image) -> dict:
 def _detect(model: nn.Module, images: list, batch_size: int,
             score_threshold: Optional[float]) -> list[dict]:
     from mcbeit.data.det_transforms import ResizePadTestTransform
-    from mcbeit.evaluation.detection import paste_box_masks
+    from mcbeit.evaluation.detection import box_level_masks, in_original_pixels
 
     transform = ResizePadTestTransform(int(model.mcbeit.settings["image_size"]))
     ids = model.mcbeit.settings.get("category_ids") or []
     names = model.mcbeit.classes
+    threshold = 0.0 if score_threshold is None else float(score_threshold)  # the model keeps >= 0.05 itself
     device, out = _device_of(model), []
-    pasting = model.transform.paste_masks
-    model.transform.paste_masks = False  # box-level masks, pasted at the original size below
-    try:
+    with box_level_masks(model):  # pasted at the original size, as the COCO evaluation does
         for part in _batches(len(images), batch_size):
             pil = [load_image(item) for item in images[part]]
             inputs = [transform(image) for image in pil]  # (image (3,S,S), target with 'scale')
             outputs = model([x.to(device) for x, _ in inputs])
             for image, (_, target), det in zip(pil, inputs, outputs, strict=True):
-                keep = det["scores"] >= (0.0 if score_threshold is None else float(score_threshold))
-                width, height = image.size
-                boxes = (det["boxes"][keep].float() / float(target["scale"])).cpu()
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-                # boxes left empty by the clipping (in the padding) are dropped, as the evaluation does
-                nonempty = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).to(keep.device)
-                keep = keep.nonzero()[:, 0][nonempty]
-                boxes = boxes[nonempty.cpu()]
-                labels = det["labels"][keep].cpu().numpy().astype(np.int64)
-                masks = paste_box_masks(det["masks"][keep], boxes, (height, width), 0.5)
-                out.append({"boxes": boxes.numpy(), "scores": det["scores"][keep].float().cpu().numpy(),
+                keep = det["scores"] >= threshold
+                det = {**{k: v[keep] for k, v in det.items()}, "mask_kind": "roi"}
+                found = in_original_pixels(det, {**target, "orig_size": image.size[::-1]})
+                labels = found["labels"].cpu().numpy().astype(np.int64)
+                out.append({"boxes": found["boxes"].cpu().numpy(), "scores": found["scores"].cpu().numpy(),
                             "labels": np.array([ids[i - 1] if 0 < i <= len(ids) else i for i in labels], np.int64),
-                            "masks": masks,
+                            "masks": found["masks"],
                             "classes": [names[i - 1] if 0 < i <= len(names) else str(i) for i in labels]})
-    finally:
-        model.transform.paste_masks = pasting
     return out
 
 

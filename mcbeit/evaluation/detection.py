@@ -79,7 +79,8 @@ from mcbeit.errors import ConfigError, InputError
 from mcbeit.evaluation.segmentation import palette
 
 __all__ = ["AP_NAMES", "STAT_NAMES", "coco_evaluate", "evaluate_detection", "flat_metrics", "format_metrics", "load_gt",
-           "paste_box_masks", "save_detection_visualisation", "to_coco_results", "valid_size"]
+           "box_level_masks", "in_original_pixels", "paste_box_masks", "save_detection_visualisation",
+           "to_coco_results", "valid_size"]
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,31 @@ def paste_box_masks(probs: Tensor, boxes: Tensor, size: tuple[int, int], thresho
     return torch.cat(out).numpy() if out else np.zeros((0, *size), dtype=bool)
 
 
+def in_original_pixels(out: Mapping, target: Mapping, mask_threshold: float = 0.5) -> dict:
+    """One image's detections in its original pixels (``target``: ``orig_size`` (h, w), ``scale``; ``out`` as
+    :func:`to_coco_results` takes it): ``boxes`` (K,4) xyxy float32 scaled back and clipped to the image, those
+    clipped to nothing dropped (detectron2's ``Boxes.nonempty``); ``labels`` (K,), ``scores`` (K,) float32 of the
+    kept ones; ``masks`` bool (K,h,w) numpy at the original size, or None without masks."""
+    h, w = _size(target)
+    boxes = out["boxes"].detach().float() / _scale(target)  # (K,4) original pixels
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # detectron2 Boxes.nonempty()
+    boxes = boxes[keep]
+    masks = None
+    if out.get("masks") is not None:
+        probs = out["masks"].detach()[keep]
+        if probs.dim() == 3:
+            probs = probs[:, None]
+        if probs.dim() != 4 or probs.shape[1] != 1:
+            raise InputError(f"detector masks must be (K,1,S,S) probabilities, got {tuple(out['masks'].shape)}")
+        if out.get("mask_kind") == "roi":
+            masks = paste_box_masks(probs, boxes, (h, w), mask_threshold)
+        else:
+            masks = _original_masks(probs, valid_size(target, tuple(probs.shape[-2:])), (h, w), mask_threshold)
+    return {"boxes": boxes, "labels": out["labels"][keep], "scores": out["scores"][keep].float(), "masks": masks}
+
+
 def to_coco_results(outputs: Sequence[Mapping], targets: Sequence[Mapping], label_to_cat_id,
                     mask_threshold: float = 0.5) -> list[dict]:
     """COCO result dicts, in the original images' pixels, of a batch of detector outputs.
@@ -195,26 +221,9 @@ def to_coco_results(outputs: Sequence[Mapping], targets: Sequence[Mapping], labe
     results = []
     for out, target in zip(outputs, targets, strict=True):
         image_id = _int(target["image_id"])
-        h, w = _size(target)
-        boxes = out["boxes"].detach().float() / _scale(target)  # (K,4) original pixels
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # detectron2 Boxes.nonempty()
-        boxes = boxes[keep]
-        labels = out["labels"][keep].tolist()
-        scores = out["scores"][keep].float().tolist()
-        rles = None
-        if out.get("masks") is not None:
-            probs = out["masks"].detach()[keep]
-            if probs.dim() == 3:
-                probs = probs[:, None]
-            if probs.dim() != 4 or probs.shape[1] != 1:
-                raise InputError(f"detector masks must be (K,1,S,S) probabilities, got {tuple(out['masks'].shape)}")
-            if out.get("mask_kind") == "roi":
-                rles = _encode(paste_box_masks(probs, boxes, (h, w), mask_threshold))
-            else:
-                rles = _encode(_original_masks(probs, valid_size(target, tuple(probs.shape[-2:])), (h, w),
-                                               mask_threshold))
+        found = in_original_pixels(out, target, mask_threshold)
+        boxes, labels, scores = found["boxes"], found["labels"].tolist(), found["scores"].tolist()
+        rles = None if found["masks"] is None else _encode(found["masks"])
         xywh = boxes.clone()
         xywh[:, 2:] -= xywh[:, :2]
         for k, (box, label, score) in enumerate(zip(xywh.cpu().tolist(), labels, scores, strict=True)):
@@ -445,7 +454,7 @@ def _cpu_output(out: Mapping, score_threshold: float, mask_threshold: float, siz
 
 
 @contextlib.contextmanager
-def _box_level_masks(model: nn.Module):
+def box_level_masks(model: nn.Module):
     """Yields whether ``model`` returns box-level masks inside: a detector whose transform has the ``paste_masks``
     switch is asked for them (and set back after)."""
     from mcbeit.engine.optim import unwrap_model
@@ -489,7 +498,7 @@ def evaluate_detection(model: nn.Module, loader: Iterable, device: torch.device,
     shown = {"images": [], "outputs": [], "targets": []}
     keep_shown = int(visualise) if rank == 0 else 0
     start = time.perf_counter()
-    with _eval_mode(model), torch.no_grad(), _box_level_masks(model) as roi_masks:
+    with _eval_mode(model), torch.no_grad(), box_level_masks(model) as roi_masks:
         for images, targets in loader:
             if limit is not None and len(per_image) >= limit:
                 break
