@@ -22,8 +22,6 @@ __all__ = ["model_from_file", "preset_model", "named_pretraining_model", "named_
 
 log = logging.getLogger(__name__)
 
-#: embed dim -> (size name, heads) of the BEiT family
-_SIZES = {192: ("tiny", 3), 384: ("small", 6), 768: ("base", 12), 1024: ("large", 16)}
 _TOKENIZER_FORMATS = ("mcbeit-tokenizer-v1", "mcbeit-vqkd-v1")
 
 
@@ -108,15 +106,22 @@ def _method_of(sd: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> str:
     return "mcbeit"
 
 
+def _size_of_width(width: int) -> tuple[Optional[str], Optional[int]]:
+    """(size name, heads) of a BEiT width (the family's sizes: models.segmentation's table), or (None, None)."""
+    from mcbeit.models.segmentation import BEIT_SIZES
+
+    return next(((name, heads) for name, (dim, _, heads) in BEIT_SIZES.items() if dim == width), (None, None))
+
+
 def _mim_kwargs(sd: Mapping[str, torch.Tensor], method: str, args: Mapping[str, Any]) -> tuple[str, dict]:
     """(timm name, create_model kwargs) of the MIM model whose weights ``sd`` are (width, depth, tables, layer
     scale, vocabulary, grid and the method's heads all read from the weights; the name from the flags if given)."""
-    from mcbeit.models.export import grid_side
+    from mcbeit.models.export import architecture_from_weights, grid_side
 
     width = int(sd["patch_embed.proj.weight"].shape[0])
     patch = int(sd["patch_embed.proj.weight"].shape[-1])
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    size, heads = _SIZES.get(width, (None, None))
+    size, heads = _size_of_width(width)
     table = sd.get("rel_pos_bias.relative_position_bias_table", sd.get("blocks.0.attn.relative_position_bias_table"))
     if table is not None:
         heads = int(table.shape[1])
@@ -129,10 +134,10 @@ def _mim_kwargs(sd: Mapping[str, torch.Tensor], method: str, args: Mapping[str, 
         if method == "beitv2" and not any(k.startswith("cls_pt_layers.") for k in sd):
             name = name[:-len("_cls_pt")]
     side = grid_side(sd)
+    arch = architecture_from_weights(sd)  # the position parameters and layer scale the weights hold
     kwargs: dict[str, Any] = dict(
-        depth=depth, num_heads=heads, embed_dim=width,
-        use_shared_rel_pos_bias="rel_pos_bias.relative_position_bias_table" in sd,
-        use_abs_pos_emb="pos_embed" in sd, init_values=0.1 if "blocks.0.gamma_1" in sd else 0.0,
+        depth=depth, num_heads=heads, embed_dim=width, use_shared_rel_pos_bias=arch["use_shared_rel_pos_bias"],
+        use_abs_pos_emb=arch["use_abs_pos_emb"], init_values=arch["init_values"],
         img_size=side * patch if side else int(args.get("input_size") or 224))
     if method == "conmim":
         kwargs.update(proj_hidden_dim=int(sd["projectors.0.weight"].shape[0]),
@@ -402,7 +407,7 @@ def _released(ckpt: Mapping, path: str) -> nn.Module:
         return _pretraining(ckpt, path)
     overrides = {}
     if not args.get("model"):
-        size, _ = _SIZES.get(int(sd["patch_embed.proj.weight"].shape[0]), (None, None))
+        size, _ = _size_of_width(int(sd["patch_embed.proj.weight"].shape[0]))
         overrides["model"] = f"beit_{size}_patch16_224" if size else None
     try:
         exp = load_for_export(path, overrides=overrides)

@@ -63,7 +63,7 @@ __all__ = ['BeitSegmentationBackbone', 'ConvModule', 'PPM', 'UPerHead', 'FCNHead
 
 
 #: embed dim, depth, heads of each BEiT size
-_SIZES: Dict[str, Tuple[int, int, int]] = {
+BEIT_SIZES: Dict[str, Tuple[int, int, int]] = {
     'tiny': (192, 12, 3), 'small': (384, 12, 6), 'base': (768, 12, 12), 'large': (1024, 24, 16)}
 _NAME = re.compile(r'^(?:beit|beitv2|conmim)_(tiny|small|base|large)_patch(\d+)_\d+')
 
@@ -92,7 +92,7 @@ def backbone_size(model: str) -> Tuple[int, int, int]:
     if match.group(2) != '16':
         raise ConfigError(f'--model {model}: the segmentation neck is built for 16-pixel patches (as the '
                           f'original\'s 512 and 640 configs); use a _patch16_ model')
-    return _SIZES[match.group(1)]
+    return BEIT_SIZES[match.group(1)]
 
 
 # ---------------------------------------------------------------------- backbone
